@@ -1,0 +1,19 @@
+"""pmkernels: fused ops for preference-aware (Pareto) model merging.
+
+Public ops:
+    pareto_linear(x, weight, bias, U, G, V, pref, *, impl="auto") -> (..., out)
+    merged_weight(weight, U, G, V, pref) -> (out, in)
+"""
+from .pareto_linear import IMPLS, merged_weight, pareto_linear, resolve_impl, triton_available
+from .reference import core_matrix, reference_pareto_linear
+
+__all__ = [
+    "IMPLS",
+    "core_matrix",
+    "merged_weight",
+    "pareto_linear",
+    "reference_pareto_linear",
+    "resolve_impl",
+    "triton_available",
+]
+__version__ = "0.1.0"

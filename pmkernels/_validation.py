@@ -1,0 +1,140 @@
+"""Input checks shared by the pmkernels ops.
+
+Every check runs before any compute and raises ``ValueError``/``TypeError``
+naming the argument and what was expected, so a bad call never reaches a
+kernel. Value checks on ``pref`` (sign, finiteness, row sums) need a host
+sync; callers that validated the preference once (the modules do, when it is
+set) pass ``check_values=False`` on the hot path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+PREF_SUM_TOL = 1e-3
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16 or float16), got {t.dtype}")
+    return t
+
+
+def check_low_rank(
+    U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, out_features: int, in_features: int
+) -> tuple[int, int]:
+    """Check U (out, r), G (r, r, K), V (in, r); return (r, K)."""
+    for name, t in (("U", U), ("G", G), ("V", V)):
+        _check_tensor(name, t)
+    if G.dim() != 3 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"G must have shape (r, r, K), got {tuple(G.shape)}")
+    r, K = G.shape[0], G.shape[2]
+    if r < 1 or K < 1:
+        raise ValueError(f"G must have r >= 1 and K >= 1, got shape {tuple(G.shape)}")
+    if U.dim() != 2 or U.shape != (out_features, r):
+        raise ValueError(f"U must have shape (out_features, r) = ({out_features}, {r}), got {tuple(U.shape)}")
+    if V.dim() != 2 or V.shape != (in_features, r):
+        raise ValueError(f"V must have shape (in_features, r) = ({in_features}, {r}), got {tuple(V.shape)}")
+    return r, K
+
+
+def check_pref_values(pref: torch.Tensor, *, name: str = "pref", normalize: bool = False) -> torch.Tensor:
+    """Check pref entries are finite and >= 0 and each row sums to 1 (within 1e-3).
+
+    With ``normalize=True`` rows are divided by their sum instead of being
+    required to sum to 1 (a row summing to 0 is still an error). Returns the
+    (possibly normalised) preference.
+    """
+    p = pref.detach()
+    if not bool(torch.isfinite(p).all()):
+        raise ValueError(f"{name} must contain only finite values (no NaN or inf), got {pref.tolist()}")
+    if bool((p < 0).any()):
+        raise ValueError(f"{name} must be non-negative (a point of the simplex), got {pref.tolist()}")
+    sums = p.double().sum(-1)
+    if normalize:
+        if bool((sums <= 0).any()):
+            raise ValueError(f"{name} rows must have a positive sum to be normalised, got sums {sums.tolist()}")
+        return pref / pref.sum(-1, keepdim=True)
+    if bool(((sums - 1).abs() > PREF_SUM_TOL).any()):
+        raise ValueError(
+            f"{name} rows must sum to 1 (tolerance {PREF_SUM_TOL}), got sums {sums.tolist()}; "
+            "pass normalize=True to rescale them"
+        )
+    return pref
+
+
+def check_pref_shape(pref: torch.Tensor, K: int, x: Optional[torch.Tensor] = None, *, name: str = "pref") -> bool:
+    """Check pref is (K,) or, with x given, (B, K) with B == x.shape[0]; return True if per-sample."""
+    _check_tensor(name, pref)
+    if pref.dim() == 1:
+        if pref.shape[0] != K:
+            raise ValueError(f"{name} must have length K = {K} (the last dim of G), got shape {tuple(pref.shape)}")
+        return False
+    if pref.dim() == 2 and x is not None:
+        if pref.shape[1] != K:
+            raise ValueError(f"{name} of shape (B, K) must have K = {K} columns, got shape {tuple(pref.shape)}")
+        if x.dim() < 2:
+            raise ValueError(
+                f"a per-sample {name} of shape {tuple(pref.shape)} needs x with a batch dim, i.e. x.dim() >= 2, "
+                f"got x of shape {tuple(x.shape)}"
+            )
+        if pref.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"per-sample {name} has B = {pref.shape[0]} rows but x.shape[0] = {x.shape[0]}; "
+                "expected one row per element of x's leading (batch) dim"
+            )
+        return True
+    expected = f"(K,) = ({K},) or (B, K) = (x.shape[0], {K})" if x is not None else f"(K,) = ({K},)"
+    raise ValueError(f"{name} must have shape {expected}, got {tuple(pref.shape)}")
+
+
+def check_pareto_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    U: torch.Tensor,
+    G: torch.Tensor,
+    V: torch.Tensor,
+    pref: torch.Tensor,
+) -> bool:
+    """Validate the arguments of ``pareto_linear``; return True if pref is per-sample."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., in_features) = (..., {in_features}), got {tuple(x.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape (out_features,) = ({out_features},), got {tuple(bias.shape)}")
+    _, K = check_low_rank(U, G, V, out_features, in_features)
+    per_sample = check_pref_shape(pref, K, x)
+    named = [("x", x), ("weight", weight), ("U", U), ("G", G), ("V", V), ("pref", pref)]
+    if bias is not None:
+        named.append(("bias", bias))
+    check_same_device(named)
+    check_same_dtype([(n, t) for n, t in named if n != "pref"])
+    return per_sample
+
+
+def check_same_device(named: list[tuple[str, torch.Tensor]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"all tensors must be on one device: {first_name} is on {first.device} but {name} is on {t.device}"
+            )
+
+
+def check_same_dtype(named: list[tuple[str, torch.Tensor]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"all floating inputs must share one dtype: {first_name} is {first.dtype} but {name} is {t.dtype}"
+            )

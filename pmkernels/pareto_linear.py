@@ -1,0 +1,116 @@
+"""The ``pareto_linear`` op: y = x W(γ)ᵀ + b, W(γ) = W + U (Σ_k γ_k G_k) Vᵀ.
+
+This module is the public entry point and the dispatcher between the
+implementations (``reference.py`` for plain PyTorch, ``triton_pareto_linear``
+for the fused kernels). Validation happens here, once, before any compute.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._validation import check_pareto_linear, check_pref_values
+
+IMPLS = ("auto", "triton", "torch", "naive")
+
+
+def triton_available() -> bool:
+    """True when the fused Triton kernels can be imported."""
+    try:
+        from . import triton_pareto_linear  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map ``impl`` to a concrete implementation for tensors on ``device``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise NotImplementedError(
+                "impl='triton' needs the fused Triton kernels (pmkernels.triton_pareto_linear), "
+                "which could not be imported here; use impl='torch'"
+            )
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got tensors on {device}"
+            )
+    return impl
+
+
+def pareto_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    U: torch.Tensor,
+    G: torch.Tensor,
+    V: torch.Tensor,
+    pref: torch.Tensor,
+    *,
+    impl: str = "auto",
+    normalize: bool = False,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """Linear layer with a preference-conditioned low-rank update.
+
+    Shapes:
+        x (..., in), weight (out, in), bias (out,) or None,
+        U (out, r), G (r, r, K), V (in, r),
+        pref (K,) for one preference, or (B, K) for one per element of x's
+        leading dim (B == x.shape[0], x.dim() >= 2).
+    Returns (..., out) = x W(γ)ᵀ + bias with W(γ) = weight + U M(γ) Vᵀ and
+    M(γ) = Σ_k γ_k G[:, :, k]; in x's dtype, accumulated in fp32.
+
+    x, weight, bias, U, G, V share one floating dtype (fp32, bf16, fp16);
+    pref may be any floating dtype and is used in fp32. Rows of pref must be
+    non-negative, finite and sum to 1 (±1e-3); ``normalize=True`` divides
+    them by their sum instead. ``check_values=False`` skips those value
+    checks (they sync with the device) for a pref already validated.
+
+    impl: "torch" (factored, rank-sized temporaries), "naive" (materialises
+    W(γ), per sample if needed), "triton" (fused kernels), "auto" (Triton on
+    CUDA when available, else torch).
+    """
+    check_pareto_linear(x, weight, bias, U, G, V, pref)
+    if check_values or normalize:
+        pref = check_pref_values(pref, normalize=normalize)
+    impl = resolve_impl(impl, x.device)
+    if impl == "naive":
+        return reference.naive_pareto_linear(x, weight, bias, U, G, V, pref)
+    if impl == "torch":
+        return reference.torch_pareto_linear(x, weight, bias, U, G, V, pref)
+    from .triton_pareto_linear import triton_pareto_linear
+
+    return triton_pareto_linear(x, weight, bias, U, G, V, pref)
+
+
+def merged_weight(
+    weight: torch.Tensor, U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor,
+    *, normalize: bool = False,
+) -> torch.Tensor:
+    """W(γ) = weight + U M(γ) Vᵀ for one preference.
+
+    weight (out, in), U (out, r), G (r, r, K), V (in, r), pref (K,) -> (out, in)
+    in weight's dtype (computed in fp32).
+    """
+    from ._validation import _check_tensor, check_low_rank, check_pref_shape, check_same_device
+
+    _check_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
+    _, K = check_low_rank(U, G, V, *weight.shape)
+    check_pref_shape(pref, K)
+    check_same_device([("weight", weight), ("U", U), ("G", G), ("V", V), ("pref", pref)])
+    pref = check_pref_values(pref, normalize=normalize)
+    return reference.merged_weight(weight, U, G, V, pref)
