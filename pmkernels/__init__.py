@@ -6,6 +6,7 @@ Public ops:
 """
 from .pareto_linear import IMPLS, merged_weight, pareto_linear, resolve_impl, triton_available
 from .reference import core_matrix, reference_pareto_linear
+from .weight_distances import weight_distances
 
 __all__ = [
     "IMPLS",
@@ -15,5 +16,6 @@ __all__ = [
     "reference_pareto_linear",
     "resolve_impl",
     "triton_available",
+    "weight_distances",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""Shared test setup.
+
+Without CUDA the Triton kernels run under the interpreter on CPU tensors:
+TRITON_INTERPRET must be set before any kernel module is imported, so it is
+set here, before the tests import pmkernels' Triton modules.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device; none is available here")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64."""
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def poisoned(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """A NaN-filled tensor: unwritten outputs show up as NaN."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def random_pref(K: int, B: int | None = None, generator=None) -> torch.Tensor:
+    """Random point(s) of the simplex, strictly inside it."""
+    shape = (K,) if B is None else (B, K)
+    p = torch.rand(shape, generator=generator, dtype=torch.float64) + 0.05
+    return p / p.sum(-1, keepdim=True)
+
+
+def make_problem(N=(3, 5), d_in=19, d_out=23, r=3, K=4, per_sample=False, bias=True, dtype=torch.float64,
+                 device="cpu"):
+    """Fresh random inputs of pareto_linear at odd shapes; all factors non-zero."""
+    x = torch.randn(*N, d_in, dtype=dtype, device=device)
+    weight = torch.randn(d_out, d_in, dtype=dtype, device=device) / d_in**0.5
+    b = torch.randn(d_out, dtype=dtype, device=device) if bias else None
+    U = torch.randn(d_out, r, dtype=dtype, device=device) / r**0.5
+    G = torch.randn(r, r, K, dtype=dtype, device=device)
+    V = torch.randn(d_in, r, dtype=dtype, device=device) / d_in**0.5
+    pref = random_pref(K, N[0] if per_sample else None).to(device)
+    return x, weight, b, U, G, V, pref
