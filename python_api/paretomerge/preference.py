@@ -29,6 +29,9 @@ class NoPreferenceError(RuntimeError):
 def as_preference(pref: PrefLike, *, normalize: bool = False, name: str = "pref") -> torch.Tensor:
     """Turn ``pref`` into a checked float tensor of shape (K,) or (B, K).
 
+    A tensor keeps its floating dtype; sequences become float64 (the ops
+    use γ in fp32 or wider, whatever the model's dtype).
+
     Entries must be finite and non-negative and rows sum to 1 (±1e-3), or are
     rescaled to sum to 1 with ``normalize=True``.
     """
@@ -41,8 +44,7 @@ def as_preference(pref: PrefLike, *, normalize: bool = False, name: str = "pref"
             raise TypeError(f"{name} must be a tensor or a sequence of floats, got {type(pref).__name__}") from e
     if t.dim() not in (1, 2) or t.shape[-1] == 0:
         raise ValueError(f"{name} must have shape (K,) or (B, K), got {tuple(t.shape)}")
-    t = check_pref_values(t, normalize=normalize, name=name)
-    return t.to(torch.float32)
+    return check_pref_values(t, normalize=normalize, name=name)
 
 
 class _PreferenceState:
