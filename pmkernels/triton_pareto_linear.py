@@ -264,13 +264,19 @@ else:
 # --------------------------------------------------------------------------------------------
 
 
-def _shrink(a: torch.Tensor, p: torch.Tensor, h: torch.Tensor, g: torch.Tensor, L: int):
-    """z = a p, t[n] = Σ_k g[n // L, k] z[n] H[:, :, k]; a (N, D), p (D, r), h (r, r, K) view, g (B, K)."""
+def _shrink(a: torch.Tensor, p: torch.Tensor, h: torch.Tensor, g: torch.Tensor, L: int,
+            z: Optional[torch.Tensor] = None, t: Optional[torch.Tensor] = None):
+    """z = a p, t[n] = Σ_k g[n // L, k] z[n] H[:, :, k]; a (N, D), p (D, r), h (r, r, K) view, g (B, K).
+
+    z, t: optional preallocated (N, r) fp32 outputs with unit column stride (tests poison them).
+    """
     N, D = a.shape
     r = p.shape[1]
     K = h.shape[2]
-    z = torch.empty((N, r), device=a.device, dtype=torch.float32)
-    t = torch.empty((N, r), device=a.device, dtype=torch.float32)
+    if z is None:
+        z = torch.empty((N, r), device=a.device, dtype=torch.float32)
+    if t is None:
+        t = torch.empty((N, r), device=a.device, dtype=torch.float32)
     if N == 0:
         return z, t
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -288,11 +294,12 @@ def _shrink(a: torch.Tensor, p: torch.Tensor, h: torch.Tensor, g: torch.Tensor, 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[torch.Tensor] = None,
           u: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-          base: str = "triton") -> torch.Tensor:
+          base: str = "triton", out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a (M, K) @ b (N, K)ᵀ [+ t (M, R) @ u (N, R)ᵀ] [+ bias (N,)] -> (M, N) in out_dtype.
 
     ``base="cublas"`` computes a bᵀ with torch.mm and runs the kernel with an
-    empty reduction as a fused epilogue (the hybrid of DESIGN.md §5).
+    empty reduction as a fused epilogue (the hybrid of DESIGN.md §5). ``out``: an optional
+    preallocated (M, N) result (any strides) for the Triton path (tests poison it).
     """
     M, K = a.shape
     N = b.shape[0]
@@ -305,7 +312,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[
             return c
         k_run, add_c = 0, True
     else:
-        c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+        c = torch.empty((M, N), device=a.device, dtype=out_dtype) if out is None else out
         k_run, add_c = K, False
     R = u.shape[1] if lora else 1
     dummy = c
@@ -346,8 +353,9 @@ def _backward(dy, x, weight, U, G, V, pref, z, t, need):
     N = x.shape[0]
     P = pref.shape[0]
     L = max(N // P, 1) if P else 1
-    empty = dy.new_empty(0)
-    dx = dw = db = du = dG = dv = dpref = empty
+    # unneeded gradients are distinct 0-element tensors (custom-op outputs must not alias)
+    dx, dw, db, du, dG, dv = (dy.new_empty(0) for _ in range(6))
+    dpref = dy.new_empty(0, dtype=torch.float32)
     w = s = None
     if nx or nv or ng or npref:
         H, g = _core(G, pref)

@@ -1,0 +1,287 @@
+"""Fused Triton kernels of pareto_linear (impl="triton") against the float64 reference.
+
+Without CUDA these run under the Triton interpreter on CPU tensors (conftest
+sets TRITON_INTERPRET=1 before pmkernels' Triton module is imported), at
+tiny odd shapes, fp32 and fp16 only (the interpreter does no bf16 maths).
+The CUDA section at the end runs the DESIGN.md shape grid and is skipped
+here by conftest.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pmkernels
+from pmkernels import reference_pareto_linear
+from conftest import HAS_CUDA, make_problem, poisoned, random_pref, rel_err
+
+tpl = pytest.importorskip("pmkernels.triton_pareto_linear", reason="triton is not importable here")
+triton_pareto_linear = tpl.triton_pareto_linear
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+NAMES = ("x", "weight", "bias", "U", "G", "V", "pref")
+
+
+def _tol(dtype):
+    # fp32 big dots run in tf32 on CUDA (DESIGN.md §4: < 1e-3); exact fp32 under the interpreter.
+    return 1e-3 if (dtype == torch.float32 and HAS_CUDA) else TOL[dtype]
+
+
+def _leaf(t, dtype, grad=True):
+    if t is None:
+        return None
+    return t.detach().to(DEV, dtype).requires_grad_(grad)
+
+
+def _check(args64, dtype, *, train_weight=True, x_transform=None, pref_dtype=torch.float32, fn=None,
+           grad_mask=None):
+    """Run fn (default triton_pareto_linear) at `dtype` and compare output and all gradients with float64."""
+    fn = fn or triton_pareto_linear
+    grad_mask = grad_mask or {}
+    x, weight, bias, U, G, V, pref = args64
+    need = {n: grad_mask.get(n, True) for n in NAMES}
+    need["weight"] = need["weight"] and train_weight
+    leaves = {n: _leaf(t, pref_dtype if n == "pref" else dtype, need[n]) for n, t in zip(NAMES, args64)}
+    xin = leaves["x"] if x_transform is None else x_transform(leaves["x"])
+    y = fn(xin, *(leaves[n] for n in NAMES[1:]))
+
+    ref_leaves = {n: (None if t is None else t.detach().clone().requires_grad_(need[n])) for n, t in zip(NAMES, args64)}
+    y_ref = reference_pareto_linear(*(ref_leaves[n] for n in NAMES))
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    tol = _tol(dtype)
+    assert rel_err(y.detach(), y_ref.detach().to(y.device)) < tol, "output"
+
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    y.backward(dy.to(DEV, dtype))
+    for n in NAMES:
+        leaf, ref = leaves[n], ref_leaves[n]
+        if leaf is None:
+            continue
+        if not need[n]:
+            assert leaf.grad is None, n
+            continue
+        assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, n
+        err = rel_err(leaf.grad, ref.grad.to(leaf.device))
+        assert err < tol, f"grad of {n}: rel err {err:.3g} >= {tol}"
+    return y
+
+
+# ----------------------------------------------------------------------------- interpreter grid
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("train_weight", [False, True], ids=["frozenW", "trainW"])
+def test_matches_reference(dtype, per_sample, bias, train_weight):
+    args = make_problem(N=(3, 5), d_in=19, d_out=23, r=3, K=4, per_sample=per_sample, bias=bias)
+    _check(args, dtype, train_weight=train_weight)
+
+
+@pytest.mark.parametrize("r,K", [(1, 1), (1, 4), (3, 1), (17, 4), (17, 1)])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_ranks(r, K, per_sample):
+    args = make_problem(N=(3, 5), d_in=19, d_out=23, r=r, K=K, per_sample=per_sample)
+    _check(args, torch.float32)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_max_rank_and_tasks(per_sample):
+    # r = 128 (BLOCK_R = 128) and K = 64 at a tiny token count.
+    args = make_problem(N=(2, 3), d_in=9, d_out=11, r=128, K=64, per_sample=per_sample)
+    _check(args, torch.float32)
+
+
+@pytest.mark.parametrize("N", [(), (7,), (3, 5), (2, 3, 2)], ids=["rank0", "rank1", "rank2", "rank3"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_leading_dims(N, per_sample):
+    if per_sample and len(N) == 0:
+        pytest.skip("a per-sample pref needs x with a batch dim")
+    args = make_problem(N=N, d_in=19, d_out=23, r=3, K=4, per_sample=per_sample)
+    _check(args, torch.float32)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("layout", ["strided_features", "transposed"])
+def test_non_contiguous_x(per_sample, layout):
+    args = list(make_problem(N=(3, 5), d_in=19, d_out=23, r=3, K=4, per_sample=per_sample))
+    if layout == "strided_features":
+        # every other feature of a wider buffer: reshape keeps a view with last stride 2
+        def xf(x):
+            buf = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+            buf = buf.index_copy(-1, torch.arange(0, 2 * x.shape[-1], 2, device=x.device), x)
+            v = buf[..., ::2]
+            assert not v.is_contiguous()
+            return v
+    else:
+        def xf(x):
+            v = x.transpose(0, 1).contiguous().transpose(0, 1)
+            assert not v.is_contiguous()
+            return v
+    _check(args, torch.float32, x_transform=xf)
+    _check(args, torch.float16, x_transform=xf)
+
+
+def test_pref_dtypes():
+    args = make_problem(per_sample=True)
+    _check(args, torch.float32, pref_dtype=torch.float64)
+    _check(args, torch.float16, pref_dtype=torch.float16)
+
+
+@pytest.mark.parametrize(
+    "only", ["x", "weight", "U", "G", "V", "pref", "bias"],
+)
+def test_partial_grads(only):
+    args = make_problem(per_sample=True)
+    _check(args, torch.float32, grad_mask={n: n == only for n in NAMES})
+
+
+def test_no_grad_forward():
+    args = make_problem(per_sample=True)
+    ref = reference_pareto_linear(*args)
+    with torch.no_grad():
+        y = triton_pareto_linear(*(None if a is None else a.to(DEV, torch.float32) for a in args))
+    assert rel_err(y.cpu(), ref) < _tol(torch.float32)
+
+
+def test_empty_tokens():
+    args = list(make_problem(N=(0, 5), per_sample=False))
+    y = triton_pareto_linear(*(None if a is None else a.to(DEV, torch.float32) for a in args))
+    assert y.shape == (0, 5, 23)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_public_api(per_sample):
+    args = make_problem(per_sample=per_sample)
+
+    def fn(*a):
+        return pmkernels.pareto_linear(*a, impl="triton")
+
+    _check(args, torch.float32, fn=fn)
+    _check(args, torch.float16, fn=fn)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_cublas_hybrid_variant(monkeypatch, per_sample):
+    # The hybrid (torch.mm base + Triton epilogue pass) is a one-line switch; keep it correct.
+    monkeypatch.setattr(tpl, "_BASE_GEMM", "cublas")
+    args = make_problem(per_sample=per_sample)
+    _check(args, torch.float32)
+
+
+# ----------------------------------------------------------------------------- kernels, poisoned outputs
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("r,K,B", [(1, 1, 1), (3, 4, 3), (17, 4, 5), (5, 3, 1)])
+def test_shrink_kernel_poisoned(dtype, r, K, B):
+    N, D, L = B * 7, 37, 7
+    a = torch.randn(N, D, dtype=torch.float64, device=DEV)
+    p = torch.randn(D, r, dtype=torch.float64, device=DEV) / D**0.5
+    G = torch.randn(r, r, K, dtype=torch.float64, device=DEV)
+    g = random_pref(K, B).to(DEV)
+    z_ref = a @ p
+    M = torch.einsum("bk,ijk->bij", g, G)  # (B, r, r)
+    t_ref = torch.einsum("bla,bca->blc", z_ref.view(B, L, r), M).reshape(N, r)  # z M_bᵀ
+    z, t = poisoned((N, r), device=DEV), poisoned((N, r), device=DEV)
+    tpl._shrink(a.to(dtype), p.to(dtype), G.to(dtype).transpose(0, 1), g.float(), L, z=z, t=t)
+    tol = TOL[dtype]
+    assert rel_err(z.cpu(), z_ref.cpu()) < tol
+    assert rel_err(t.cpu(), t_ref.cpu()) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lora,bias", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("M,N,K,R", [(1, 23, 19, 1), (21, 33, 45, 3), (70, 17, 5, 17)])
+def test_gemm_kernel_poisoned(dtype, lora, bias, M, N, K, R):
+    a = torch.randn(M, K, dtype=torch.float64, device=DEV)
+    bT = torch.randn(K, N, dtype=torch.float64, device=DEV)  # pass b = bT.t(): a transposed view
+    t = torch.randn(M, R, dtype=torch.float64, device=DEV)
+    u = torch.randn(N, R, dtype=torch.float64, device=DEV)
+    bb = torch.randn(N, dtype=torch.float64, device=DEV)
+    ref = a @ bT + (t @ u.t() if lora else 0) + (bb if bias else 0)
+    out = poisoned((M, N), dtype=dtype, device=DEV)
+    res = tpl._gemm(a.to(dtype), bT.to(dtype).t(), dtype, t=t.float() if lora else None,
+                    u=u.to(dtype) if lora else None, bias=bb.to(dtype) if bias else None, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    assert rel_err(out.cpu(), ref.cpu()) < TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- torch.library integration
+
+def test_opcheck():
+    x, weight, bias, U, G, V, pref = make_problem(N=(2, 3), per_sample=True, dtype=torch.float32)
+    x2 = x.reshape(-1, x.shape[-1]).to(DEV).requires_grad_()
+    args = [x2] + [t.to(DEV).requires_grad_() for t in (weight, bias, U, G, V)] + [pref.float().to(DEV).requires_grad_()]
+    torch.library.opcheck(torch.ops.pmkernels.pareto_linear_fwd.default, tuple(args))
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_torch_compile_fullgraph(per_sample):
+    args = make_problem(per_sample=per_sample)
+
+    def f(x, weight, bias, U, G, V, pref):
+        return torch.relu(triton_pareto_linear(x, weight, bias, U, G, V, pref)) * 2
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+
+    def eager(*a):
+        return cf(*a)
+
+    # forward + backward through the compiled graph (no graph breaks: fullgraph=True)
+    leaves = [None if a is None else a.to(DEV, torch.float32).requires_grad_() for a in args]
+    y = cf(*leaves)
+    ref_leaves = [None if a is None else a.clone().requires_grad_() for a in args]
+    y_ref = torch.relu(reference_pareto_linear(*ref_leaves)) * 2
+    assert rel_err(y.detach().cpu(), y_ref.detach()) < _tol(torch.float32)
+    dy = torch.randn_like(y_ref)
+    y.backward(dy.to(DEV, torch.float32))
+    y_ref.backward(dy)
+    for n, a, b in zip(NAMES, leaves, ref_leaves):
+        if a is not None:
+            assert rel_err(a.grad.cpu(), b.grad) < _tol(torch.float32), n
+
+
+def test_autocast():
+    args = make_problem(per_sample=True)
+    dt = torch.float16
+    leaves = [None if a is None else a.to(DEV, torch.float32).requires_grad_() for a in args]
+    with torch.autocast(DEV, dtype=dt):
+        y = triton_pareto_linear(*leaves)
+    assert y.dtype == dt
+    ref = reference_pareto_linear(*args)
+    assert rel_err(y.detach().cpu(), ref) < 1e-2
+    y.float().sum().backward()
+    for n, a in zip(NAMES, leaves):
+        if a is not None:
+            assert a.grad is not None and a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all(), n
+
+
+# ----------------------------------------------------------------------------- CUDA: the DESIGN.md shape grid
+
+CUDA_SHAPES = {
+    "vit_768x768": (6400, 768, 768),
+    "vit_768x3072": (6400, 768, 3072),
+    "llm_4096x4096": (8192, 4096, 4096),
+    "llm_4096x14336": (8192, 4096, 14336),
+    "decode_16": (16, 4096, 4096),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", list(CUDA_SHAPES), ids=list(CUDA_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_cuda_shape_grid(shape, dtype, per_sample):
+    tokens, d_in, d_out = CUDA_SHAPES[shape]
+    B = 16 if tokens % 16 == 0 else 1
+    N = (B, tokens // B)
+    args = make_problem(N=N, d_in=d_in, d_out=d_out, r=16, K=8, per_sample=per_sample, dtype=torch.float32,
+                        device="cuda")
+    # against the float64 reference: output and every gradient
+    _check(args, dtype)
+    # against impl="torch" at the same dtype
+    a = [None if t is None else t.to(dtype) for t in args[:-1]] + [args[-1]]
+    y_t = pmkernels.pareto_linear(*a, impl="triton")
+    y_p = pmkernels.pareto_linear(*a, impl="torch")
+    assert rel_err(y_t, y_p) < _tol(dtype)
