@@ -207,6 +207,7 @@ def _cfg(bm, bn, bk, stages, warps, group=8):
 
 
 _GEMM_SMALL_M = [
+    _cfg(16, 32, 256, 4, 4), _cfg(16, 32, 128, 5, 2),  # more CTAs for decode-sized M
     _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4), _cfg(16, 256, 64, 3, 4),
     _cfg(32, 64, 128, 4, 4), _cfg(32, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 3, 4),
 ]
