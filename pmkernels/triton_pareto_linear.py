@@ -15,7 +15,8 @@ b = n // L (L = N / B; B = 1 for a shared preference):
               dx = dy W + s Vᵀ                           same GEMM kernel
               dW = dyᵀ x (only if W needs grad)          same GEMM kernel
               dU = dyᵀ t, dV = xᵀ s                      same GEMM kernel, rank-sized
-              dM_b = w_bᵀ z_b, dG_k = Σ_b γ_bk dM_b, dγ_bk = <dM_b, G_k>   (torch, r×r sized)
+              dM_b = w_bᵀ z_b                            split-L Triton kernel, host sum
+              dG_k = Σ_b γ_bk dM_b, dγ_bk = <dM_b, G_k>  torch einsums on (B, r, r)
               db = Σ_n dy
 
 Per-sample γ never builds per-row (or per-sample r×r) matrices in the
@@ -198,6 +199,36 @@ def _gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+@triton.jit
+def _core_grad_kernel(
+    w_ptr, z_ptr, out_ptr,
+    L, R, CHUNK,
+    stride_wn, stride_zn, stride_ob, stride_os,
+    BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Partial dM_b = Σ_n w[n]ᵀ z[n] over rows [b L + s CHUNK, min(b L + L, ... + CHUNK)) of sample b.
+
+    Grid (P, SPLITS); out (P, SPLITS, R, R) fp32, summed over SPLITS on the host
+    (a deterministic split-L reduction, no atomics).
+    """
+    b = tl.program_id(0)
+    sp = tl.program_id(1)
+    start = b.to(tl.int64) * L + sp * CHUNK
+    end = tl.minimum(b.to(tl.int64) * L + L, start + CHUNK)
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    rl = tl.arange(0, BLOCK_L)
+    acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    for l0 in range(0, CHUNK, BLOCK_L):
+        rows = start + l0 + rl
+        mask = (rows < end)[:, None] & r_ok[None, :]
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + rr[None, :], mask=mask, other=0.0)
+        z = tl.load(z_ptr + rows[:, None] * stride_zn + rr[None, :], mask=mask, other=0.0)
+        acc = tl.dot(tl.trans(w), z, acc, input_precision="ieee")
+    o = out_ptr + b * stride_ob + sp * stride_os + rr[:, None] * R + rr[None, :]
+    tl.store(o, acc, mask=r_ok[:, None] & r_ok[None, :])
+
+
 # Autotuning: configs fit Hopper (228 KB smem) and Ampere/Turing-class parts; configs that
 # run out of shared memory on a given GPU are skipped by the autotuner. Small token counts
 # (decode, M <= 64) get thin-M tiles, large ones square-ish tiles; the bucket is a key.
@@ -331,6 +362,31 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[
     return c
 
 
+def _core_grad(w: torch.Tensor, z: torch.Tensor, P: int, L: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dM (P, r, r) fp32 with dM_b = w_bᵀ z_b over sample b's L rows; w, z (P L, r) fp32, unit column stride.
+
+    ``out``: optional (P, splits, r, r) fp32 partials buffer (tests poison it; splits from _core_splits).
+    """
+    r = w.shape[1]
+    splits, chunk = _core_splits(P, L)
+    if out is None:
+        out = torch.empty((P, splits, r, r), device=w.device, dtype=torch.float32)
+    if P == 0 or L == 0:
+        return out.new_zeros((P, r, r))
+    R = _pad_r(r)
+    _core_grad_kernel[(P, splits)](
+        w, z, out, L, r, chunk, w.stride(0), z.stride(0), out.stride(0), out.stride(1),
+        BLOCK_L=16 if _INTERPRET else 32, BLOCK_R=R, num_warps=8 if R >= 64 else 4,
+    )
+    return out.sum(1)
+
+
+def _core_splits(P: int, L: int) -> tuple[int, int]:
+    """(splits, rows per split) for _core_grad: enough programs to fill a GPU, >= 256 rows each."""
+    splits = max(1, min(triton.cdiv(L, 256), triton.cdiv(264, max(P, 1))))
+    return splits, max(1, triton.cdiv(L, splits))
+
+
 def _core(G: torch.Tensor, pref: torch.Tensor):
     """(H, g) for the shrink: per-sample pref keeps G (K dots + γ contraction in-kernel);
     a single row folds M = Σ_k γ_k G_k on the host (r×r) and runs with K = 1."""
@@ -372,8 +428,7 @@ def _backward(dy, x, weight, U, G, V, pref, z, t, need):
     if nv:
         dv = _gemm(x.t(), s.t(), V.dtype)
     if ng or npref:
-        r = z.shape[1]
-        dM = torch.bmm(w.view(P, L, r).transpose(1, 2), z.view(P, L, r))  # (P, r, r) fp32
+        dM = _core_grad(w, z, P, L)  # (P, r, r) fp32; the K-sized contractions below are tiny
         if ng:
             dG = torch.einsum("bij,bk->ijk", dM, pref).to(G.dtype)
         if npref:

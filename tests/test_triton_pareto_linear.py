@@ -209,6 +209,17 @@ def test_gemm_kernel_poisoned(dtype, lora, bias, M, N, K, R):
     assert rel_err(out.cpu(), ref.cpu()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("r,P,L", [(1, 1, 7), (3, 4, 5), (17, 2, 600), (5, 1, 1000)])
+def test_core_grad_kernel_poisoned(r, P, L):
+    w = torch.randn(P * L, r, dtype=torch.float64, device=DEV)
+    z = torch.randn(P * L, r, dtype=torch.float64, device=DEV)
+    ref = torch.bmm(w.view(P, L, r).transpose(1, 2), z.view(P, L, r))
+    splits, _ = tpl._core_splits(P, L)
+    parts = poisoned((P, splits, r, r), device=DEV)
+    dM = tpl._core_grad(w.float(), z.float(), P, L, out=parts)
+    assert rel_err(dM.cpu(), ref.cpu()) < 1e-5
+
+
 # ----------------------------------------------------------------------------- torch.library integration
 
 def test_opcheck():
