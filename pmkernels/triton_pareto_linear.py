@@ -248,9 +248,12 @@ _GEMM_LARGE_M = [
 ]
 
 
+_SMALL_IDS = {id(c) for c in _GEMM_SMALL_M}
+
+
 def _prune_gemm(configs, named_args, **kwargs):
     small = named_args["M"] <= 64
-    keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= 64) == small]
+    keep = [c for c in configs if (id(c) in _SMALL_IDS) == small]
     return keep or configs
 
 
@@ -445,7 +448,9 @@ def _backward(dy, x, weight, U, G, V, pref, z, t, need):
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], U: torch.Tensor,
             G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (N, in), pref (P, K) fp32 with N % P == 0 -> (y (N, out), z = xV (N, r) fp32, t = z M_bᵀ (N, r) fp32)."""
-    return _forward(x, weight, bias, U, G, V, pref)
+    # The host-side torch pieces (the shared-γ fold) must stay fp32 even inside an autocast region.
+    with torch.autocast(x.device.type, enabled=False):
+        return _forward(x, weight, bias, U, G, V, pref)
 
 
 @_fwd_op.register_fake
@@ -463,7 +468,8 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, U: torch.Te
                                       torch.Tensor, torch.Tensor]:
     """Gradients (dx, dweight, dbias, dU, dG, dV, dpref); an unneeded one is an empty tensor."""
     need = (need_x, need_weight, need_bias, need_U, need_G, need_V, need_pref)
-    return _backward(dy, x, weight, U, G, V, pref, z, t, need)
+    with torch.autocast(x.device.type, enabled=False):
+        return _backward(dy, x, weight, U, G, V, pref, z, t, need)
 
 
 @_bwd_op.register_fake

@@ -172,6 +172,18 @@ def test_cublas_hybrid_variant(monkeypatch, per_sample):
     _check(args, torch.float32)
 
 
+def test_autotune_config_buckets():
+    # Decode-sized token counts get thin-M tiles, large ones big tiles (pure Python: no GPU needed).
+    small = tpl._prune_gemm(tpl._GEMM_SMALL_M + tpl._GEMM_LARGE_M, {"M": 16})
+    large = tpl._prune_gemm(tpl._GEMM_SMALL_M + tpl._GEMM_LARGE_M, {"M": 8192})
+    assert small and all(c.kwargs["BLOCK_M"] <= 64 for c in small)
+    assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large) and not set(map(id, small)) & set(map(id, large))
+    assert len(small) == len(tpl._GEMM_SMALL_M) and len(large) == len(tpl._GEMM_LARGE_M)
+    assert tpl._prune_shrink(tpl._SHRINK_CONFIGS, {"N": 16, "R": 16})
+    assert all(c.kwargs["BLOCK_N"] <= 64 for c in tpl._prune_shrink(tpl._SHRINK_CONFIGS, {"N": 8192, "R": 128}))
+    assert [tpl._pad_r(r) for r in (1, 3, 16, 17, 128)] == [16, 16, 16, 32, 128]
+
+
 # ----------------------------------------------------------------------------- kernels, poisoned outputs
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -273,6 +285,9 @@ def test_autocast():
     with torch.autocast(DEV, dtype=dt):
         y = triton_pareto_linear(*leaves)
     assert y.dtype == dt
+    # same as casting the inputs by hand (pref stays fp32), bit for bit
+    y_cast = triton_pareto_linear(*(None if a is None else a.to(dt) for a in leaves[:-1]), leaves[-1])
+    assert torch.equal(y, y_cast)
     ref = reference_pareto_linear(*args)
     assert rel_err(y.detach().cpu(), ref) < 1e-2
     y.float().sum().backward()
