@@ -103,6 +103,11 @@ def _shrink_kernel(
 
     Forward: A = x, P = V, H = G with its first two dims swapped (t = z M_bᵀ).
     Backward: A = dy, P = U, H = G (s = w M_b).
+    The z·H product over all K (r × rK) runs as K fp32 r×r dots, each scaled by the
+    row's γ_{b,k} and accumulated into one (BLOCK_N, BLOCK_R) register tile: no
+    per-row or per-sample r×r matrix is ever built, and rows of different samples
+    can share a block. (One r × rK dot then a reshape-reduce would need a
+    BLOCK_N × rK register tile: too big at r = 128, K = 64.)
     """
     pid = tl.program_id(0)
     rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -403,7 +408,7 @@ def _forward(x, weight, bias, U, G, V, pref):
     N = x.shape[0]
     L = N // pref.shape[0] if pref.shape[0] else 1
     H, g = _core(G, pref)
-    z, t = _shrink(x, V, H.transpose(0, 1), g, max(L, 1))  # t = z M_bᵀ
+    z, t = _shrink(x, V, H.transpose(0, 1), g, max(L, 1))  # t = z M_bᵀ (computed as K r×r dots, see _shrink_kernel)
     y = _gemm(x, weight, x.dtype, t=t, u=U, bias=bias, base=_BASE_GEMM)
     return y, z, t
 
@@ -412,14 +417,14 @@ def _backward(dy, x, weight, U, G, V, pref, z, t, need):
     nx, nw, nb, nu, ng, nv, npref = need
     N = x.shape[0]
     P = pref.shape[0]
-    L = max(N // P, 1) if P else 1
+    L = N // P if P else 0  # rows per sample (0 for an empty batch: then dM is all zeros)
     # unneeded gradients are distinct 0-element tensors (custom-op outputs must not alias)
     dx, dw, db, du, dG, dv = (dy.new_empty(0) for _ in range(6))
     dpref = dy.new_empty(0, dtype=torch.float32)
     w = s = None
     if nx or nv or ng or npref:
         H, g = _core(G, pref)
-        w, s = _shrink(dy, U, H, g, L)  # w = dy U, s = w M_b
+        w, s = _shrink(dy, U, H, g, max(L, 1))  # w = dy U, s = w M_b
     if nx:
         dx = _gemm(dy, weight.t(), x.dtype, t=s, u=V, base=_BASE_GEMM)
     if nw:

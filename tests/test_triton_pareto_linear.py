@@ -147,10 +147,18 @@ def test_no_grad_forward():
     assert rel_err(y.cpu(), ref) < _tol(torch.float32)
 
 
-def test_empty_tokens():
-    args = list(make_problem(N=(0, 5), per_sample=False))
-    y = triton_pareto_linear(*(None if a is None else a.to(DEV, torch.float32) for a in args))
-    assert y.shape == (0, 5, 23)
+@pytest.mark.parametrize("N,per_sample", [((0, 5), False), ((3, 0), True), ((3, 0), False)])
+def test_empty_tokens(N, per_sample):
+    args = make_problem(N=N, per_sample=per_sample)
+    leaves = [None if a is None else a.to(DEV, torch.float32).requires_grad_() for a in args]
+    y = triton_pareto_linear(*leaves)
+    assert y.shape == (*N, 23)
+    y.sum().backward()
+    for n, a in zip(NAMES, leaves):
+        if a is not None:
+            assert a.grad.shape == a.shape, n
+            if n != "x":
+                assert torch.count_nonzero(a.grad) == 0, n
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
