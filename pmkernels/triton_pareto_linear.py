@@ -45,12 +45,15 @@ Neither variant has been timed on a GPU yet.
 Registration: the op is a ``torch.library.custom_op`` (opaque to inductor)
 with ``register_autograd`` and ``register_fake``, so ``torch.compile``
 traces it with no graph break. We use ``custom_op`` rather than
-``triton_op``/``wrap_triton``: the launchers choose between autotuned and
-fixed-config kernels, run host-side torch code (the shared-γ fold, the
-hybrid's torch.mm, the r×r backward products), and under
-``TRITON_INTERPRET=1`` run on CPU tensors, none of which inductor's
-user-defined-Triton-kernel path can capture; an opaque op keeps one code
-path for eager, compile and the interpreter. Autocast: the Python wrapper
+``triton_op``/``wrap_triton`` because the latter does not work under the
+interpreter: with torch 2.14 / triton 3.8 and ``TRITON_INTERPRET=1`` even a
+one-kernel ``triton_op`` runs eagerly but fails ``torch.compile`` (both
+aot_eager and inductor) with "Cannot access data pointer of Tensor
+(FakeTensor)": the interpreter's launcher touches the fake tensors' data
+during tracing. custom_op keeps one code path (eager, compile, interpreter,
+CUDA), and the launchers also run host-side torch code (the shared-γ fold,
+the hybrid's torch.mm, the K-sized backward einsums). On CUDA-only builds a
+``triton_op`` variant would let inductor see and fuse around the kernels. Autocast: the Python wrapper
 casts x/weight/bias/U/G/V to the autocast dtype before calling the op (pref
 stays fp32), as F.linear would, so the op itself never sees mixed dtypes.
 

@@ -240,6 +240,20 @@ def test_core_grad_kernel_poisoned(r, P, L):
     assert rel_err(dM.cpu(), ref.cpu()) < 1e-5
 
 
+def test_import_error_without_triton(monkeypatch):
+    # No triton: importing the module raises ImportError (not a crash), so triton_available() is False.
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    monkeypatch.delitem(sys.modules, "pmkernels.triton_pareto_linear")
+    monkeypatch.delattr(pmkernels, "triton_pareto_linear")
+    with pytest.raises(ImportError, match="triton"):
+        importlib.import_module("pmkernels.triton_pareto_linear")
+    assert not pmkernels.triton_available()
+
+
 # ----------------------------------------------------------------------------- torch.library integration
 
 def test_opcheck():
