@@ -256,12 +256,25 @@ _GEMM_LARGE_M = [
 ]
 
 
-_SMALL_IDS = {id(c) for c in _GEMM_SMALL_M}
+# Rank-sized outputs (dU = dyᵀ t, dV = xᵀ s: N = r <= 32, reduction over all tokens): thin-N tiles.
+_GEMM_THIN_N = [
+    _cfg(64, 16, 128, 4, 4), _cfg(128, 16, 128, 3, 4), _cfg(64, 32, 128, 4, 4), _cfg(128, 32, 64, 4, 4),
+    _cfg(32, 32, 256, 3, 4),
+]
+_GEMM_CONFIGS = _GEMM_SMALL_M + _GEMM_LARGE_M + _GEMM_THIN_N
+_BUCKETS = {"small_m": {id(c) for c in _GEMM_SMALL_M}, "large_m": {id(c) for c in _GEMM_LARGE_M},
+            "thin_n": {id(c) for c in _GEMM_THIN_N}}
+
+
+def _gemm_bucket(M: int, N: int) -> str:
+    if M <= 64:
+        return "small_m"
+    return "thin_n" if N <= 32 else "large_m"
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    small = named_args["M"] <= 64
-    keep = [c for c in configs if (id(c) in _SMALL_IDS) == small]
+    ids = _BUCKETS[_gemm_bucket(named_args["M"], named_args["N"])]
+    keep = [c for c in configs if id(c) in ids]
     return keep or configs
 
 
@@ -290,7 +303,7 @@ else:
     _GEMM_FIXED = {}
     _SHRINK_FIXED = {}
     _gemm_launch = triton.autotune(
-        configs=_GEMM_SMALL_M + _GEMM_LARGE_M,
+        configs=_GEMM_CONFIGS,
         key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_BIAS", "ADD_C"],
         prune_configs_by={"early_config_prune": _prune_gemm},
         restore_value=["c_ptr"],  # ADD_C accumulates into C; tuning must not compound it

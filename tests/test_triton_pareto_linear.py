@@ -182,11 +182,13 @@ def test_cublas_hybrid_variant(monkeypatch, per_sample):
 
 def test_autotune_config_buckets():
     # Decode-sized token counts get thin-M tiles, large ones big tiles (pure Python: no GPU needed).
-    small = tpl._prune_gemm(tpl._GEMM_SMALL_M + tpl._GEMM_LARGE_M, {"M": 16})
-    large = tpl._prune_gemm(tpl._GEMM_SMALL_M + tpl._GEMM_LARGE_M, {"M": 8192})
+    small = tpl._prune_gemm(tpl._GEMM_CONFIGS, {"M": 16, "N": 4096})
+    large = tpl._prune_gemm(tpl._GEMM_CONFIGS, {"M": 8192, "N": 4096})
+    thin = tpl._prune_gemm(tpl._GEMM_CONFIGS, {"M": 4096, "N": 16})  # dU / dV at r = 16
     assert small and all(c.kwargs["BLOCK_M"] <= 64 for c in small)
     assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large) and not set(map(id, small)) & set(map(id, large))
-    assert len(small) == len(tpl._GEMM_SMALL_M) and len(large) == len(tpl._GEMM_LARGE_M)
+    assert thin and all(c.kwargs["BLOCK_N"] <= 32 for c in thin)
+    assert (len(small), len(large), len(thin)) == tuple(map(len, (tpl._GEMM_SMALL_M, tpl._GEMM_LARGE_M, tpl._GEMM_THIN_N)))
     assert tpl._prune_shrink(tpl._SHRINK_CONFIGS, {"N": 16, "R": 16})
     assert all(c.kwargs["BLOCK_N"] <= 64 for c in tpl._prune_shrink(tpl._SHRINK_CONFIGS, {"N": 8192, "R": 128}))
     assert [tpl._pad_r(r) for r in (1, 3, 16, 17, 128)] == [16, 16, 16, 32, 128]
