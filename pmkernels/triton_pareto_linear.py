@@ -147,8 +147,8 @@ def _shrink_kernel(
 @triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, t_ptr, u_ptr, bias_ptr,
-    M, N, K, R,
-    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+    M, N, K, R, K_PER_SPLIT,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
     stride_tm, stride_tr, stride_un, stride_ur,
     M_BUCKET,  # autotune key only: small (decode) vs large token counts
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_C: tl.constexpr,
@@ -161,8 +161,15 @@ def _gemm_kernel(
     (M, R) fp32 and U is (N, R). B tiles are cast to A's dtype (for dU = dyᵀ t
     and dV = xᵀ s, whose fp32 t/s meet a bf16/fp16 A). ADD_C seeds the
     accumulator with C (the cuBLAS-hybrid variant launches with K = 0).
+
+    Split-K (grid axis 1): program k reduces K range [k K_PER_SPLIT, (k+1) K_PER_SPLIT)
+    into its own fp32 slice C + k stride_cs (K_PER_SPLIT is a multiple of every
+    BLOCK_K, so tiles never straddle splits); the host sums the slices (deterministic).
+    Only slice 0 adds the seed, the expand and the bias (masked, branch-free).
     """
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    first = pid_k == 0
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -177,14 +184,16 @@ def _gemm_kernel(
     m_ok = rm < M
     n_ok = rn < N
     rk = tl.arange(0, BLOCK_K)
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_ptrs = c_ptr + pid_k * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     c_mask = m_ok[:, None] & n_ok[None, :]
 
     if ADD_C:
-        acc = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        acc = tl.load(c_ptrs, mask=c_mask & first, other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
         a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
@@ -199,10 +208,10 @@ def _gemm_kernel(
         u = tl.load(u_ptr + rr[:, None] * stride_ur + rn[None, :] * stride_un,
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
-                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                    mask=m_ok[:, None] & r_ok[None, :] & first, other=0.0)
         acc = tl.dot(t.to(u.dtype), u, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + rn, mask=n_ok & first, other=0.0).to(tl.float32)
         acc += bias[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
@@ -304,7 +313,7 @@ else:
     _SHRINK_FIXED = {}
     _gemm_launch = triton.autotune(
         configs=_GEMM_CONFIGS,
-        key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_BIAS", "ADD_C"],
+        key=["M_BUCKET", "N", "K", "R", "K_PER_SPLIT", "HAS_LORA", "HAS_BIAS", "ADD_C"],
         prune_configs_by={"early_config_prune": _prune_gemm},
         restore_value=["c_ptr"],  # ADD_C accumulates into C; tuning must not compound it
     )(_gemm_kernel)
@@ -348,14 +357,34 @@ def _shrink(a: torch.Tensor, p: torch.Tensor, h: torch.Tensor, g: torch.Tensor, 
     return z, t
 
 
+_SPLIT_ALIGN = 256  # K_PER_SPLIT is a multiple of this, hence of every BLOCK_K in the configs
+_SM_COUNT: dict = {}
+
+
+def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
+    """Split-K factor for a GEMM whose output has too few tiles to fill the GPU (the token-reduction
+    GEMMs of backward: dU, dV at small r, dW at small layers). 1 under the interpreter / off CUDA.
+    A heuristic, not yet measured on a GPU."""
+    if _INTERPRET or device.type != "cuda" or K < 4096:
+        return 1
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _SM_COUNT[device]
+    tiles = triton.cdiv(M, 64) * triton.cdiv(N, 64)
+    if tiles * 2 > sms:
+        return 1
+    return max(1, min(16, triton.cdiv(sms, tiles), K // 2048))
+
+
 def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[torch.Tensor] = None,
           u: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-          base: str = "triton", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+          base: str = "triton", out: Optional[torch.Tensor] = None, split_k: int = 1) -> torch.Tensor:
     """a (M, K) @ b (N, K)ᵀ [+ t (M, R) @ u (N, R)ᵀ] [+ bias (N,)] -> (M, N) in out_dtype.
 
     ``base="cublas"`` computes a bᵀ with torch.mm and runs the kernel with an
     empty reduction as a fused epilogue (the hybrid of DESIGN.md §5). ``out``: an optional
-    preallocated (M, N) result (any strides) for the Triton path (tests poison it).
+    preallocated (M, N) result (any strides) for the Triton path (tests poison it). ``split_k``
+    > 1 reduces K in that many fp32 slices summed on the host (Triton path only).
     """
     M, K = a.shape
     N = b.shape[0]
@@ -367,22 +396,37 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[
         if not lora and bias is None:
             return c
         k_run, add_c = 0, True
+        split_k = 1
     else:
-        c = torch.empty((M, N), device=a.device, dtype=out_dtype) if out is None else out
         k_run, add_c = K, False
+    k_per_split = triton.cdiv(max(k_run, 1), _SPLIT_ALIGN * max(split_k, 1)) * _SPLIT_ALIGN
+    splits = max(1, triton.cdiv(k_run, k_per_split))
+    if base != "cublas":
+        if splits > 1:
+            c = torch.empty((splits, M, N), device=a.device, dtype=torch.float32)
+        else:
+            c = torch.empty((M, N), device=a.device, dtype=out_dtype) if out is None else out
+    c2 = c[0] if splits > 1 else c
     R = u.shape[1] if lora else 1
     dummy = c
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
     _gemm_launch[grid](
         a, b, c, t if lora else dummy, u if lora else dummy, bias if bias is not None else dummy,
-        M, N, k_run, R,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        M, N, k_run, R, k_per_split,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c2.stride(0), c2.stride(1),
+        c.stride(0) if splits > 1 else 0,
         t.stride(0) if lora else 0, t.stride(1) if lora else 0,
         u.stride(0) if lora else 0, u.stride(1) if lora else 0,
         0 if M <= 64 else 1,
         HAS_LORA=lora, HAS_BIAS=bias is not None, ADD_C=add_c,
         BLOCK_R=_pad_r(R), PRECISION=_DOT_PRECISION, **_GEMM_FIXED,
     )
+    if splits > 1:
+        res = c.sum(0, dtype=torch.float32)
+        if out is None:
+            return res.to(out_dtype)
+        out.copy_(res)
+        return out
     return c
 
 
@@ -443,14 +487,15 @@ def _backward(dy, x, weight, U, G, V, pref, z, t, need):
         w, s = _shrink(dy, U, H, g, max(L, 1))  # w = dy U, s = w M_b
     if nx:
         dx = _gemm(dy, weight.t(), x.dtype, t=s, u=V, base=_BASE_GEMM)
+    dev = dy.device
     if nw:
-        dw = _gemm(dy.t(), x.t(), weight.dtype)
+        dw = _gemm(dy.t(), x.t(), weight.dtype, split_k=_split_k(*weight.shape, N, dev))
     if nb:
         db = dy.float().sum(0).to(dy.dtype)
     if nu:
-        du = _gemm(dy.t(), t.t(), U.dtype)
+        du = _gemm(dy.t(), t.t(), U.dtype, split_k=_split_k(*U.shape, N, dev))
     if nv:
-        dv = _gemm(x.t(), s.t(), V.dtype)
+        dv = _gemm(x.t(), s.t(), V.dtype, split_k=_split_k(*V.shape, N, dev))
     if ng or npref:
         dM = _core_grad(w, z, P, L)  # (P, r, r) fp32; the K-sized contractions below are tiny
         if ng:

@@ -27,7 +27,7 @@ def aot(fn, types, consts, arch, div16=(), num_warps=4, num_stages=3):
 # Forward GEMM as launched on contiguous tensors of real shapes: unit strides are specialised to 1,
 # sizes/pointers/other strides known divisible by 16.
 FWD_UNIT = dict(stride_ak=1, stride_bk=1, stride_cn=1, stride_tr=1, stride_ur=1)
-FWD_DIV = ["a_ptr", "b_ptr", "c_ptr", "t_ptr", "u_ptr", "bias_ptr", "M", "N", "K",
+FWD_DIV = ["a_ptr", "b_ptr", "c_ptr", "t_ptr", "u_ptr", "bias_ptr", "M", "N", "K", "K_PER_SPLIT",
            "stride_am", "stride_bn", "stride_cm", "stride_tm", "stride_un"]
 
 

@@ -256,6 +256,32 @@ def test_import_error_without_triton(monkeypatch):
     assert not pmkernels.triton_available()
 
 
+@pytest.mark.parametrize("lora,bias", [(False, False), (True, True)])
+def test_gemm_split_k(lora, bias):
+    # K = 600 in 3 slices of 256 (the last one ragged), fp32 partials summed on the host.
+    M, N, K, R = 19, 13, 600, 3
+    a = torch.randn(M, K, dtype=torch.float64, device=DEV)
+    b = torch.randn(N, K, dtype=torch.float64, device=DEV)
+    t = torch.randn(M, R, dtype=torch.float64, device=DEV)
+    u = torch.randn(N, R, dtype=torch.float64, device=DEV)
+    bb = torch.randn(N, dtype=torch.float64, device=DEV)
+    ref = a @ b.t() + (t @ u.t() if lora else 0) + (bb if bias else 0)
+    out = poisoned((M, N), device=DEV)
+    tpl._gemm(a.float(), b.float(), torch.float32, t=t.float() if lora else None, u=u.float() if lora else None,
+              bias=bb.float() if bias else None, out=out, split_k=3)
+    assert rel_err(out.cpu(), ref.cpu()) < 1e-5
+    res = tpl._gemm(a.half(), b.half(), torch.float16, split_k=2)
+    assert res.dtype == torch.float16 and rel_err(res.cpu(), (a @ b.t()).cpu()) < 1e-2
+
+
+def test_backward_with_split_k(monkeypatch):
+    # Force the split-K path of the token-reduction GEMMs (dW, dU, dV) that only CUDA would pick.
+    monkeypatch.setattr(tpl, "_SPLIT_ALIGN", 32)
+    monkeypatch.setattr(tpl, "_split_k", lambda M, N, K, device: 3)
+    args = make_problem(N=(4, 20), per_sample=True)  # 80 tokens: 3 slices of 32
+    _check(args, torch.float32)
+
+
 # ----------------------------------------------------------------------------- torch.library integration
 
 def test_opcheck():
