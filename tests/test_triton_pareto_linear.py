@@ -276,9 +276,14 @@ def test_gemm_split_k(lora, bias):
 
 def test_backward_with_split_k(monkeypatch):
     # Force the split-K path of the token-reduction GEMMs (dW, dU, dV) that only CUDA would pick.
-    monkeypatch.setattr(tpl, "_SPLIT_ALIGN", 32)
+    # Under the interpreter BLOCK_K is fixed at 32, so slices of 32 tokens are aligned; on CUDA the
+    # autotuned BLOCK_K goes up to 256, so keep the real alignment and use more tokens.
     monkeypatch.setattr(tpl, "_split_k", lambda M, N, K, device: 3)
-    args = make_problem(N=(4, 20), per_sample=True)  # 80 tokens: 3 slices of 32
+    if HAS_CUDA:
+        args = make_problem(N=(4, 200), per_sample=True, device=DEV)  # 800 tokens: 3 slices of 256 + 32
+    else:
+        monkeypatch.setattr(tpl, "_SPLIT_ALIGN", 32)
+        args = make_problem(N=(4, 20), per_sample=True)  # 80 tokens: 3 slices of 32 (the last ragged)
     _check(args, torch.float32)
 
 
