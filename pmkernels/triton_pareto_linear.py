@@ -13,8 +13,8 @@ b = n // L (L = N / B; B = 1 for a shared preference):
               y = x Wᵀ + t Uᵀ + b                        one GEMM, expand in epilogue
     backward  w = dy U, s = w M_b        (N, r) fp32     shrink kernel again
               dx = dy W + s Vᵀ                           same GEMM kernel
-              dW = dyᵀ x (only if W needs grad)          same GEMM kernel
-              dU = dyᵀ t, dV = xᵀ s                      same GEMM kernel, rank-sized
+              dW = dyᵀ x (only if W needs grad)          same GEMM kernel    } reductions over tokens:
+              dU = dyᵀ t, dV = xᵀ s                      same, rank-sized    } split-K when few tiles
               dM_b = w_bᵀ z_b                            split-L Triton kernel, host sum
               dG_k = Σ_b γ_bk dM_b, dγ_bk = <dM_b, G_k>  torch einsums on (B, r, r)
               db = Σ_n dy
@@ -56,6 +56,12 @@ the hybrid's torch.mm, the K-sized backward einsums). On CUDA-only builds a
 ``triton_op`` variant would let inductor see and fuse around the kernels. Autocast: the Python wrapper
 casts x/weight/bias/U/G/V to the autocast dtype before calling the op (pref
 stays fp32), as F.linear would, so the op itself never sees mixed dtypes.
+
+Not done / not measured: no GPU was available while writing this; configs,
+the split-K heuristic and the fused-vs-hybrid choice are unmeasured (the
+kernels are AOT-compiled for sm80/sm90 in the tests, and their GEMM main loop
+checked to be software-pipelined). No TMA / warp-specialised Hopper path, no
+double backward (the backward op has no autograd of its own).
 
 Importing this module raises ImportError when triton is not importable.
 """
