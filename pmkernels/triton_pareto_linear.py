@@ -1,0 +1,604 @@
+"""Fused Triton kernels for ``pareto_linear`` (impl="triton").
+
+One file per op, Liger-Kernel style: Triton kernels, host launchers, the
+``torch.library`` ops with their autograd and fake (meta) rules, and the
+public ``triton_pareto_linear`` entry point (inputs already validated by
+``pmkernels.pareto_linear``).
+
+Maths (DESIGN.md §2), with x flattened to (N, in), row n belonging to sample
+b = n // L (L = N / B; B = 1 for a shared preference):
+
+    forward   z = x V                    (N, r) fp32     } one "shrink" kernel,
+              t = z M_bᵀ                 (N, r) fp32     } x read once
+              y = x Wᵀ + t Uᵀ + b                        one GEMM, expand in epilogue
+    backward  w = dy U, s = w M_b        (N, r) fp32     shrink kernel again
+              dx = dy W + s Vᵀ                           same GEMM kernel
+              dW = dyᵀ x (only if W needs grad)          same GEMM kernel    } reductions over tokens:
+              dU = dyᵀ t, dV = xᵀ s                      same, rank-sized    } split-K when few tiles
+              dM_b = w_bᵀ z_b                            split-L Triton kernel, host sum
+              dG_k = Σ_b γ_bk dM_b, dγ_bk = <dM_b, G_k>  torch einsums on (B, r, r)
+              db = Σ_n dy
+
+Per-sample γ never builds per-row (or per-sample r×r) matrices in the
+shrink: it computes z·H_k for every k (an r × rK product, as K r×r dots) and
+contracts with the row's γ. A shared γ is folded into M on the host first
+(r×r, negligible) and runs the same kernel with K = 1.
+
+Only x, the weights themselves and the (N, r) fp32 intermediates z, t are
+saved for backward; W(γ) is never built.
+
+Precision: fp32 accumulation everywhere. For fp32 inputs the big dots use
+tf32 on CUDA (``_DOT_PRECISION``; error ~1e-3 relative, DESIGN.md §4) and
+exact IEEE fp32 under the Triton interpreter; the small core contractions
+(z·G_k) always use IEEE fp32. bf16/fp16 use the tensor cores with fp32
+accumulators; the (N, r) fp32 intermediates are rounded to the input dtype
+just before the expand dot (as the torch implementation does).
+
+Base GEMM: the main path is an all-Triton GEMM with the expand t Uᵀ (+bias)
+fused into its epilogue. DESIGN.md §5 also measures a hybrid (cuBLAS for
+x Wᵀ, Triton for the low-rank part). ``_BASE_GEMM = "cublas"`` (or env var
+``PMKERNELS_BASE_GEMM=cublas``) switches to it: the base product comes from
+``torch.mm`` and the same GEMM kernel runs with an empty reduction, seeding
+its accumulator with that result and adding the expand (+bias) in one pass.
+Neither variant has been timed on a GPU yet.
+
+Registration: the op is a ``torch.library.custom_op`` (opaque to inductor)
+with ``register_autograd`` and ``register_fake``, so ``torch.compile``
+traces it with no graph break. We use ``custom_op`` rather than
+``triton_op``/``wrap_triton`` because the latter does not work under the
+interpreter: with torch 2.14 / triton 3.8 and ``TRITON_INTERPRET=1`` even a
+one-kernel ``triton_op`` runs eagerly but fails ``torch.compile`` (both
+aot_eager and inductor) with "Cannot access data pointer of Tensor
+(FakeTensor)": the interpreter's launcher touches the fake tensors' data
+during tracing. custom_op keeps one code path (eager, compile, interpreter,
+CUDA), and the launchers also run host-side torch code (the shared-γ fold,
+the hybrid's torch.mm, the K-sized backward einsums). On CUDA-only builds a
+``triton_op`` variant would let inductor see and fuse around the kernels. Autocast: the Python wrapper
+casts x/weight/bias/U/G/V to the autocast dtype before calling the op (pref
+stays fp32), as F.linear would, so the op itself never sees mixed dtypes.
+
+Not done / not measured: no GPU was available while writing this; configs,
+the split-K heuristic and the fused-vs-hybrid choice are unmeasured (the
+kernels are AOT-compiled for sm80/sm90 in the tests, and their GEMM main loop
+checked to be software-pipelined). No TMA / warp-specialised Hopper path, no
+double backward (the backward op has no autograd of its own).
+
+Importing this module raises ImportError when triton is not importable.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception as e:  # pragma: no cover - depends on the install
+    raise ImportError(f"pmkernels.triton_pareto_linear needs triton: {e}") from e
+
+__all__ = ["triton_pareto_linear"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# "triton": all-Triton GEMM with fused epilogue; "cublas": torch.mm base + Triton epilogue pass.
+_BASE_GEMM = os.environ.get("PMKERNELS_BASE_GEMM", "triton")
+# Big dots on fp32 inputs: tf32 on CUDA, exact fp32 under the interpreter (numpy has no tf32).
+_DOT_PRECISION = "ieee" if _INTERPRET else "tf32"
+
+
+def _pad_r(r: int) -> int:
+    """r padded to a power of two >= 16 (tl.dot needs every dim >= 16)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _shrink_kernel(
+    a_ptr, p_ptr, h_ptr, g_ptr, z_ptr, t_ptr,
+    N, D, R, K, L,
+    stride_an, stride_ad, stride_pd, stride_pr,
+    stride_ha, stride_hc, stride_hk, stride_gb, stride_gk,
+    stride_zn, stride_tn,
+    N_BUCKET,  # autotune key only: small (decode) vs large token counts
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """z = A P (N, R) and t[n, c] = Σ_k g[n // L, k] Σ_a z[n, a] H[a, c, k], both fp32.
+
+    Forward: A = x, P = V, H = G with its first two dims swapped (t = z M_bᵀ).
+    Backward: A = dy, P = U, H = G (s = w M_b).
+    The z·H product over all K (r × rK) runs as K fp32 r×r dots, each scaled by the
+    row's γ_{b,k} and accumulated into one (BLOCK_N, BLOCK_R) register tile: no
+    per-row or per-sample r×r matrix is ever built, and rows of different samples
+    can share a block. (One r × rK dot then a reshape-reduce would need a
+    BLOCK_N × rK register tile: too big at r = 128, K = 64.)
+    """
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    rd = tl.arange(0, BLOCK_D)
+
+    z = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + rd
+        d_ok = dd < D
+        a = tl.load(a_ptr + rows[:, None] * stride_an + dd[None, :] * stride_ad,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        p = tl.load(p_ptr + dd[:, None] * stride_pd + rr[None, :] * stride_pr,
+                    mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        z = tl.dot(a, p, z, input_precision=PRECISION)
+
+    out_mask = row_ok[:, None] & r_ok[None, :]
+    tl.store(z_ptr + rows[:, None] * stride_zn + rr[None, :], z, mask=out_mask)
+
+    sample = rows // L
+    h_off = rr[:, None] * stride_ha + rr[None, :] * stride_hc
+    h_mask = r_ok[:, None] & r_ok[None, :]
+    t = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for k in range(0, K):
+        h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
+        zk = tl.dot(z, h, input_precision="ieee")
+        g = tl.load(g_ptr + sample * stride_gb + k * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
+        t += g[:, None] * zk
+    tl.store(t_ptr + rows[:, None] * stride_tn + rr[None, :], t, mask=out_mask)
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, t_ptr, u_ptr, bias_ptr,
+    M, N, K, R, K_PER_SPLIT,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
+    stride_tm, stride_tr, stride_un, stride_ur,
+    M_BUCKET,  # autotune key only: small (decode) vs large token counts
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """C (M, N) = A Bᵀ [+ C] [+ T Uᵀ] [+ bias], fp32 accumulator.
+
+    A is (M, K), B is (N, K) (so C = A Bᵀ; transposes are just strides), T is
+    (M, R) fp32 and U is (N, R). B tiles are cast to A's dtype (for dU = dyᵀ t
+    and dV = xᵀ s, whose fp32 t/s meet a bf16/fp16 A). ADD_C seeds the
+    accumulator with C (the cuBLAS-hybrid variant launches with K = 0).
+
+    Split-K (grid axis 1): program k reduces K range [k K_PER_SPLIT, (k+1) K_PER_SPLIT)
+    into its own fp32 slice C + k stride_cs (K_PER_SPLIT is a multiple of every
+    BLOCK_K, so tiles never straddle splits); the host sums the slices (deterministic).
+    Only slice 0 adds the seed, the expand and the bias (masked, branch-free).
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    first = pid_k == 0
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    gid = pid // group
+    first_m = gid * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_ok = rm < M
+    n_ok = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    c_ptrs = c_ptr + pid_k * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = m_ok[:, None] & n_ok[None, :]
+
+    if ADD_C:
+        acc = tl.load(c_ptrs, mask=c_mask & first, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+
+    if HAS_LORA:
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        u = tl.load(u_ptr + rr[:, None] * stride_ur + rn[None, :] * stride_un,
+                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
+                    mask=m_ok[:, None] & r_ok[None, :] & first, other=0.0)
+        acc = tl.dot(t.to(u.dtype), u, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_ok & first, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _core_grad_kernel(
+    w_ptr, z_ptr, out_ptr,
+    L, R, CHUNK,
+    stride_wn, stride_zn, stride_ob, stride_os,
+    BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Partial dM_b = Σ_n w[n]ᵀ z[n] over rows [b L + s CHUNK, min(b L + L, ... + CHUNK)) of sample b.
+
+    Grid (P, SPLITS); out (P, SPLITS, R, R) fp32, summed over SPLITS on the host
+    (a deterministic split-L reduction, no atomics).
+    """
+    b = tl.program_id(0)
+    sp = tl.program_id(1)
+    start = b.to(tl.int64) * L + sp * CHUNK
+    end = tl.minimum(b.to(tl.int64) * L + L, start + CHUNK)
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    rl = tl.arange(0, BLOCK_L)
+    acc = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    for l0 in range(0, CHUNK, BLOCK_L):
+        rows = start + l0 + rl
+        mask = (rows < end)[:, None] & r_ok[None, :]
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + rr[None, :], mask=mask, other=0.0)
+        z = tl.load(z_ptr + rows[:, None] * stride_zn + rr[None, :], mask=mask, other=0.0)
+        acc = tl.dot(tl.trans(w), z, acc, input_precision="ieee")
+    o = out_ptr + b * stride_ob + sp * stride_os + rr[:, None] * R + rr[None, :]
+    tl.store(o, acc, mask=r_ok[:, None] & r_ok[None, :])
+
+
+# Autotuning: configs fit Hopper (228 KB smem) and Ampere/Turing-class parts; configs that
+# run out of shared memory on a given GPU are skipped by the autotuner. Small token counts
+# (decode, M <= 64) get thin-M tiles, large ones square-ish tiles; the bucket is a key.
+def _cfg(bm, bn, bk, stages, warps, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_stages=stages, num_warps=warps)
+
+
+_GEMM_SMALL_M = [
+    _cfg(16, 32, 256, 4, 4), _cfg(16, 32, 128, 5, 2),  # more CTAs for decode-sized M
+    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4), _cfg(16, 256, 64, 3, 4),
+    _cfg(32, 64, 128, 4, 4), _cfg(32, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 3, 4),
+]
+_GEMM_LARGE_M = [
+    _cfg(128, 256, 64, 3, 8), _cfg(256, 128, 64, 3, 8), _cfg(128, 128, 64, 4, 8), _cfg(128, 128, 32, 4, 4),
+    _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 5, 4), _cfg(128, 256, 32, 3, 8),
+]
+
+
+# Rank-sized outputs (dU = dyᵀ t, dV = xᵀ s: N = r <= 32, reduction over all tokens): thin-N tiles.
+_GEMM_THIN_N = [
+    _cfg(64, 16, 128, 4, 4), _cfg(128, 16, 128, 3, 4), _cfg(64, 32, 128, 4, 4), _cfg(128, 32, 64, 4, 4),
+    _cfg(32, 32, 256, 3, 4),
+]
+_GEMM_CONFIGS = _GEMM_SMALL_M + _GEMM_LARGE_M + _GEMM_THIN_N
+_BUCKETS = {"small_m": {id(c) for c in _GEMM_SMALL_M}, "large_m": {id(c) for c in _GEMM_LARGE_M},
+            "thin_n": {id(c) for c in _GEMM_THIN_N}}
+
+
+def _gemm_bucket(M: int, N: int) -> str:
+    if M <= 64:
+        return "small_m"
+    return "thin_n" if N <= 32 else "large_m"
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    ids = _BUCKETS[_gemm_bucket(named_args["M"], named_args["N"])]
+    keep = [c for c in configs if id(c) in ids]
+    return keep or configs
+
+
+def _prune_shrink(configs, named_args, **kwargs):
+    small = named_args["N"] <= 64
+    keep = [c for c in configs if (c.kwargs["BLOCK_N"] <= 32) == small]
+    # keep the register tile (BLOCK_N × BLOCK_R fp32 twice) sane for large r
+    if named_args.get("R", 16) > 64:
+        keep = [c for c in keep if c.kwargs["BLOCK_N"] <= 64] or keep
+    return keep or configs
+
+
+_SHRINK_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_stages=s, num_warps=w)
+    for bn, bd, s, w in [(16, 128, 4, 4), (16, 256, 3, 4), (32, 128, 4, 4),
+                         (64, 64, 4, 4), (64, 128, 3, 4), (128, 64, 3, 8)]
+]
+
+if _INTERPRET:
+    # One small fixed config: the interpreter runs every program in numpy.
+    _GEMM_FIXED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+    _SHRINK_FIXED = {"BLOCK_N": 16, "BLOCK_D": 32}
+    _gemm_launch = _gemm_kernel
+    _shrink_launch = _shrink_kernel
+else:
+    _GEMM_FIXED = {}
+    _SHRINK_FIXED = {}
+    _gemm_launch = triton.autotune(
+        configs=_GEMM_CONFIGS,
+        key=["M_BUCKET", "N", "K", "R", "K_PER_SPLIT", "HAS_LORA", "HAS_BIAS", "ADD_C"],
+        prune_configs_by={"early_config_prune": _prune_gemm},
+        restore_value=["c_ptr"],  # ADD_C accumulates into C; tuning must not compound it
+    )(_gemm_kernel)
+    _shrink_launch = triton.autotune(
+        configs=_SHRINK_CONFIGS,
+        key=["N_BUCKET", "D", "R", "K"],
+        prune_configs_by={"early_config_prune": _prune_shrink},
+    )(_shrink_kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# Host launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _shrink(a: torch.Tensor, p: torch.Tensor, h: torch.Tensor, g: torch.Tensor, L: int,
+            z: Optional[torch.Tensor] = None, t: Optional[torch.Tensor] = None):
+    """z = a p, t[n] = Σ_k g[n // L, k] z[n] H[:, :, k]; a (N, D), p (D, r), h (r, r, K) view, g (B, K).
+
+    z, t: optional preallocated (N, r) fp32 outputs with unit column stride (tests poison them).
+    """
+    N, D = a.shape
+    r = p.shape[1]
+    K = h.shape[2]
+    if z is None:
+        z = torch.empty((N, r), device=a.device, dtype=torch.float32)
+    if t is None:
+        t = torch.empty((N, r), device=a.device, dtype=torch.float32)
+    if N == 0:
+        return z, t
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _shrink_launch[grid](
+        a, p, h, g, z, t,
+        N, D, r, K, L,
+        a.stride(0), a.stride(1), p.stride(0), p.stride(1),
+        h.stride(0), h.stride(1), h.stride(2), g.stride(0), g.stride(1),
+        z.stride(0), t.stride(0),
+        0 if N <= 64 else 1,
+        BLOCK_R=_pad_r(r), PRECISION=_DOT_PRECISION, **_SHRINK_FIXED,
+    )
+    return z, t
+
+
+_SPLIT_ALIGN = 256  # K_PER_SPLIT is a multiple of this, hence of every BLOCK_K in the configs
+_SM_COUNT: dict = {}
+
+
+def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
+    """Split-K factor for a GEMM whose output has too few tiles to fill the GPU (the token-reduction
+    GEMMs of backward: dU, dV at small r, dW at small layers). 1 under the interpreter / off CUDA.
+    A heuristic, not yet measured on a GPU."""
+    if _INTERPRET or device.type != "cuda" or K < 4096:
+        return 1
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _SM_COUNT[device]
+    tiles = triton.cdiv(M, 64) * triton.cdiv(N, 64)
+    if tiles * 2 > sms:
+        return 1
+    return max(1, min(16, triton.cdiv(sms, tiles), K // 2048))
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[torch.Tensor] = None,
+          u: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+          base: str = "triton", out: Optional[torch.Tensor] = None, split_k: int = 1) -> torch.Tensor:
+    """a (M, K) @ b (N, K)ᵀ [+ t (M, R) @ u (N, R)ᵀ] [+ bias (N,)] -> (M, N) in out_dtype.
+
+    ``base="cublas"`` computes a bᵀ with torch.mm and runs the kernel with an
+    empty reduction as a fused epilogue (the hybrid of DESIGN.md §5). ``out``: an optional
+    preallocated (M, N) result (any strides) for the Triton path (tests poison it). ``split_k``
+    > 1 reduces K in that many fp32 slices summed on the host (Triton path only).
+    """
+    M, K = a.shape
+    N = b.shape[0]
+    lora = t is not None
+    if M == 0 or N == 0:
+        return torch.zeros((M, N), device=a.device, dtype=out_dtype)
+    if base == "cublas":
+        c = torch.mm(a, b.to(a.dtype).t()).to(out_dtype)
+        if not lora and bias is None:
+            return c
+        k_run, add_c = 0, True
+        split_k = 1
+    else:
+        k_run, add_c = K, False
+    k_per_split = triton.cdiv(max(k_run, 1), _SPLIT_ALIGN * max(split_k, 1)) * _SPLIT_ALIGN
+    splits = max(1, triton.cdiv(k_run, k_per_split))
+    if base != "cublas":
+        if splits > 1:
+            c = torch.empty((splits, M, N), device=a.device, dtype=torch.float32)
+        else:
+            c = torch.empty((M, N), device=a.device, dtype=out_dtype) if out is None else out
+    c2 = c[0] if splits > 1 else c
+    R = u.shape[1] if lora else 1
+    dummy = c
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
+    _gemm_launch[grid](
+        a, b, c, t if lora else dummy, u if lora else dummy, bias if bias is not None else dummy,
+        M, N, k_run, R, k_per_split,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c2.stride(0), c2.stride(1),
+        c.stride(0) if splits > 1 else 0,
+        t.stride(0) if lora else 0, t.stride(1) if lora else 0,
+        u.stride(0) if lora else 0, u.stride(1) if lora else 0,
+        0 if M <= 64 else 1,
+        HAS_LORA=lora, HAS_BIAS=bias is not None, ADD_C=add_c,
+        BLOCK_R=_pad_r(R), PRECISION=_DOT_PRECISION, **_GEMM_FIXED,
+    )
+    if splits > 1:
+        res = c.sum(0, dtype=torch.float32)
+        if out is None:
+            return res.to(out_dtype)
+        out.copy_(res)
+        return out
+    return c
+
+
+def _core_grad(w: torch.Tensor, z: torch.Tensor, P: int, L: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dM (P, r, r) fp32 with dM_b = w_bᵀ z_b over sample b's L rows; w, z (P L, r) fp32, unit column stride.
+
+    ``out``: optional (P, splits, r, r) fp32 partials buffer (tests poison it; splits from _core_splits).
+    """
+    r = w.shape[1]
+    splits, chunk = _core_splits(P, L)
+    if out is None:
+        out = torch.empty((P, splits, r, r), device=w.device, dtype=torch.float32)
+    if P == 0 or L == 0:
+        return out.new_zeros((P, r, r))
+    R = _pad_r(r)
+    _core_grad_kernel[(P, splits)](
+        w, z, out, L, r, chunk, w.stride(0), z.stride(0), out.stride(0), out.stride(1),
+        BLOCK_L=16 if _INTERPRET else 32, BLOCK_R=R, num_warps=8 if R >= 64 else 4,
+    )
+    return out.sum(1)
+
+
+def _core_splits(P: int, L: int) -> tuple[int, int]:
+    """(splits, rows per split) for _core_grad: enough programs to fill a GPU, >= 256 rows each."""
+    splits = max(1, min(triton.cdiv(L, 256), triton.cdiv(264, max(P, 1))))
+    return splits, max(1, triton.cdiv(L, splits))
+
+
+def _core(G: torch.Tensor, pref: torch.Tensor):
+    """(H, g) for the shrink: per-sample pref keeps G (K dots + γ contraction in-kernel);
+    a single row folds M = Σ_k γ_k G_k on the host (r×r) and runs with K = 1."""
+    if pref.shape[0] == 1:
+        M = torch.einsum("k,ijk->ij", pref[0], G.float())
+        return M.unsqueeze(-1), pref.new_ones((1, 1))
+    return G, pref
+
+
+def _forward(x, weight, bias, U, G, V, pref):
+    N = x.shape[0]
+    L = N // pref.shape[0] if pref.shape[0] else 1
+    H, g = _core(G, pref)
+    z, t = _shrink(x, V, H.transpose(0, 1), g, max(L, 1))  # t = z M_bᵀ (computed as K r×r dots, see _shrink_kernel)
+    y = _gemm(x, weight, x.dtype, t=t, u=U, bias=bias, base=_BASE_GEMM)
+    return y, z, t
+
+
+def _backward(dy, x, weight, U, G, V, pref, z, t, need):
+    nx, nw, nb, nu, ng, nv, npref = need
+    N = x.shape[0]
+    P = pref.shape[0]
+    L = N // P if P else 0  # rows per sample (0 for an empty batch: then dM is all zeros)
+    # unneeded gradients are distinct 0-element tensors (custom-op outputs must not alias)
+    dx, dw, db, du, dG, dv = (dy.new_empty(0) for _ in range(6))
+    dpref = dy.new_empty(0, dtype=torch.float32)
+    w = s = None
+    if nx or nv or ng or npref:
+        H, g = _core(G, pref)
+        w, s = _shrink(dy, U, H, g, max(L, 1))  # w = dy U, s = w M_b
+    if nx:
+        dx = _gemm(dy, weight.t(), x.dtype, t=s, u=V, base=_BASE_GEMM)
+    dev = dy.device
+    if nw:
+        dw = _gemm(dy.t(), x.t(), weight.dtype, split_k=_split_k(*weight.shape, N, dev))
+    if nb:
+        db = dy.float().sum(0).to(dy.dtype)
+    if nu:
+        du = _gemm(dy.t(), t.t(), U.dtype, split_k=_split_k(*U.shape, N, dev))
+    if nv:
+        dv = _gemm(x.t(), s.t(), V.dtype, split_k=_split_k(*V.shape, N, dev))
+    if ng or npref:
+        dM = _core_grad(w, z, P, L)  # (P, r, r) fp32; the K-sized contractions below are tiny
+        if ng:
+            dG = torch.einsum("bij,bk->ijk", dM, pref).to(G.dtype)
+        if npref:
+            dpref = torch.einsum("bij,ijk->bk", dM, G.float())
+    return dx, dw, db, du, dG, dv, dpref
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pmkernels::pareto_linear_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], U: torch.Tensor,
+            G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (N, in), pref (P, K) fp32 with N % P == 0 -> (y (N, out), z = xV (N, r) fp32, t = z M_bᵀ (N, r) fp32)."""
+    # The host-side torch pieces (the shared-γ fold) must stay fp32 even inside an autocast region.
+    with torch.autocast(x.device.type, enabled=False):
+        return _forward(x, weight, bias, U, G, V, pref)
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, U, G, V, pref):
+    N, r = x.shape[0], U.shape[1]
+    return (x.new_empty((N, weight.shape[0])), x.new_empty((N, r), dtype=torch.float32),
+            x.new_empty((N, r), dtype=torch.float32))
+
+
+@torch.library.custom_op("pmkernels::pareto_linear_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, G: torch.Tensor,
+            V: torch.Tensor, pref: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+            need_x: bool, need_weight: bool, need_bias: bool, need_U: bool, need_G: bool, need_V: bool,
+            need_pref: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dweight, dbias, dU, dG, dV, dpref); an unneeded one is an empty tensor."""
+    need = (need_x, need_weight, need_bias, need_U, need_G, need_V, need_pref)
+    with torch.autocast(x.device.type, enabled=False):
+        return _backward(dy, x, weight, U, G, V, pref, z, t, need)
+
+
+@_bwd_op.register_fake
+def _(dy, x, weight, U, G, V, pref, z, t, need_x, need_weight, need_bias, need_U, need_G, need_V, need_pref):
+    def maybe(flag, like, dtype=None):
+        return like.new_empty(like.shape if flag else (0,), dtype=dtype or dy.dtype)
+
+    return (maybe(need_x, x), maybe(need_weight, weight), maybe(need_bias, weight[:, 0]), maybe(need_U, U),
+            maybe(need_G, G), maybe(need_V, V), maybe(need_pref, pref, torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, U, G, V, pref = inputs
+    _, z, t = output
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, U, G, V, pref, z, t)
+    ctx.mark_non_differentiable(z, t)
+
+
+def _autograd_backward(ctx, dy, _dz, _dt):
+    x, weight, U, G, V, pref, z, t = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    need = (n[0], n[1], ctx.has_bias and n[2], n[3], n[4], n[5], n[6])
+    grads = _bwd_op(dy, x, weight, U, G, V, pref, z, t, *need)
+    return tuple(gr if flag else None for gr, flag in zip(grads, need))
+
+
+_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def triton_pareto_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    U: torch.Tensor,
+    G: torch.Tensor,
+    V: torch.Tensor,
+    pref: torch.Tensor,
+) -> torch.Tensor:
+    """y = x Wᵀ + b + ((x V) M(γ)ᵀ) Uᵀ with fused Triton kernels; inputs validated by the caller.
+
+    x (..., in); weight (out, in); bias (out,) or None; U (out, r); G (r, r, K); V (in, r);
+    pref (K,) shared or (B, K) per element of x's leading dim. Returns (..., out) in x's
+    dtype (the autocast dtype when autocast is on for x's device).
+    """
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, weight, U, G, V = (a.to(dt) for a in (x, weight, U, G, V))
+        bias = None if bias is None else bias.to(dt)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    p2 = pref.to(torch.float32).reshape(-1, pref.shape[-1])
+    y, _, _ = _fwd_op(x2, weight, bias, U, G, V, p2)
+    return y.reshape(*lead, weight.shape[0])
