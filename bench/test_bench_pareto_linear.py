@@ -88,9 +88,15 @@ def pytest_generate_tests(metafunc):
             for pass_ in PASSES:
                 for gamma in GAMMAS:
                     for impl in IMPLS:
-                        params.append((shape, dtype, pass_, gamma, impl))
+                        # plain strings/ints only, so --benchmark-json can serialise the params
+                        params.append(dict(shape=shape.name, tokens=shape.tokens, d_in=shape.d_in, d_out=shape.d_out,
+                                           batch=shape.batch, dtype=DTYPE_NAMES[dtype], pass_=pass_, gamma=gamma,
+                                           impl=impl))
                         ids.append(f"{shape.name}-{shape.d_in}x{shape.d_out}-{DTYPE_NAMES[dtype]}-{pass_}-{gamma}-{impl}")
     metafunc.parametrize("case", params, ids=ids)
+
+
+DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 # --------------------------------------------------------------------------
@@ -213,7 +219,8 @@ def min_bytes(shape: Shape, dtype: torch.dtype, pass_: str) -> float:
 # The benchmark
 # --------------------------------------------------------------------------
 def test_pareto_linear(benchmark, size, case):
-    shape, dtype, pass_, gamma, impl = case
+    shape = Shape(case["shape"], case["tokens"], case["d_in"], case["d_out"], case["batch"])
+    dtype, pass_, gamma, impl = DTYPES_BY_NAME[case["dtype"]], case["pass_"], case["gamma"], case["impl"]
     if impl == "triton" and not (HAS_CUDA and pmkernels.triton_available()):
         pytest.skip("impl='triton' needs CUDA and pmkernels.triton_available(); "
                     f"cuda={HAS_CUDA}, triton_available={pmkernels.triton_available()}")
@@ -232,8 +239,8 @@ def test_pareto_linear(benchmark, size, case):
         raise
     fl = flops(shape, impl, pass_)
     nb = min_bytes(shape, dtype, pass_)
+    benchmark.extra_info.update({"impl": impl, "pass": pass_})
     benchmark.extra_info.update(
-        impl=impl,
         shape=shape.name,
         tokens=shape.tokens,
         d_in=shape.d_in,
@@ -242,7 +249,6 @@ def test_pareto_linear(benchmark, size, case):
         K=K,
         batch=shape.batch if gamma == "per_sample" else 1,
         dtype=dname,
-        pass_=pass_,
         gamma=gamma,
         size=size,
         device=str(DEVICE),
