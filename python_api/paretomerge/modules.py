@@ -1,0 +1,314 @@
+"""Drop-in Pareto layers: ``nn.Linear`` and ``nn.MultiheadAttention`` with a
+preference-conditioned low-rank update W(γ) = W + U (Σ_k γ_k G_k) Vᵀ.
+
+Both keep the wrapped module's state-dict keys (``weight``/``bias``;
+``in_proj_weight``/``in_proj_bias``/``out_proj.*``) and add the tensor
+factors beside them (``U``, ``G``, ``V``; ``in_proj_U`` …). At construction
+U = 0, so ΔW = 0 and a converted model computes what the original did.
+The maths runs in ``pmkernels.pareto_linear``; nothing here knows of Triton.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pmkernels
+from pmkernels.reference import merged_weight as _merged_weight
+
+from .preference import PrefLike, as_preference, resolve_preference
+
+
+def _init_factors(U: torch.Tensor, G: torch.Tensor, V: torch.Tensor) -> None:
+    """U = 0 (so ΔW = 0, as LoRA zeroes one factor); G, V small random."""
+    with torch.no_grad():
+        nn.init.zeros_(U)
+        nn.init.normal_(G, std=1.0 / math.sqrt(G.shape[0]))
+        nn.init.kaiming_uniform_(V.T, a=math.sqrt(5))  # what LoRA uses for its input-side factor
+
+
+def _check_batch(x: torch.Tensor, pref: torch.Tensor, batch_dim: int, layer: str) -> None:
+    if pref.dim() == 2 and (x.dim() <= batch_dim or x.shape[batch_dim] != pref.shape[0]):
+        raise ValueError(
+            f"{layer}: per-sample pref has B = {pref.shape[0]} rows but the input's batch dim "
+            f"(dim {batch_dim}) of shape {tuple(x.shape)} does not match; expected one row per sample"
+        )
+
+
+def _check_rank_objectives(num_objectives: int, rank: int) -> None:
+    if not isinstance(num_objectives, int) or num_objectives < 1:
+        raise ValueError(f"num_objectives must be a positive int, got {num_objectives!r}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+
+
+class ParetoLinear(nn.Module):
+    """``nn.Linear`` whose weight depends on a preference γ ∈ Δ^{K-1}.
+
+    y = x W(γ)ᵀ + b, W(γ) = weight + U M(γ) Vᵀ, M(γ) = Σ_k γ_k G[:, :, k].
+    Parameters: weight (out, in), bias (out,), U (out, r), G (r, r, K), V (in, r).
+
+    ``forward(x, pref=None)``: x (..., in). pref (K,) for the whole call or
+    (B, K) per sample along ``batch_dim`` (0 unless the host model puts its
+    batch elsewhere); None uses the active preference (``use_preference``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_objectives: int,
+        rank: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        impl: str = "auto",
+        batch_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_rank_objectives(num_objectives, rank)
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.num_objectives, self.rank = num_objectives, rank
+        self.impl, self.batch_dim = impl, batch_dim
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.G = nn.Parameter(torch.empty(rank, rank, num_objectives, **kw))
+        self.V = nn.Parameter(torch.empty(in_features, rank, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # weight and bias as nn.Linear initialises them.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        _init_factors(self.U, self.G, self.V)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, num_objectives: int, rank: int, *, impl: str = "auto", batch_dim: int = 0
+    ) -> "ParetoLinear":
+        """Wrap ``linear``: its weight and bias Parameters are reused (not copied)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, num_objectives, rank, bias=False,
+                device="meta", impl=impl, batch_dim=batch_dim)
+        m.weight, m.bias = linear.weight, linear.bias
+        r, K = rank, num_objectives
+        m.U = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
+        m.G = nn.Parameter(torch.empty(r, r, K, device=w.device, dtype=w.dtype))
+        m.V = nn.Parameter(torch.empty(linear.in_features, r, device=w.device, dtype=w.dtype))
+        _init_factors(m.U, m.G, m.V)
+        return m
+
+    def forward(self, x: torch.Tensor, pref: Optional[PrefLike] = None) -> torch.Tensor:
+        p = resolve_preference(pref, x.device)
+        _check_batch(x, p, self.batch_dim, "ParetoLinear")
+        if p.dim() == 2 and self.batch_dim != 0:
+            x = x.movedim(self.batch_dim, 0)
+        y = pmkernels.pareto_linear(x, self.weight, self.bias, self.U, self.G, self.V, p,
+                                    impl=self.impl, check_values=False)
+        if p.dim() == 2 and self.batch_dim != 0:
+            y = y.movedim(0, self.batch_dim)
+        return y
+
+    @torch.no_grad()
+    def merged_weight(self, pref: PrefLike) -> torch.Tensor:
+        """W(γ) (out, in) for one preference (K,), in the weight's dtype."""
+        p = as_preference(pref).to(self.weight.device)
+        if p.dim() != 1:
+            raise ValueError(f"pref must be one preference of shape (K,), got {tuple(p.shape)}")
+        return pmkernels.merged_weight(self.weight, self.U, self.G, self.V, p)
+
+    @torch.no_grad()
+    def to_linear(self, pref: PrefLike) -> nn.Linear:
+        """A plain ``nn.Linear`` with W(γ) baked in."""
+        w = self.weight
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        lin.weight.copy_(self.merged_weight(pref))
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_objectives={self.num_objectives}, rank={self.rank}, bias={self.bias is not None}, "
+                f"impl={self.impl!r}, batch_dim={self.batch_dim}")
+
+
+class ParetoMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` whose packed input and output projections are Pareto layers.
+
+    Keeps the wrapped module's keys (``in_proj_weight``, ``in_proj_bias``,
+    ``out_proj.weight``, ``out_proj.bias``); adds ``in_proj_U`` (3E, r),
+    ``in_proj_G`` (r, r, K), ``in_proj_V`` (E, r) and ``out_proj.{U,G,V}``.
+    Supports what open_clip and most code use: kdim = vdim = embed_dim,
+    batch_first either way, key_padding_mask, attn_mask (bool or float),
+    need_weights, is_causal, dropout. Per-sample pref rows map to the batch
+    dim (dim 1 when batch_first=False).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_objectives: int, rank: int, *, dropout: float = 0.0,
+                 bias: bool = True, batch_first: bool = False, impl: str = "auto", device=None, dtype=None) -> None:
+        super().__init__()
+        _check_rank_objectives(num_objectives, rank)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        kw = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.dropout, self.batch_first = dropout, batch_first
+        self.num_objectives, self.rank, self._impl = num_objectives, rank, impl
+        E, r, K = embed_dim, rank, num_objectives
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * E, E, **kw))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * E, **kw)) if bias else None
+        self.in_proj_U = nn.Parameter(torch.empty(3 * E, r, **kw))
+        self.in_proj_G = nn.Parameter(torch.empty(r, r, K, **kw))
+        self.in_proj_V = nn.Parameter(torch.empty(E, r, **kw))
+        self.out_proj = ParetoLinear(E, E, K, r, bias=bias, impl=impl, **kw)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if bias:
+            nn.init.zeros_(self.out_proj.bias)
+        _init_factors(self.in_proj_U, self.in_proj_G, self.in_proj_V)
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self._impl = value
+        self.out_proj.impl = value
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention, num_objectives: int, rank: int, *,
+                 impl: str = "auto") -> "ParetoMultiheadAttention":
+        """Wrap ``mha``: its projection Parameters are reused (not copied)."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
+        if not mha._qkv_same_embed_dim:
+            raise ValueError("mha with kdim/vdim != embed_dim (separate q/k/v weights) is not supported")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("mha with add_bias_kv=True or add_zero_attn=True is not supported")
+        w = mha.in_proj_weight
+        m = cls(mha.embed_dim, mha.num_heads, num_objectives, rank, dropout=mha.dropout,
+                bias=mha.in_proj_bias is not None, batch_first=mha.batch_first, impl=impl, device="meta")
+        m.in_proj_weight, m.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
+        E, r, K = mha.embed_dim, rank, num_objectives
+        m.in_proj_U = nn.Parameter(torch.empty(3 * E, r, device=w.device, dtype=w.dtype))
+        m.in_proj_G = nn.Parameter(torch.empty(r, r, K, device=w.device, dtype=w.dtype))
+        m.in_proj_V = nn.Parameter(torch.empty(E, r, device=w.device, dtype=w.dtype))
+        _init_factors(m.in_proj_U, m.in_proj_G, m.in_proj_V)
+        m.out_proj = ParetoLinear.from_linear(mha.out_proj, num_objectives, rank, impl=impl)
+        return m
+
+    def _project(self, x: torch.Tensor, part: slice, pref: torch.Tensor) -> torch.Tensor:
+        b = None if self.in_proj_bias is None else self.in_proj_bias[part]
+        return pmkernels.pareto_linear(x, self.in_proj_weight[part], b, self.in_proj_U[part], self.in_proj_G,
+                                       self.in_proj_V, pref, impl=self._impl, check_values=False)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[torch.Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        pref: Optional[PrefLike] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        p = resolve_preference(pref, query.device)
+        unbatched = query.dim() == 2
+        if unbatched:
+            if p.dim() == 2:
+                raise ValueError("ParetoMultiheadAttention: a per-sample pref needs batched inputs, got (L, E)")
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # (L, B, E) -> (B, L, E): per-sample rows then follow dim 0
+            _check_batch(query, p, 1, "ParetoMultiheadAttention (batch_first=False)")
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        _check_batch(query, p, 0, "ParetoMultiheadAttention")
+        B, L, E = query.shape
+        S = key.shape[1]
+        if query is key and key is value:  # self-attention: one packed projection
+            q, k, v = self._project(query, slice(None), p).chunk(3, dim=-1)
+        else:
+            q = self._project(query, slice(0, E), p)
+            k = self._project(key, slice(E, 2 * E), p)
+            v = self._project(value, slice(2 * E, 3 * E), p)
+        H, d = self.num_heads, self.head_dim
+        q, k, v = (t.reshape(B, -1, H, d).transpose(1, 2) for t in (q, k, v))
+        mask = self._additive_mask(attn_mask, key_padding_mask, B, L, S, q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+            if mask is not None:
+                scores = scores + mask
+            elif is_causal:
+                scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, dropout_p, training=self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                 is_causal=is_causal and mask is None)
+            weights = None
+        out = self.out_proj(out.transpose(1, 2).reshape(B, L, E), pref=None if pref is None else p)
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        if weights is not None:
+            weights = weights.mean(1) if average_attn_weights else weights
+            if unbatched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def _additive_mask(self, attn_mask, key_padding_mask, B, L, S, dtype) -> Optional[torch.Tensor]:
+        """attn_mask (L, S) or (B·H, L, S) and key_padding_mask (B, S), bool (True = masked) or
+        float (added), merged into one float mask broadcastable to (B, H, L, S)."""
+        def as_float(m: torch.Tensor) -> torch.Tensor:
+            if m.dtype == torch.bool:
+                return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+            return m.to(dtype)
+
+        mask = None
+        if attn_mask is not None:
+            mask = as_float(attn_mask)
+            if mask.dim() == 3:
+                mask = mask.reshape(B, self.num_heads, L, S)
+        if key_padding_mask is not None:
+            kpm = as_float(key_padding_mask).reshape(B, 1, 1, S)
+            mask = kpm if mask is None else mask + kpm
+        return mask
+
+    @torch.no_grad()
+    def to_mha(self, pref: PrefLike) -> nn.MultiheadAttention:
+        """A plain ``nn.MultiheadAttention`` with W(γ) baked into both projections."""
+        p = as_preference(pref).to(self.in_proj_weight.device)
+        if p.dim() != 1:
+            raise ValueError(f"pref must be one preference of shape (K,), got {tuple(p.shape)}")
+        w = self.in_proj_weight
+        mha = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
+                                    bias=self.in_proj_bias is not None, batch_first=self.batch_first,
+                                    device=w.device, dtype=w.dtype)
+        mha.in_proj_weight.copy_(_merged_weight(w, self.in_proj_U, self.in_proj_G, self.in_proj_V, p))
+        if self.in_proj_bias is not None:
+            mha.in_proj_bias.copy_(self.in_proj_bias)
+        mha.out_proj.weight.copy_(self.out_proj.merged_weight(p))
+        if self.out_proj.bias is not None:
+            mha.out_proj.bias.copy_(self.out_proj.bias)
+        return mha
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_objectives={self.num_objectives}, "
+                f"rank={self.rank}, batch_first={self.batch_first}, impl={self._impl!r}")

@@ -1,0 +1,161 @@
+"""pareto_linear: every plain-PyTorch impl against the float64 reference, gradients, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pmkernels
+from pmkernels import pareto_linear, reference_pareto_linear
+
+from conftest import make_problem, random_pref, rel_err
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+IMPLS = ["torch", "naive"]
+
+
+def cast(args, dtype):
+    *tensors, pref = args
+    return [None if t is None else t.to(dtype) for t in tensors] + [pref]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_matches_reference(impl, per_sample, bias, dtype):
+    args = make_problem(N=(3, 5), d_in=19, d_out=23, r=3, K=4, per_sample=per_sample, bias=bias)
+    ref = reference_pareto_linear(*args)
+    out = pareto_linear(*cast(args, dtype), impl=impl)
+    assert out.dtype == dtype and out.shape == (3, 5, 23)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("N", [(7,), (2, 3, 4), (3, 1, 2, 2)])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_leading_dims(impl, N, per_sample):
+    args = make_problem(N=N, d_in=9, d_out=6, r=2, K=3, per_sample=per_sample)
+    out = pareto_linear(*cast(args, torch.float32), impl=impl)
+    assert out.shape == (*N, 6)
+    assert rel_err(out, reference_pareto_linear(*args)) < 1e-5
+
+
+def test_unbatched_input_with_shared_pref():
+    x, w, b, U, G, V, pref = make_problem(N=(3,), per_sample=False)
+    out = pareto_linear(x[0], w, b, U, G, V, pref, impl="torch")
+    assert out.shape == (23,)
+    assert rel_err(out, reference_pareto_linear(x[0], w, b, U, G, V, pref)) < 1e-12
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_x(impl):
+    x, w, b, U, G, V, pref = make_problem(N=(5, 3), per_sample=True)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not xt.is_contiguous()
+    out = pareto_linear(xt, w, b, U, G, V, pref, impl=impl)
+    assert rel_err(out, reference_pareto_linear(x, w, b, U, G, V, pref)) < 1e-12
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_gradcheck_all_inputs(impl, per_sample):
+    args = make_problem(N=(2, 3), d_in=5, d_out=4, r=2, K=3, per_sample=per_sample)
+    args = [t.clone().requires_grad_(True) for t in args]
+    assert torch.autograd.gradcheck(lambda *a: pareto_linear(*a, impl=impl), args, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_fp32_gradients_match_reference(impl, per_sample):
+    args64 = [t.requires_grad_(True) for t in make_problem(per_sample=per_sample)]
+    args32 = [t.detach().float().requires_grad_(True) for t in args64]
+    dy = torch.randn(3, 5, 23, dtype=torch.float64)
+    reference_pareto_linear(*args64).backward(dy)
+    pareto_linear(*args32, impl=impl).backward(dy.float())
+    for name, a64, a32 in zip("x weight bias U G V pref".split(), args64, args32):
+        assert rel_err(a32.grad, a64.grad) < 1e-5, name
+
+
+def test_gradients_only_where_required():
+    x, w, b, U, G, V, pref = make_problem()
+    U.requires_grad_(True)
+    pareto_linear(x, w, b, U, G, V, pref, impl="torch").sum().backward()
+    assert U.grad is not None and all(t.grad is None for t in (x, w, b, G, V, pref))
+
+
+def test_per_sample_equals_one_at_a_time():
+    x, w, b, U, G, V, pref = make_problem(N=(4, 3), per_sample=True)
+    out = pareto_linear(x, w, b, U, G, V, pref, impl="torch")
+    for i in range(4):
+        one = pareto_linear(x[i], w, b, U, G, V, pref[i], impl="torch")
+        assert torch.allclose(out[i], one, rtol=1e-12, atol=1e-12)
+
+
+def test_merged_weight():
+    _, w, _, U, G, V, pref = make_problem()
+    M = sum(pref[k] * G[:, :, k] for k in range(G.shape[2]))
+    assert torch.allclose(pmkernels.merged_weight(w, U, G, V, pref), w + U @ M @ V.T)
+
+
+def test_normalize():
+    x, w, b, U, G, V, pref = make_problem()
+    out = pareto_linear(x, w, b, U, G, V, pref * 3, impl="torch", normalize=True)
+    assert torch.allclose(out, pareto_linear(x, w, b, U, G, V, pref, impl="torch"))
+
+
+def test_auto_uses_torch_on_cpu():
+    assert pmkernels.resolve_impl("auto", torch.device("cpu")) == "torch"
+
+
+def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises((ValueError, NotImplementedError), match="triton"):
+        pareto_linear(*make_problem(), impl="triton")
+
+
+# ---- bad input: a clear error naming the argument, before any compute ----
+
+def _bad(**override):
+    args = dict(zip("x weight bias U G V pref".split(), make_problem(per_sample=False)))
+    args.update(override)
+    return args
+
+
+BAD_CASES = [
+    ("x", dict(x=torch.randn(3, 5, 18, dtype=torch.float64)), ValueError),
+    ("weight", dict(weight=torch.randn(23, 19, 1, dtype=torch.float64)), ValueError),
+    ("bias", dict(bias=torch.randn(22, dtype=torch.float64)), ValueError),
+    ("U", dict(U=torch.randn(22, 3, dtype=torch.float64)), ValueError),
+    ("U", dict(U=torch.randn(23, 2, dtype=torch.float64)), ValueError),
+    ("V", dict(V=torch.randn(19, 2, dtype=torch.float64)), ValueError),
+    ("G", dict(G=torch.randn(3, 2, 4, dtype=torch.float64)), ValueError),
+    ("pref", dict(pref=torch.full((5,), 0.2, dtype=torch.float64)), ValueError),  # length != K
+    ("pref", dict(pref=torch.tensor([0.5, 0.7, -0.2, 0.0], dtype=torch.float64)), ValueError),
+    ("pref", dict(pref=torch.tensor([0.5, float("nan"), 0.25, 0.25], dtype=torch.float64)), ValueError),
+    ("pref", dict(pref=torch.tensor([0.5, float("inf"), 0.25, 0.25], dtype=torch.float64)), ValueError),
+    ("pref", dict(pref=torch.tensor([0.5, 0.3, 0.3, 0.3], dtype=torch.float64)), ValueError),  # sums to 1.4
+    ("pref", dict(pref=random_pref(4, B=4)), ValueError),  # B=4 != x.shape[0]=3
+    ("pref", dict(pref=random_pref(4, B=3)[:, :3]), ValueError),  # (B, K-1)
+    ("pref", dict(pref=torch.tensor([1, 0, 0, 0])), TypeError),  # integer
+    ("x", dict(x=torch.randn(3, 5, 19, dtype=torch.float32)), TypeError),  # mixed dtypes
+    ("x", dict(x=[1.0, 2.0]), TypeError),
+    ("U", dict(U=torch.randn(23, 3, dtype=torch.float64, device="meta")), ValueError),  # other device
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["auto"])
+@pytest.mark.parametrize("name,override,exc", BAD_CASES)
+def test_bad_input(impl, name, override, exc):
+    with pytest.raises(exc, match=name):
+        pareto_linear(**_bad(**override), impl=impl)
+
+
+def test_per_sample_pref_needs_batched_x():
+    x, w, b, U, G, V, _ = make_problem()
+    with pytest.raises(ValueError, match="pref"):
+        pareto_linear(x[0, 0], w, b, U, G, V, random_pref(4, B=19), impl="torch")
+
+
+def test_unknown_impl():
+    with pytest.raises(ValueError, match="impl"):
+        pareto_linear(*make_problem(), impl="cuda")
