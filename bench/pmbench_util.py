@@ -145,7 +145,7 @@ def timed(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def run_pedantic(benchmark, fn: Callable[[], object], *, rounds: int | None = None, target_round_s: float | None = None,
-                 max_iterations: int = 1000, warmup_rounds: int = 2):
+                 max_iterations: int = 1000, warmup_rounds: int = 2, calibrate: bool = True):
     """benchmark.pedantic with iterations calibrated so one round lasts ~target_round_s.
 
     fn must already synchronise (see ``timed``). Returns the median seconds per
@@ -155,11 +155,13 @@ def run_pedantic(benchmark, fn: Callable[[], object], *, rounds: int | None = No
         rounds = 20 if HAS_CUDA else 7
     if target_round_s is None:
         target_round_s = 0.005 if HAS_CUDA else 0.01
-    fn()  # warm (caches, autotuning); the guard already ran it once
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    iterations = max(1, min(max_iterations, int(target_round_s / one)))
+    iterations = 1
+    if calibrate:  # for calls far shorter than a round; slow model-level calls skip this
+        fn()  # warm (caches, autotuning); the guard already ran it once
+        t0 = time.perf_counter()
+        fn()
+        one = max(time.perf_counter() - t0, 1e-7)
+        iterations = max(1, min(max_iterations, int(target_round_s / one)))
     benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=warmup_rounds)
     stats = getattr(benchmark, "stats", None)
     if stats is None or getattr(benchmark, "disabled", False):
