@@ -33,10 +33,22 @@ def pytest_addoption(parser):
         help="problem sizes of the pmkernels benchmarks: 'small' (scaled down, default on CPU) or "
         "'full' (the DESIGN.md shapes, default on CUDA)",
     )
+    group.addoption(
+        "--pm-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for the benchmarks; default 1 on CPU-only machines (OpenMP spin-waits make "
+        "multi-threaded timings useless on a shared, oversubscribed box), 0 = leave torch's default",
+    )
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+    threads = config.getoption("--pm-threads", default=None)
+    if threads is None:
+        threads = 0 if torch.cuda.is_available() else 1
+    if threads > 0:
+        torch.set_num_threads(threads)
     if not torch.cuda.is_available():
         # CPU peak-memory measure: make freed tensors give their pages back (see pmbench_util).
         pmbench_util.tune_glibc_malloc()

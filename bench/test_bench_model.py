@@ -112,6 +112,7 @@ def _record(benchmark, median, n_images, mem, extra):
         peak_mem_bytes=mem,
         peak_mem_method=MEM_METHOD,
         device=str(DEVICE),
+        threads=torch.get_num_threads(),
     )
 
 

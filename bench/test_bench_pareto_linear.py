@@ -252,6 +252,7 @@ def test_pareto_linear(benchmark, size, case):
         gamma=gamma,
         size=size,
         device=str(DEVICE),
+        threads=torch.get_num_threads(),
         peak_mem_bytes=mem,
         peak_mem_method=MEM_METHOD,
         flops=fl,
