@@ -138,8 +138,8 @@ def op_summary(groups) -> list[str]:
 
 def model_table(groups) -> list[str]:
     lines = [
-        "| scenario | impl | median | × naive | images/s | peak mem |",
-        "|---|---|---|---|---|---|",
+        "| scenario | conversion | dtype | size | impl | layer impl | median | × naive | images/s | peak mem |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     n = 0
     for g, rows in groups.items():
@@ -147,7 +147,13 @@ def model_table(groups) -> list[str]:
             i = r["info"]
             if "pass" in i:
                 continue
-            lines.append(f"| {g} | {r['impl']} | {fmt_time(r['median'])} | {fmt_ratio(r['x_naive'])} | "
+            scen = i.get("scenario") or str(g).replace("|", "/")
+            if scen == "serve":
+                scen = f"serve {i.get('images')} requests, per-sample γ"
+            elif scen == "train":
+                scen = f"train step, batch {i.get('images')}"
+            lines.append(f"| {scen} | {i.get('conversion', '–')} | {i.get('dtype', '–')} | {i.get('size', '–')} | "
+                         f"{r['impl']} | {i.get('layer_impl', '–')} | {fmt_time(r['median'])} | {fmt_ratio(r['x_naive'])} | "
                          f"{fmt_num(i.get('images_per_s'), 4)} | {fmt_bytes(i.get('peak_mem_bytes'))} |")
             n += 1
     return lines if n else []
@@ -208,8 +214,8 @@ def plot(data: dict, path: str) -> None:
         ax.axhline(1.0, color="black", lw=1, ls="--")
         ax.set_yscale("log")
         ax.set_xticks(range(len(keys)))
-        short = {"fwd": "fwd", "fwdbwd-frozenW": "f+b frozen W", "fwdbwd-trainW": "f+b train W"}
-        ax.set_xticklabels([f"{short.get(p, p)}\n{'per-sample γ' if g == 'per_sample' else 'shared γ'}"
+        short = {"fwd": "fwd", "fwdbwd-frozenW": "fwd+bwd\nfrozen W", "fwdbwd-trainW": "fwd+bwd\ntrain W"}
+        ax.set_xticklabels([f"{short.get(p, p)}\n{'per-sample' if g == 'per_sample' else 'shared'} γ"
                             for p, g in keys], fontsize=7)
         ax.set_title(f"{label} ({dtype})", fontsize=9)
         ax.set_ylabel("time / F.linear (log)", fontsize=8)
