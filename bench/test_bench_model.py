@@ -44,7 +44,9 @@ CONFIGS = {
     "full": (dict(layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=32, image_size=224), 512, 16),
 }
 CONVERSIONS = {"attn": "ATTENTION", "attn+mlp": "ATTENTION_MLP"}
+# Model-level guard tolerances (relative error after the whole tower; gradients through all of it).
 MODEL_TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+MODEL_GRAD_TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
 
 
 def model_dtype() -> torch.dtype:
@@ -147,8 +149,8 @@ def test_train_step(benchmark, size, conversion, impl):
         if impl != "naive":
             ref = loss_and_grads("naive")
             got = loss_and_grads(layer_impl)
-            tol = MODEL_TOL[dtype]
             for i, (g, r) in enumerate(zip(got, ref)):
+                tol = MODEL_TOL[dtype] if i == 0 else MODEL_GRAD_TOL[dtype]
                 err = rel_err(g, r)
                 assert err < tol, f"guard: {impl} {'objectives' if i == 0 else f'grad #{i}'} rel err {err:.3g} >= {tol}"
         pm.set_impl(model, layer_impl)
@@ -218,7 +220,10 @@ def test_serve(benchmark, size, conversion, impl):
             with torch.no_grad(), pm.use_preference(prefs[0]):
                 pm.set_impl(tower, "naive")
                 one = tower(x)
-            assert rel_err(one, ref) > 10 * tol, "guard: per-sample preferences have no effect on the output"
+            effect = rel_err(one, ref)
+            assert effect > 5 * max(err, 1e-6), (
+                f"guard: per-sample preferences change the output by {effect:.3g}, not clearly above the "
+                f"numerical noise {err:.3g}")
         del ref, out
         sync()
         mem = peak_memory(fn)
