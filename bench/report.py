@@ -185,6 +185,7 @@ def plot(data: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     groups = grouped(rows_from(data))
     panels: "OrderedDict[tuple, dict]" = OrderedDict()  # (shape label, dtype) -> {(pass, γ): {impl: ratio}}
@@ -213,6 +214,10 @@ def plot(data: dict, path: str) -> None:
             ax.bar(xs, ys, width, label=impl, color=colors.get(impl))
         ax.axhline(1.0, color="black", lw=1, ls="--")
         ax.set_yscale("log")
+        fmt = FuncFormatter(lambda v, _: f"{v:g}×")
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}×" if str(f"{v:g}")[0] in "25" else ""))
+        ax.tick_params(axis="y", which="both", labelsize=7)
         ax.set_xticks(range(len(keys)))
         short = {"fwd": "fwd", "fwdbwd-frozenW": "fwd+bwd\nfrozen W", "fwdbwd-trainW": "fwd+bwd\ntrain W"}
         ax.set_xticklabels([f"{short.get(p, p)}\n{'per-sample' if g == 'per_sample' else 'shared'} γ"
