@@ -159,3 +159,23 @@ def test_per_sample_pref_needs_batched_x():
 def test_unknown_impl():
     with pytest.raises(ValueError, match="impl"):
         pareto_linear(*make_problem(), impl="cuda")
+
+
+# ---- property: any shape, any impl, shared or per-sample γ ----
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    d_in=st.integers(1, 17), d_out=st.integers(1, 17), r=st.integers(1, 9), K=st.integers(1, 6),
+    per_sample=st.booleans(), bias=st.booleans(), impl=st.sampled_from(IMPLS), seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(lead, d_in, d_out, r, K, per_sample, bias, impl, seed):
+    torch.manual_seed(seed)
+    per_sample = per_sample and len(lead) >= 2
+    args = make_problem(N=tuple(lead), d_in=d_in, d_out=d_out, r=r, K=K, per_sample=per_sample, bias=bias)
+    out = pareto_linear(*cast(args, torch.float32), impl=impl)
+    assert out.shape == (*lead, d_out)
+    assert rel_err(out, reference_pareto_linear(*args)) < 1e-5
