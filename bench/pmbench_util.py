@@ -152,9 +152,9 @@ def run_pedantic(benchmark, fn: Callable[[], object], *, rounds: int | None = No
     call, or None when benchmarking is disabled (plain ``pytest --benchmark-disable``).
     """
     if rounds is None:
-        rounds = 20 if HAS_CUDA else 7
+        rounds = 20 if HAS_CUDA else 11
     if target_round_s is None:
-        target_round_s = 0.005 if HAS_CUDA else 0.01
+        target_round_s = 0.005 if HAS_CUDA else 0.02
     iterations = 1
     if calibrate:  # for calls far shorter than a round; slow model-level calls skip this
         fn()  # warm (caches, autotuning); the guard already ran it once
