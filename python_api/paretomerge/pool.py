@@ -498,27 +498,26 @@ _OPEN_CLIP_RENAMES = {
 _OPAQUE_PREFIXES = ("torchvision.", "PIL.", "src.", "args", "argparse")
 
 
-def _resolve_class(module: str, name: str):
-    """Map a pickled (module, name) to a class available here."""
+def _map_class(module: str, name: str):
+    """Map a pickled (module, name) to a local stand-in class, or to its current (module, name)."""
     if name in _LOCAL and (module in _TASK_VECTOR_MODULES or module.endswith(".modeling")
                            or module.endswith(".heads")):
         return _LOCAL[name]
-    module, name = _OPEN_CLIP_RENAMES.get((module, name), (module, name))
-    if module == "open_clip.model" or module.startswith("open_clip."):
-        import open_clip  # noqa: F401  (registers the submodules)
-    __import__(module)
-    obj = sys.modules[module]
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return _OPEN_CLIP_RENAMES.get((module, name), (module, name))
 
 
 class _ShimUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        mapped = _map_class(module, name)
+        if not isinstance(mapped, tuple):
+            return mapped
+        module, name = mapped
+        if module.startswith("open_clip"):
+            import open_clip  # noqa: F401  (imports its submodules)
         try:
-            return _resolve_class(module, name)
+            return super().find_class(module, name)
         except (ImportError, AttributeError):
-            if module.startswith(_OPAQUE_PREFIXES) or module in ("__main__",):
+            if module.startswith(_OPAQUE_PREFIXES) or module == "__main__":
                 return type(name, (_Opaque,), {"__module__": "paretomerge.pool._opaque"})
             raise
 
