@@ -73,6 +73,10 @@ def test_from_modules_task_vectors_skip_integer_buffers(models):
     with pytest.raises(IndexError):
         pool.task_vector(2)
     assert int(pool.finetuned_state(0)["bn.num_batches_tracked"]) == 5
+    fm = pool.finetuned_model("b")
+    assert fm is not fts["b"] and fm is not pre
+    for k, v in fts["b"].state_dict().items():
+        assert torch.equal(fm.state_dict()[k], v)
 
 
 def test_architecture_mismatch_names_the_key(models):
@@ -284,12 +288,30 @@ def test_from_hf_dirs(tmp_path):
         sds[name] = {k: v.clone() for k, v in m.state_dict().items()}
     pool = ModelPool.from_hf_dirs(dirs["pre"], {"sst2": dirs["sst2"], "qnli": str(dirs["qnli"])})
     assert isinstance(pool.pretrained, transformers.BertModel)
+    from paretomerge.pool import _LoaderSource, _SafetensorsSource
+
+    assert all(isinstance(s, _SafetensorsSource) for s in pool._sources)  # read lazily from the files
     tv = pool.task_vector("sst2")
     assert not any("position_ids" in k for k in tv)  # integer buffers skipped
     for k, v in tv.items():
         torch.testing.assert_close(v, sds["sst2"][k] - sds["pre"][k])
     merged = task_arithmetic(pool, lam=1.0)
     torch.testing.assert_close(merged.pooler.dense.bias, sds["pre"]["pooler.dense.bias"] - 0.01)
+    # tied weights (decoder = word embeddings) are not all in the file: loaded through transformers instead
+    mlm = {}
+    for name, delta in (("pre", 0.0), ("ft", 0.03)):
+        torch.manual_seed(1)
+        m = transformers.BertForMaskedLM(cfg)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(delta)
+        mlm[name] = {k: v.clone() for k, v in m.state_dict().items()}
+        m.save_pretrained(tmp_path / f"mlm_{name}")
+    pool2 = ModelPool.from_hf_dirs(tmp_path / "mlm_pre", {"ft": tmp_path / "mlm_ft"},
+                                   auto_class=transformers.BertForMaskedLM)
+    assert isinstance(pool2._sources[0], _LoaderSource)
+    for k, v in pool2.task_vector("ft").items():
+        torch.testing.assert_close(v, mlm["ft"][k] - mlm["pre"][k])
     with pytest.raises(FileNotFoundError, match="not an existing local directory"):
         ModelPool.from_hf_dirs("bert-base-uncased", {"a": dirs["sst2"]})
     with pytest.raises(FileNotFoundError, match="finetuned_dirs\\['a'\\]"):

@@ -68,12 +68,20 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: PathLike, metadata:
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a mapping of name -> Tensor, got {type(state).__name__}")
     out = {}
+    seen: set[int] = set()
     for k, v in state.items():
         if not isinstance(k, str):
             raise TypeError(f"state keys must be str, got {type(k).__name__} ({k!r})")
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"state[{k!r}] must be a Tensor, got {type(v).__name__}")
-        out[k] = v.detach().to("cpu").contiguous().clone()
+        t = v.detach().to("cpu")
+        storage = t.untyped_storage()
+        # safetensors refuses tensors that share storage or are views into a larger buffer: copy those only
+        if (not t.is_contiguous() or storage.data_ptr() in seen or t.storage_offset() != 0
+                or storage.nbytes() != t.numel() * t.element_size()):
+            t = t.contiguous().clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
     meta = {str(k): str(v) for k, v in (metadata or {}).items()} or None
     _atomic_write(path, lambda tmp: save_file(out, tmp, metadata=meta))
 

@@ -98,18 +98,23 @@ class _StateDictSource(_Source):
 
 
 class _SafetensorsSource(_Source):
-    """A safetensors file read lazily with ``safe_open`` (only the requested tensors are read)."""
+    """Safetensors file(s) read lazily with ``safe_open`` (only the requested tensors are read).
+    Several files (a sharded checkpoint) act as one state dict."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, paths: Union[Path, Sequence[Path]]) -> None:
         from safetensors import safe_open
 
-        self.path = path
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            self._keys = list(f.keys())
-            self._shapes = {k: tuple(f.get_slice(k).get_shape()) for k in self._keys}
+        self.paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+        self._file: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for path in self.paths:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    self._file[k] = path
+                    self._shapes[k] = tuple(f.get_slice(k).get_shape())
 
     def keys(self):
-        return list(self._keys)
+        return list(self._shapes)
 
     def shapes(self):
         return dict(self._shapes)
@@ -117,9 +122,14 @@ class _SafetensorsSource(_Source):
     def get(self, names=None):
         from safetensors import safe_open
 
-        names = self._keys if names is None else list(names)
-        with safe_open(str(self.path), framework="pt", device="cpu") as f:
-            return {n: f.get_tensor(n) for n in names}
+        names = list(self._shapes) if names is None else list(names)
+        out: dict[str, torch.Tensor] = {}
+        for path in self.paths:
+            want = [n for n in names if self._file[n] == path]
+            if want:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    out.update({n: f.get_tensor(n) for n in want})
+        return {n: out[n] for n in names}
 
 
 class _LoaderSource(_Source):
@@ -241,6 +251,15 @@ class ModelPool:
                 raise KeyError(f"unknown parameter name(s) for task {self.task_names[self.index(k)]!r}: {bad[:5]}")
         return src.get(names)
 
+    def finetuned_model(self, k: Union[int, str]) -> nn.Module:
+        """A new module: a deep copy of the pretrained model with the k-th fine-tuned weights loaded."""
+        model = copy.deepcopy(self.pretrained)
+        sd = self.finetuned_state(k)
+        with torch.no_grad():
+            for n, t in model.state_dict().items():
+                t.copy_(sd[n])
+        return model
+
     def task_vector(self, k: Union[int, str], names: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
         """τ_k = θ_k − θ_0 for floating parameters and buffers (integer buffers skipped).
 
@@ -359,14 +378,44 @@ class ModelPool:
             return m
 
         pretrained = load(pretrained_dir)
+        ref = {k: tuple(v.shape) for k, v in pretrained.state_dict().items()}
         sources = []
         for task, d in finetuned_dirs.items():
+            lazy = _hf_safetensors_source(Path(d), ref)
+            if lazy is not None:  # the files hold exactly the model's state dict: read tensors on demand
+                sources.append(lazy)
+                continue
             m = load(d)
             shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
             del m
             sources.append(_LoaderSource((lambda d=d: {k: v.detach() for k, v in load(d).state_dict().items()}),
                                          shapes))
         return cls(pretrained, list(finetuned_dirs), sources)
+
+
+def _hf_safetensors_source(d: Path, ref_shapes: Mapping[str, tuple[int, ...]]) -> Optional[_Source]:
+    """A lazy source over a HF directory's safetensors (single or sharded) when their keys and shapes are
+    exactly those of the model's state dict; else None (renamed or tied keys: load through transformers)."""
+    import json
+
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            return None
+        paths = [d / f for f in files]
+    elif (d / "model.safetensors").is_file():
+        paths = [d / "model.safetensors"]
+    else:
+        return None
+    if not all(p.is_file() for p in paths):
+        return None
+    try:
+        src = _SafetensorsSource(paths)
+    except Exception:  # unreadable: let transformers report it
+        return None
+    return src if src.shapes() == dict(ref_shapes) else None
 
 
 def _check_mapping(m, name: str) -> None:
