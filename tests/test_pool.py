@@ -144,6 +144,9 @@ def test_from_state_dict_files_safetensors_and_pt(models, tmp_path):
     save_model(fts["a"], tmp_path / "a.safetensors")
     torch.save(fts["b"].state_dict(), tmp_path / "b.pt")
     pool = ModelPool.from_state_dict_files(pre, {"a": tmp_path / "a.safetensors", "b": str(tmp_path / "b.pt")})
+    from paretomerge.pool import _SafetensorsSource
+
+    assert isinstance(pool._sources[0], _SafetensorsSource)  # file-backed, read tensor by tensor
     assert_tv(pool.task_vector("a"), expected_tv(pre, fts["a"]))
     assert_tv(pool.task_vector("b"), expected_tv(pre, fts["b"]))
     assert list(pool.task_vector("a", ["fc.bias"])) == ["fc.bias"]
@@ -151,6 +154,10 @@ def test_from_state_dict_files_safetensors_and_pt(models, tmp_path):
     got = task_arithmetic(pool, lam=0.4)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(got.state_dict()[k], v, rtol=0, atol=0)
+    # legacy (non-zip) torch files cannot be memory-mapped: loaded on demand instead
+    torch.save(fts["b"].state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    legacy = ModelPool.from_state_dict_files(pre, {"b": tmp_path / "legacy.pt"})
+    assert_tv(legacy.task_vector(0), expected_tv(pre, fts["b"]))
     # a wrong shape in a file is caught at construction, naming the key
     bad = dict(fts["a"].state_dict(), **{"out.weight": torch.zeros(2, 7)})
     save_state_dict(bad, tmp_path / "bad.safetensors")

@@ -22,8 +22,7 @@ import json
 import math
 import os
 from itertools import combinations
-from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch

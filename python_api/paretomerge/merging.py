@@ -19,7 +19,7 @@ merged tensors at once (it differentiates through them).
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn as nn

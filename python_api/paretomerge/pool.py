@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import sys
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -180,8 +179,13 @@ def _file_source(path: PathLike) -> _Source:
         if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise ValueError(f"{str(p)!r} does not hold a state dict (a mapping of name -> Tensor)")
         return _StateDictSource(obj)
-    except (RuntimeError, pickle.UnpicklingError):  # legacy (non-zip) format cannot be mmap-ed
-        return _StateDictSource(load_state_dict(p))
+    except (RuntimeError, pickle.UnpicklingError):
+        # legacy (non-zip) format cannot be memory-mapped (or not a plain state dict: load_state_dict says
+        # why): load it when needed, one model at a time
+        sd = load_state_dict(p)
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        del sd
+        return _LoaderSource(lambda: load_state_dict(p), shapes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -608,7 +612,3 @@ def _pickled_state_loader(path: Path) -> Callable[[], dict[str, torch.Tensor]]:
 
     return load
 
-
-def clone_module(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` (weights included), detached from autograd history."""
-    return copy.deepcopy(module)
