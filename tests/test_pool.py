@@ -221,6 +221,17 @@ def _write_task_vectors_checkpoints(tmp_path):
     try:
         torch.manual_seed(0)
         pre = ImageEncoder(_tower())
+        pre.eval()
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            pre_out = pre(x)
+        # as open_clip 2.0.x pickled them: attributes added since then are absent
+        vt = pre.model
+        for name in ("patch_dropout", "attn_pool", "final_ln_after_pool", "pool_type", "output_tokens"):
+            delattr(vt, name)
+        for blk in vt.transformer.resblocks:
+            del blk.ls_1, blk.ls_2
+        del vt.transformer.grad_checkpointing
         paths = {"pre": tmp_path / "zeroshot.pt"}
         torch.save(pre, paths["pre"])
         fts = {}
@@ -234,7 +245,7 @@ def _write_task_vectors_checkpoints(tmp_path):
             paths[task] = tmp_path / f"{task}.pt"
             torch.save(ft, paths[task])
             torch.save(ClassificationHead(True, torch.randn(10, 8)), tmp_path / f"head_{task}.pt")
-        return pre.state_dict(), fts, paths
+        return pre.state_dict(), fts, paths, (x, pre_out)
     finally:
         VT.__module__, VT.__qualname__ = old
         del open_clip.model.VisualTransformer
@@ -243,7 +254,7 @@ def _write_task_vectors_checkpoints(tmp_path):
 
 
 def test_open_clip_checkpoints(tmp_path):
-    pre_sd, ft_sds, paths = _write_task_vectors_checkpoints(tmp_path)
+    pre_sd, ft_sds, paths, (x0, out0) = _write_task_vectors_checkpoints(tmp_path)
     ft_paths = {t: paths[t] for t in ("MNIST", "SVHN")}
     heads = {t: tmp_path / f"head_{t}.pt" for t in ft_paths}
     with pytest.raises(ValueError, match="pickle|arbitrary code"):
@@ -256,6 +267,8 @@ def test_open_clip_checkpoints(tmp_path):
     assert type(pool.pretrained) is ImageEncoder
     assert type(pool.pretrained.model) is VisionTransformer
     assert pool.pretrained.cache_dir == "/nowhere"
+    with torch.no_grad():  # attributes missing from the "old" pickle were filled in: same outputs
+        torch.testing.assert_close(pool.pretrained(x0), out0)
     assert set(pool.heads) == {"MNIST", "SVHN"} and all(type(h) is ClassificationHead for h in pool.heads.values())
     x = torch.randn(2, 3, 16, 16)
     feats = pool.pretrained(x)

@@ -592,6 +592,32 @@ class _ShimPickleModule:
 _SHIM = _ShimPickleModule()
 
 
+def _upgrade_open_clip(root: nn.Module) -> int:
+    """Give open_clip modules unpickled from older versions (e.g. the 2.0.x of the task-vectors
+    checkpoints) the attributes the current classes' ``forward`` reads, with the values that
+    reproduce the old behaviour. Only missing attributes are set; returns how many were."""
+    try:
+        from open_clip import transformer as oct
+    except ImportError:
+        return 0
+    defaults: list[tuple[type, dict]] = [
+        (oct.VisionTransformer, {"patch_dropout": nn.Identity, "attn_pool": None, "attn_pool_contrastive": None,
+                                 "attn_pool_type": "", "final_ln_after_pool": False, "pool_type": "tok",
+                                 "output_tokens": False}),
+        (oct.Transformer, {"batch_first": False, "grad_checkpointing": False}),  # old ones ran (L, N, D)
+        (oct.ResidualAttentionBlock, {"ls_1": nn.Identity, "ls_2": nn.Identity}),
+    ]
+    n = 0
+    for m in root.modules():
+        for cls, attrs in defaults:
+            if isinstance(m, cls):
+                for name, value in attrs.items():
+                    if not hasattr(m, name):
+                        setattr(m, name, value() if isinstance(value, type) else value)
+                        n += 1
+    return n
+
+
 def load_pickled_module(path: PathLike) -> nn.Module:
     """Unpickle a whole ``nn.Module`` saved with ``torch.save`` (TRUSTED files only), mapping renamed
     task-vectors/open_clip classes to current ones."""
@@ -601,6 +627,7 @@ def load_pickled_module(path: PathLike) -> nn.Module:
                          f"ModelPool.from_state_dict_files with a pretrained module")
     if not isinstance(obj, nn.Module):
         raise ValueError(f"{str(path)!r} does not hold an nn.Module (got {type(obj).__name__})")
+    _upgrade_open_clip(obj)
     obj.eval()
     return obj
 
