@@ -97,6 +97,12 @@ def plot_tradeoff(report: Report, path: PathLike, tasks: Optional[tuple[str, str
             ax.plot([r["metrics"][tasks[0]] for r in curve], [r["metrics"][tasks[1]] for r in curve], "-",
                     marker=marker, color=color, markersize=5, linewidth=1.8, label=label, zorder=2)
             label = None
+            for r in curve:  # named scenarios on the curve (equal, priority:<task>): emphasised and labelled
+                if r["scenario"] and r["scenario"] != "grid":
+                    xy = (r["metrics"][tasks[0]], r["metrics"][tasks[1]])
+                    ax.scatter(*xy, marker=marker, s=55, color=color, edgecolor="black", linewidth=0.8, zorder=4)
+                    ax.annotate(r["scenario"], xy, textcoords="offset points", xytext=(5, -10), fontsize=7,
+                                color=color)
         if len(curve) >= 2:
             # other grid points (off the two tasks' edge when K > 2): faint, unlabelled
             faint = [r for r in singles if r["scenario"] == "grid"]
