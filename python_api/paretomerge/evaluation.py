@@ -29,6 +29,16 @@ import torch
 
 PathLike = Union[str, os.PathLike]
 
+__all__ = [
+    "Report",
+    "hypervolume",
+    "hypervolume_exact",
+    "hypervolume_pymoo",
+    "non_dominated",
+    "preference_set",
+    "simplex_grid",
+]
+
 METHODS = ("task_arithmetic", "ties", "adamerging", "pareto_merging_datafree", "pareto_merging_unlabeled")
 SCENARIO_SPECS = ("equal", "priority:<task>", "onehot:<task>", "grid")
 

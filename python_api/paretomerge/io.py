@@ -19,6 +19,8 @@ import torch.nn as nn
 
 PathLike = Union[str, os.PathLike]
 
+__all__ = ["is_safetensors", "load_state_dict", "save_model", "save_state_dict"]
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
 

@@ -26,6 +26,8 @@ import torch.nn as nn
 
 from .pool import ModelPool, is_float
 
+__all__ = ["adamerging", "entropy", "task_arithmetic", "ties_merging"]
+
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean Shannon entropy (nats) of softmax(logits) over the last dim, averaged over all other dims."""

@@ -19,6 +19,8 @@ from .evaluation import Report
 
 PathLike = Union[str, os.PathLike]
 
+__all__ = ["plot_scenarios", "plot_tradeoff"]
+
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h"]
 
 

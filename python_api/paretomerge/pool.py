@@ -30,6 +30,16 @@ import torch.nn as nn
 
 PathLike = Union[str, os.PathLike]
 
+__all__ = [
+    "ArchitectureMismatchError",
+    "ClassificationHead",
+    "ImageClassifier",
+    "ImageEncoder",
+    "ModelPool",
+    "check_same_architecture",
+    "load_pickled_module",
+]
+
 
 class ArchitectureMismatchError(ValueError):
     """A fine-tuned model's state dict does not match the pretrained model's keys or shapes."""
