@@ -221,3 +221,16 @@ def test_plots_render(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     with pytest.raises(ValueError, match="unknown task"):
         plot_tradeoff(r, tmp_path / "x.png", tasks=("A", "Z"))
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_hypervolume_depends_only_on_the_front(K):
+    rng = np.random.default_rng(10 + K)
+    pts = rng.uniform(0.05, 1.0, size=(25, K))
+    mask = non_dominated(pts)
+    assert 0 < mask.sum() < len(pts)
+    assert hypervolume(pts[mask]) == pytest.approx(hypervolume(pts), rel=1e-12)
+    # every dropped point is dominated by a kept one; adding a point never lowers the hypervolume
+    for p in pts[~mask]:
+        assert np.any(np.all(pts[mask] >= p, axis=1))
+    assert hypervolume(np.vstack([pts, rng.uniform(0, 1, size=(1, K))])) >= hypervolume(pts) - 1e-15

@@ -190,3 +190,68 @@ def test_adamerging_bad_input():
         adamerging(pool, fn, [data[0], []], steps=1)
     with pytest.raises(TypeError, match="logits_fn"):
         adamerging(pool, None, data, steps=1)
+
+
+# -------- TIES against a flattened reference implementation (as in the TIES paper's code) --------
+def _ties_reference(pre: nn.Module, fts: list[nn.Module], k: float, lam: float) -> dict:
+    keys = [n for n, v in pre.state_dict().items() if v.is_floating_point()]
+    flat = lambda m: torch.cat([m.state_dict()[n].reshape(-1).double() for n in keys])  # noqa: E731
+    tv = torch.stack([flat(m) for m in fts]) - flat(pre)  # (K, d)
+    d = tv.shape[1]
+    n_keep = max(1, int(k * d + 1e-9))
+    kth = tv.abs().kthvalue(d - n_keep + 1, dim=1, keepdim=True).values
+    trimmed = tv * (tv.abs() >= kth)
+    sign = torch.sign(trimmed.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum()) or 1.0
+    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+    merged = (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+    out, i = {}, 0
+    base = pre.state_dict()
+    for n in keys:
+        size = base[n].numel()
+        out[n] = base[n].double() + lam * merged[i:i + size].reshape(base[n].shape)
+        i += size
+    return out
+
+
+@pytest.mark.parametrize("k,lam", [(0.1, 1.0), (0.35, 0.7), (1.0, 0.5)])
+def test_ties_matches_flattened_reference(k, lam):
+    g = torch.Generator().manual_seed(7)
+
+    def net():
+        m = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).double()
+        with torch.no_grad():
+            for v in m.state_dict().values():
+                if v.is_floating_point():
+                    v.copy_(torch.randn(v.shape, generator=g, dtype=D))
+        return m
+
+    pre, fts = net(), [net() for _ in range(3)]
+    got = ties_merging(ModelPool.from_modules(pre, {f"t{i}": m for i, m in enumerate(fts)}), k=k, lam=lam)
+    exp = _ties_reference(pre, fts, k, lam)
+    for n, v in exp.items():
+        torch.testing.assert_close(got.state_dict()[n], v, rtol=1e-12, atol=1e-12)
+    assert int(got.state_dict()["1.num_batches_tracked"]) == int(pre.state_dict()["1.num_batches_tracked"])
+
+
+def test_adamerging_float_buffers_merged_with_init_lam():
+    g = torch.Generator().manual_seed(2)
+    pre = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    fts = {}
+    for t in ("a", "b"):
+        m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        m.load_state_dict(pre.state_dict())
+        with torch.no_grad():
+            for v in m.state_dict().values():
+                if v.is_floating_point():
+                    v.add_(torch.randn(v.shape, generator=g))
+        fts[t] = m
+    pool = ModelPool.from_modules(pre, fts)
+    data = [[torch.randn(6, 3, generator=g)] for _ in range(2)]
+    m, lam = adamerging(pool, lambda mod, k, x: mod(x), data, steps=3, lr=0.1, init_lam=0.4,
+                        return_coefficients=True)
+    assert lam.shape == (6, 2)  # 2 Linear x (weight, bias) + BN (weight, bias)
+    ta = task_arithmetic(pool, lam=0.4)
+    torch.testing.assert_close(m[1].running_mean, ta[1].running_mean)
+    torch.testing.assert_close(m[1].running_var, ta[1].running_var)
+    assert m.training == pre.training
