@@ -234,3 +234,11 @@ def test_hypervolume_depends_only_on_the_front(K):
     for p in pts[~mask]:
         assert np.any(np.all(pts[mask] >= p, axis=1))
     assert hypervolume(np.vstack([pts, rng.uniform(0, 1, size=(1, K))])) >= hypervolume(pts) - 1e-15
+
+
+def test_report_hypervolume_follows_new_results():
+    r = _report()
+    assert r.hypervolumes()["task_arithmetic"] == pytest.approx(0.36)
+    r.add("task_arithmetic", "equal", [0.5, 0.5], {"A": 0.9, "B": 0.5})
+    # (0.6, 0.6) and (0.9, 0.5): 0.6*0.6 + 0.3*0.5
+    assert r.to_dict()["hypervolume"]["task_arithmetic"] == pytest.approx(0.36 + 0.15)

@@ -198,6 +198,7 @@ def hypervolume_pymoo(points: np.ndarray, ref_point: Optional[np.ndarray] = None
     a = a[np.all(a > ref, axis=1)]
     if a.shape[0] == 0:
         return 0.0
+    a = a[non_dominated(a)]  # dominated points add nothing; fewer points, faster exact HV
     return float(HV(ref_point=-ref)(-a))
 
 
@@ -233,6 +234,7 @@ class Report:
             raise ValueError(f"task names must be unique, got {list(tasks)}")
         self.tasks: list[str] = list(tasks)
         self.results: list[dict] = []
+        self._hv_cache: Optional[tuple] = None  # (results snapshot, {method: hv}): exact HV is costly for K >= 6
 
     def __len__(self) -> int:
         return len(self.results)
@@ -274,8 +276,14 @@ class Report:
         return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(tasks))
 
     def hypervolumes(self) -> dict[str, float]:
-        """Hypervolume (ref point 0) of each method's result points (those with every task's metric)."""
-        return {m: hypervolume(self.points(m)) if len(self.points(m)) else 0.0 for m in self.methods()}
+        """Hypervolume (ref point 0) of each method's result points (those with every task's metric).
+        Cached until the results change."""
+        key = tuple((r["method"], tuple(sorted(r["metrics"].items()))) for r in self.results)
+        if self._hv_cache is not None and self._hv_cache[0] == key:
+            return dict(self._hv_cache[1])
+        hv = {m: hypervolume(self.points(m)) if len(self.points(m)) else 0.0 for m in self.methods()}
+        self._hv_cache = (key, hv)
+        return dict(hv)
 
     def to_dict(self) -> dict:
         return {"tasks": list(self.tasks),
