@@ -40,6 +40,7 @@ trades relative improvements, which is what a user's preference means.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -204,8 +205,15 @@ def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
 LogitsFn = Callable[[nn.Module, int, torch.Tensor], torch.Tensor]
 
 
+def marginal_entropy_gap(logits: torch.Tensor) -> torch.Tensor:
+    """log C − H(mean_i softmax(logits_i)): 0 when the batch's predictions cover the classes evenly,
+    log C when every sample predicts the same class (the collapse entropy minimisation drifts to)."""
+    p = torch.softmax(logits.float(), dim=-1).mean(0)
+    return math.log(logits.shape[-1]) + (p * torch.log(p.clamp_min(1e-12))).sum()
+
+
 def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[torch.Tensor],
-                       pref: torch.Tensor) -> torch.Tensor:
+                       pref: torch.Tensor, diversity: float = 0.0) -> torch.Tensor:
     """Entropy objectives of the merged model at preference(s) ``pref``.
 
     batches[k]: an unlabeled input batch of task k; ``logits_fn(model, k, x)``
@@ -215,13 +223,25 @@ def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[
     sample j of every task's batch (all batches must hold B samples); returns
     (B, K), entry (j, k) the entropy of task k's sample j under γ_j, so row j
     is an objective vector for γ_j.
+
+    diversity > 0 adds diversity · (log C − H(p̄)) to f_k, p̄ the batch's mean prediction (the
+    information-maximisation term of SHOT/IM): a free low-rank update otherwise minimises entropy by
+    predicting one class for every input. It is a batch statistic: with per-sample preferences it is
+    computed over task k's whole batch and added to every row.
     """
     from .merging import entropy  # C1's: mean entropy over the batch
     from .preference import use_preference
 
     if pref.dim() == 1:
         with use_preference(pref):
-            return torch.stack([entropy(logits_fn(model, k, x)) for k, x in enumerate(batches)])
+            out = []
+            for k, x in enumerate(batches):
+                logits = logits_fn(model, k, x)
+                f = entropy(logits)
+                if diversity:
+                    f = f + diversity * marginal_entropy_gap(logits)
+                out.append(f)
+            return torch.stack(out)
     B = pref.shape[0]
     cols = []
     for k, x in enumerate(batches):
@@ -229,7 +249,11 @@ def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[
             raise ValueError(f"per-sample preferences: batch of task {k} has {x.shape[0]} samples, pref has "
                              f"{B} rows")
         with use_preference(pref):
-            cols.append(per_sample_entropy(logits_fn(model, k, x)))
+            logits = logits_fn(model, k, x)
+        col = per_sample_entropy(logits)
+        if diversity:
+            col = col + diversity * marginal_entropy_gap(logits)
+        cols.append(col)
     return torch.stack(cols, dim=1)
 
 
