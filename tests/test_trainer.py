@@ -13,6 +13,15 @@ from paretomerge.trainer import ParetoMergingTrainer, TrainerConfig, load_checkp
 K = 3
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: extra intra-op threads only contend for shared CPUs (and slow the tests ~5x).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
