@@ -138,3 +138,43 @@ def test_missing_inputs_are_errors():
                              finetuned=fts)
     with pytest.raises(ValueError, match="ideal"):
         ParetoMergingTrainer(copy.deepcopy(base), None, TrainerConfig(ideal=[0.0], progress=False), finetuned=fts)
+
+
+def _joint_trainer(steps, ckpt_dir=None, every=0):
+    from paretomerge.merging import task_arithmetic
+    from paretomerge.pool import ModelPool
+
+    base, fts, heads, data = _setup()
+    mods = {}
+    for i, sd in enumerate(fts):
+        m = copy.deepcopy(base)
+        m.load_state_dict(sd)
+        mods[f"t{i}"] = m
+    pool = ModelPool.from_modules(base, mods)
+    model = task_arithmetic(pool, lam=0.3)
+    cfg = TrainerConfig(mode="unlabeled", steps=steps, lr=0.05, batch_size=4, rank=2, adamerging=True,
+                        adamerging_lr=0.05, progress=False, checkpoint_dir=ckpt_dir, checkpoint_every=every)
+
+    def logits_fn(m, k, x):
+        return heads[k](m(x).mean(1))
+
+    return ParetoMergingTrainer(model, pool, cfg, logits_fn=logits_fn, unlabeled=data)
+
+
+def test_joint_adamerging_coefficients(tmp_path):
+    t = _joint_trainer(4)
+    w0 = t.model.attn.in_proj_weight.detach().clone()
+    t.train()
+    assert t.lam is not None and not torch.allclose(t.lam, torch.full_like(t.lam, 0.3))
+    assert float(t.lam.detach().min()) >= 0 and float(t.lam.detach().max()) <= 1
+    assert not torch.equal(w0, t.model.attn.in_proj_weight)  # the learned base was baked in
+    # resume is bit-for-bit here too
+    first = _joint_trainer(4, ckpt_dir=str(tmp_path), every=2)
+    first.train(steps=2)
+    resumed = _joint_trainer(4)
+    resumed.train(resume=tmp_path / "step000002.pt")
+    a, b = _params(t.model), _params(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(t.lam, resumed.lam)
+    with pytest.raises(ValueError, match="trainer.adamerging"):
+        TrainerConfig(adamerging=True).validate()

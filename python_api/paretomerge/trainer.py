@@ -73,6 +73,12 @@ class TrainerConfig:
         (needs the fine-tuned weights; 0 = off). On the digits demo, plain entropy (diversity = anchor = 0)
         collapses to one class within 200 steps at lr 3e-3; diversity alone keeps accuracy but gives
         weak preference control; both (the defaults) give the best mean accuracy and control.
+    adamerging: unlabeled mode: also learn AdaMerging's layer-wise coefficients λ (one per parameter
+        tensor and task, init ``adamerging_init``, Adam at ``adamerging_lr``, clipped to [0, 1]) jointly
+        with the tensors: the base weights become θ_0 + Σ_k λ_{l,k} τ_{k,l} (the model passed in is then
+        only used for its architecture and converted layers; at the end, and in every checkpoint, the
+        learned base is baked into the model's weights). The anchor's deltas stay those of the initial
+        base.
     steps, lr, batch_size (per task, unlabeled mode), weight_decay: Adam's.
     seed: seeds factor init, γ draws and batch order. checkpoint_every / checkpoint_dir: periodic
         atomic checkpoints (0 = none); the last step is always checkpointed when a dir is given.
@@ -93,6 +99,9 @@ class TrainerConfig:
     reg_orthogonal: float = 0.0
     diversity: float = 1.0
     anchor: float = 1.0
+    adamerging: bool = False
+    adamerging_lr: float = 1e-3
+    adamerging_init: float = 0.3
     steps: int = 200
     lr: float = 1e-2
     weight_decay: float = 0.0
@@ -117,7 +126,7 @@ class TrainerConfig:
                 bad(name, f"must be a positive int, got {v!r}")
         if self.rank_mlp is not None and (not isinstance(self.rank_mlp, int) or self.rank_mlp < 1):
             bad("rank_mlp", f"must be a positive int or null, got {self.rank_mlp!r}")
-        for name in ("alpha", "mu", "lr"):
+        for name in ("alpha", "mu", "lr", "adamerging_lr"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
                 bad(name, f"must be a positive number, got {v!r}")
@@ -134,6 +143,10 @@ class TrainerConfig:
             bad("ideal", f"must be a list of K numbers or null, got {self.ideal!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             bad("checkpoint_every", f"must be an int >= 0, got {self.checkpoint_every!r}")
+        if not isinstance(self.adamerging, bool):
+            bad("adamerging", f"must be true or false, got {self.adamerging!r}")
+        if self.adamerging and self.mode != "unlabeled":
+            bad("adamerging", "joint AdaMerging coefficients need mode 'unlabeled' (they are fit by entropy)")
         if not isinstance(self.seed, int):
             bad("seed", f"must be an int, got {self.seed!r}")
         return self
@@ -236,6 +249,11 @@ class ParetoMergingTrainer:
         self.meta = dict(meta or {})
 
         self.datafree: Optional[DataFreeObjective] = None
+        if (cfg.mode == "datafree" or cfg.anchor) and pool is None and finetuned is None:
+            raise ValueError("trainer.anchor > 0 needs pool= or finetuned= (the fine-tuned weights); set "
+                             "anchor: 0 to train on unlabeled data alone")
+        if cfg.adamerging and pool is None:
+            raise ValueError("trainer.adamerging needs pool= (pretrained weights and task vectors)")
         if cfg.mode == "datafree" or cfg.anchor:
             states = finetuned if finetuned is not None else [pool.finetuned_state(k) for k in range(self.K)]
             self.datafree = DataFreeObjective(model, states, impl="auto")
@@ -249,10 +267,49 @@ class ParetoMergingTrainer:
         self.normalizer = Normalizer(self.K, cfg.normalize).to(self.device)
         self.anchor_normalizer = Normalizer(self.K, "init").to(self.device)
         self.ideal = None if cfg.ideal is None else torch.tensor(cfg.ideal, dtype=torch.float32, device=self.device)
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = [{"params": self.params}]
+        self.lam: Optional[torch.Tensor] = None
+        if cfg.adamerging:
+            self._setup_adamerging(pool)
+            groups.append({"params": [self.lam], "lr": cfg.adamerging_lr, "weight_decay": 0.0})
+        self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ joint AdaMerging
+    def _setup_adamerging(self, pool) -> None:
+        factors = {id(p) for p in self.params}
+        own = dict(self.model.named_parameters())
+        pre = pool.pretrained_state()
+        self.lam_names = [n for n, p in own.items() if id(p) not in factors and p.is_floating_point() and n in pre]
+        self.lam_pre = {n: pre[n].detach().to(self.device) for n in self.lam_names}
+        tvs = [pool.task_vector(k, self.lam_names) for k in range(self.K)]
+        self.lam_tau = {n: torch.stack([tv[n] for tv in tvs]).to(self.device) for n in self.lam_names}
+        self.lam = torch.full((len(self.lam_names), self.K), float(self.cfg.adamerging_init), device=self.device,
+                              requires_grad=True)
+
+    def _merged_base(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, n in enumerate(self.lam_names):
+            tau = self.lam_tau[n]
+            c = self.lam[i].to(tau.dtype).view(self.K, *([1] * (tau.dim() - 1)))
+            out[n] = self.lam_pre[n] + (c * tau).sum(0)
+        return out
+
+    @torch.no_grad()
+    def bake_adamerging(self) -> None:
+        """Copy θ_0 + Σ_k λ τ_k into the model's own base weights."""
+        if self.lam is None:
+            return
+        own = dict(self.model.named_parameters())
+        for n, v in self._merged_base().items():
+            own[n].copy_(v)
+
+    def _forward_model(self) -> nn.Module:
+        if self.lam is None:
+            return self.model
+        return _FunctionalBase(self.model, self._merged_base())
 
     # ------------------------------------------------------------------ objectives
     def _sample_pref(self, n: Optional[int]) -> torch.Tensor:
@@ -272,8 +329,9 @@ class ParetoMergingTrainer:
         """Raw (unnormalised) objectives: (K,) for pref (K,); (B, K) for per-sample pref (B, K)."""
         if self.cfg.mode == "datafree":
             return self._datafree(pref)
-        return entropy_objectives(self.model, self.logits_fn, batches if batches is not None else self._batches(),
-                                  pref, diversity=self.cfg.diversity)
+        return entropy_objectives(self._forward_model(), self.logits_fn,
+                                  batches if batches is not None else self._batches(), pref,
+                                  diversity=self.cfg.diversity)
 
     def _datafree(self, pref: torch.Tensor) -> torch.Tensor:
         if pref.dim() == 1:
@@ -291,7 +349,7 @@ class ParetoMergingTrainer:
         else:
             # The base merge's objectives on the first (up to) 256 inputs of each task: no RNG used.
             uniform = torch.full((self.K,), 1.0 / self.K, device=self.device)
-            f0 = entropy_objectives(self.model, self.logits_fn, [x[:256].to(self.device) for x in self.unlabeled],
+            f0 = entropy_objectives(self._forward_model(), self.logits_fn, [x[:256].to(self.device) for x in self.unlabeled],
                                     uniform, diversity=self.cfg.diversity)
         self.normalizer.fit(f0)
 
@@ -331,6 +389,9 @@ class ParetoMergingTrainer:
                 loss, f = self.loss()
                 loss.backward()
                 self.optimizer.step()
+                if self.lam is not None:
+                    with torch.no_grad():
+                        self.lam.clamp_(0.0, 1.0)  # as AdaMerging's reference implementation
                 self.step += 1
                 rec = {"step": self.step, "loss": float(loss.detach())}
                 rec.update({f"f_{n}": float(v) for n, v in zip(self.task_names, f)})
@@ -346,11 +407,13 @@ class ParetoMergingTrainer:
         finally:
             if bar is not None:
                 bar.close()
+            self.bake_adamerging()
             self.model.train(was_training)
         return self.model
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
+        self.bake_adamerging()
         return {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -364,6 +427,7 @@ class ParetoMergingTrainer:
             "num_objectives": self.K,
             "task_names": list(self.task_names),
             "meta": self.meta,
+            "adamerging_lambda": None if self.lam is None else self.lam.detach().clone(),
         }
 
     def save_checkpoint(self, path: Union[str, Path]) -> None:
@@ -376,9 +440,24 @@ class ParetoMergingTrainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.generator.set_state(ckpt["rng"]["generator"])
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.lam is not None:
+            with torch.no_grad():
+                self.lam.copy_(ckpt["adamerging_lambda"])
         self.normalizer.load_state_dict(ckpt["normalizer"])
         self.anchor_normalizer.load_state_dict(ckpt["anchor_normalizer"])
         self.step = int(ckpt["step"])
+
+
+class _FunctionalBase(nn.Module):
+    """Calls ``model`` with some of its parameters replaced (``torch.func.functional_call``)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.inner = model
+        self._params = params
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.inner, self._params, args, kwargs, strict=False)
 
 
 def train_pareto_merging(model: nn.Module, pool=None, config: Optional[TrainerConfig] = None, **kw) -> nn.Module:
