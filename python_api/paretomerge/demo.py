@@ -1,0 +1,382 @@
+"""An end-to-end Pareto Merging demo on real data that runs on a laptop CPU in minutes.
+
+    paretomerge demo --out pmdemo
+
+1. Data: scikit-learn's ``load_digits`` (1797 8×8 images, 10 classes), split
+   once into train / held-out test. Four genuinely different tasks share the
+   labels but not the inputs: ``digits`` (as given), ``rot90`` (rotated 90°),
+   ``mirror`` (left-right flipped), ``invert`` (intensities 1 − x).
+2. Model: a small open_clip ``VisionTransformer`` built from a custom
+   ``CLIPVisionCfg`` (random init; ``nn.MultiheadAttention`` blocks with
+   ``batch_first=True``), "pretrained" briefly on plain digits, then fully
+   fine-tuned into K = 4 task models, each with its own linear head (heads are
+   per task and never merged).
+3. Merging: task arithmetic, TIES, AdaMerging, Pareto Merging data-free and
+   Pareto Merging with unlabeled data (the base merge of both is task
+   arithmetic unless ``base=`` says otherwise).
+4. Evaluation on every task's held-out data under ``equal``, each
+   ``priority:<task>`` and each ``onehot:<task>`` preference (plus the
+   fine-tuned models, ``finetuned:<task>``): a table, ``report.json``, plots,
+   and the preference-control check (Pareto Merging under ``priority:<k>``
+   must beat itself under ``equal`` on task k).
+
+Everything is seeded; the same config gives the same numbers on the same
+machine. Also writes the pool (``pool/``), the test/unlabeled data
+(``data/``) and a ready-to-run ``merge.yaml`` for ``paretomerge merge``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TASKS = ("digits", "rot90", "mirror", "invert")
+
+
+def transform(task: str, x: torch.Tensor) -> torch.Tensor:
+    """Task ``task``'s version of images x (..., 8, 8) with values in [0, 1]."""
+    if task == "digits":
+        return x
+    if task == "rot90":
+        return torch.rot90(x, 1, dims=(-2, -1))
+    if task == "mirror":
+        return torch.flip(x, dims=(-1,))
+    if task == "invert":
+        return 1.0 - x
+    raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and hyper-parameters of the demo (defaults: < 5 min on a 2-core CPU)."""
+
+    seed: int = 0
+    device: str = "cpu"
+    # torch intra-op threads while the demo runs (None: leave as is). The model is tiny: with more
+    # threads than free cores (shared CPUs) each step gets ~20x slower, so 1 is the default.
+    num_threads: Optional[int] = 1
+    # model: open_clip CLIPVisionCfg fields + the output embedding size
+    layers: int = 2
+    width: int = 64
+    head_width: int = 32
+    patch_size: int = 2
+    embed_dim: int = 32
+    # data
+    test_size: int = 500
+    unlabeled_size: int = 256     # per task, taken from the train split, labels dropped
+    # training of the pool
+    pretrain_steps: int = 150
+    finetune_steps: int = 120
+    train_batch: int = 64
+    lr: float = 2e-3
+    # merging
+    base: str = "task_arithmetic"  # base merge of Pareto Merging: task_arithmetic | ties | adamerging
+    ta_lam: float = 0.3
+    adamerging_steps: int = 60
+    pareto_steps: int = 200
+    pareto_rank: int = 8
+    pareto_include: str = "attention"
+    pareto_lr: float = 1e-2            # data-free mode
+    pareto_lr_unlabeled: float = 5e-3  # unlabeled mode (3e-3: weaker control on some seeds)
+    pareto_diversity: float = 1.0      # see TrainerConfig.diversity / anchor
+    pareto_anchor: float = 1.0
+    pareto_batch: int = 32
+    pareto_mu: float = 0.05
+    pareto_alpha: float = 1.0
+    pareto_per_sample: bool = False
+    pareto_reg_frobenius: float = 0.0
+    priority: float = 0.5          # γ_k of the prioritised task in priority:<task>
+    grid_resolution: int = 0       # > 0 also evaluates Pareto Merging on a simplex grid (for the front)
+    methods: tuple = ("task_arithmetic", "ties", "adamerging", "pareto_datafree", "pareto_unlabeled")
+    progress: bool = False
+    write_pool: bool = True
+    plots: bool = True
+
+
+# ----------------------------------------------------------------------------- data
+def load_data(cfg: DemoConfig) -> dict:
+    """{'train': (x, y), 'test': (x, y)} of plain digits, x (N, 8, 8) in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))
+    te, tr = perm[: cfg.test_size], perm[cfg.test_size:]
+    return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
+
+
+def to_input(x: torch.Tensor) -> torch.Tensor:
+    """(N, 8, 8) in [0, 1] → (N, 3, 8, 8), standardised."""
+    return ((x - 0.5) / 0.5).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def task_inputs(task: str, x: torch.Tensor) -> torch.Tensor:
+    return to_input(transform(task, x))
+
+
+# ----------------------------------------------------------------------------- model
+def architecture(cfg: DemoConfig) -> dict:
+    return {"kind": "open_clip_vision", "embed_dim": cfg.embed_dim,
+            "vision_cfg": {"layers": cfg.layers, "width": cfg.width, "head_width": cfg.head_width,
+                           "patch_size": cfg.patch_size, "image_size": 8}}
+
+
+def build_encoder(cfg: DemoConfig) -> nn.Module:
+    from .config import build_architecture
+
+    enc = build_architecture(architecture(cfg))
+    if not getattr(enc.transformer, "batch_first", True):
+        raise RuntimeError("expected open_clip's transformer with batch_first=True")
+    return enc
+
+
+def _train(encoder: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, cfg: DemoConfig,
+           seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    encoder.train(), head.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (cfg.train_batch,), generator=g)
+        loss = F.cross_entropy(head(encoder(x[idx])), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    encoder.eval(), head.eval()
+
+
+@torch.no_grad()
+def accuracy(encoder: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, pref=None) -> float:
+    from .preference import use_preference
+
+    encoder.eval()
+    if pref is None:
+        logits = head(encoder(x))
+    else:
+        with use_preference(pref):
+            logits = head(encoder(x))
+    return float((logits.argmax(-1) == y).float().mean())
+
+
+def build_pool(cfg: DemoConfig, data: dict, log: Callable = print):
+    """Pretrain on plain digits, fine-tune one model + head per task; return (pool, heads)."""
+    from .pool import ModelPool
+
+    dev = torch.device(cfg.device)
+    xtr, ytr = data["train"]
+    torch.manual_seed(cfg.seed)
+    pre = build_encoder(cfg).to(dev)
+    pre_head = nn.Linear(cfg.embed_dim, 10).to(dev)
+    t0 = time.perf_counter()
+    _train(pre, pre_head, to_input(xtr).to(dev), ytr.to(dev), cfg.pretrain_steps, cfg, cfg.seed + 1)
+    log(f"pretrained ({cfg.pretrain_steps} steps, {time.perf_counter() - t0:.1f}s)")
+    fts, heads = {}, {}
+    for i, task in enumerate(TASKS):
+        enc, head = copy.deepcopy(pre), copy.deepcopy(pre_head)
+        _train(enc, head, task_inputs(task, xtr).to(dev), ytr.to(dev), cfg.finetune_steps, cfg, cfg.seed + 10 + i)
+        for p in list(enc.parameters()) + list(head.parameters()):
+            p.requires_grad_(False)
+        fts[task], heads[task] = enc, head
+    for p in pre.parameters():
+        p.requires_grad_(False)
+    log(f"fine-tuned {len(TASKS)} task models ({cfg.finetune_steps} steps each, {time.perf_counter() - t0:.1f}s)")
+    return ModelPool.from_modules(pre, fts, heads=heads), heads
+
+
+# ----------------------------------------------------------------------------- the demo
+def _scenarios(tasks, priority):
+    from .evaluation import preference_set
+
+    out = list(preference_set("equal", tasks))
+    for spec in ("priority", "onehot"):
+        for t in tasks:
+            out += preference_set(f"{spec}:{t}", tasks, priority=priority)
+    return out
+
+
+def run_demo(out: Optional[str | Path] = None, cfg: Optional[DemoConfig] = None, log: Callable = print) -> dict:
+    """Run the whole demo; write report.json (+ plots, pool, data, merge.yaml) under ``out``; return a summary."""
+    from .evaluation import Report
+    from .merging import adamerging, task_arithmetic, ties_merging
+    from .trainer import ParetoMergingTrainer, TrainerConfig
+
+    cfg = cfg or DemoConfig()
+    threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _run_demo(out, cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
+    from .evaluation import Report
+    from .merging import adamerging, task_arithmetic, ties_merging
+    from .trainer import ParetoMergingTrainer, TrainerConfig
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    outdir = Path(out) if out is not None else None
+    if outdir is not None:
+        outdir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(cfg.device)
+    data = load_data(cfg)
+    tasks = list(TASKS)
+    pool, heads = build_pool(cfg, data, log)
+    timings["pool"] = time.perf_counter() - t_start
+    xte, yte = data["test"]
+    test = {t: (task_inputs(t, xte).to(dev), yte.to(dev)) for t in tasks}
+    xun = data["train"][0][: cfg.unlabeled_size]
+    unlabeled = {t: task_inputs(t, xun).to(dev) for t in tasks}
+
+    def logits_fn(model, k, x):
+        return heads[tasks[k]](model(x))
+
+    def metrics(model, pref=None):
+        return {t: accuracy(model, heads[t], *test[t], pref=pref) for t in tasks}
+
+    report = Report(tasks)
+    for t in tasks:
+        report.add(f"finetuned:{t}", None, None, metrics(pool.finetuned_model(t) if hasattr(pool, "finetuned_model")
+                                                          else _finetuned_module(pool, t)))
+    report.add("pretrained", None, None, metrics(pool.pretrained))
+
+    merged: dict[str, nn.Module] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        r = fn()
+        timings[name] = time.perf_counter() - t0
+        log(f"{name}: {timings[name]:.1f}s")
+        return r
+
+    want = set(cfg.methods)
+    base_needed = {"pareto_datafree", "pareto_unlabeled"} & want
+    if "task_arithmetic" in want or (base_needed and cfg.base == "task_arithmetic"):
+        merged["task_arithmetic"] = timed("task_arithmetic", lambda: task_arithmetic(pool, lam=cfg.ta_lam))
+    if "ties" in want or (base_needed and cfg.base == "ties"):
+        merged["ties"] = timed("ties", lambda: ties_merging(pool))
+    if "adamerging" in want or (base_needed and cfg.base == "adamerging"):
+        batches = [[unlabeled[t][i:i + cfg.pareto_batch] for i in range(0, len(unlabeled[t]), cfg.pareto_batch)]
+                   for t in tasks]
+        merged["adamerging"] = timed("adamerging", lambda: adamerging(
+            pool, logits_fn, batches, steps=cfg.adamerging_steps, seed=cfg.seed, init_lam=cfg.ta_lam))
+    for name in ("task_arithmetic", "ties", "adamerging"):
+        if name in want:
+            report.add(name, None, None, metrics(merged[name]))
+
+    scen = _scenarios(tasks, cfg.priority)
+    if cfg.grid_resolution:
+        from .evaluation import preference_set
+        scen += preference_set("grid", tasks, resolution=cfg.grid_resolution)
+    pareto_models = {}
+    for mode in ("datafree", "unlabeled"):
+        name = f"pareto_{mode}"
+        if name not in want:
+            continue
+        model = copy.deepcopy(merged[cfg.base])
+        tcfg = TrainerConfig(mode=mode, steps=cfg.pareto_steps, rank=cfg.pareto_rank, include=cfg.pareto_include,
+                             lr=cfg.pareto_lr if mode == "datafree" else cfg.pareto_lr_unlabeled,
+                             diversity=cfg.pareto_diversity, anchor=cfg.pareto_anchor, batch_size=cfg.pareto_batch, mu=cfg.pareto_mu, alpha=cfg.pareto_alpha,
+                             per_sample=cfg.pareto_per_sample, reg_frobenius=cfg.pareto_reg_frobenius,
+                             seed=cfg.seed, progress=cfg.progress,
+                             checkpoint_dir=str(outdir / "checkpoints" / name) if outdir is not None else None)
+        trainer = ParetoMergingTrainer(model, pool, tcfg, logits_fn=logits_fn,
+                                       unlabeled=[unlabeled[t] for t in tasks], task_names=tasks,
+                                       meta={"architecture": architecture(cfg), "base": cfg.base})
+        timed(name, trainer.train)
+        pareto_models[name] = model
+        for scenario, pref in scen:
+            report.add(name, scenario, list(pref), metrics(model, torch.tensor(pref)))
+
+    checks = preference_control(report, tasks, list(pareto_models))
+    timings["total"] = time.perf_counter() - t_start
+    summary = {"config": _jsonable(dataclasses.asdict(cfg)), "timings_s": timings, "preference_control": checks}
+    if outdir is not None:
+        report.save(outdir / "report.json")
+        (outdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.plots:
+            try:
+                from .plots import plot_scenarios, plot_tradeoff
+                plot_tradeoff(report, outdir / "tradeoff.png", tasks=(tasks[1], tasks[2]))
+                plot_scenarios(report, outdir / "scenarios.png")
+            except Exception as e:  # plots are a convenience: never fail the demo on them
+                log(f"plots skipped: {type(e).__name__}: {e}")
+        if cfg.write_pool:
+            write_pool(outdir, pool, heads, cfg, data)
+    summary["report"] = report
+    return summary
+
+
+def _finetuned_module(pool, task) -> nn.Module:
+    m = copy.deepcopy(pool.pretrained)
+    m.load_state_dict(pool.finetuned_state(task))
+    return m
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def preference_control(report, tasks, methods) -> dict:
+    """For each Pareto method and task k: acc_k under priority:<k> vs under equal (must be higher)."""
+    rows = {(r["method"], r["scenario"]): r["metrics"] for r in report.to_dict()["results"]}
+    out = {}
+    for m in methods:
+        eq = rows[(m, "equal")]
+        out[m] = {t: {"equal": eq[t], "priority": rows[(m, f"priority:{t}")][t],
+                      "ok": rows[(m, f"priority:{t}")][t] > eq[t]} for t in tasks}
+    return out
+
+
+def write_pool(outdir: Path, pool, heads, cfg: DemoConfig, data: dict) -> None:
+    """pool/*.safetensors, data/*.safetensors and merge.yaml, ready for ``paretomerge merge``."""
+    import yaml
+
+    from .io import save_model, save_state_dict
+
+    (outdir / "pool").mkdir(exist_ok=True)
+    (outdir / "data").mkdir(exist_ok=True)
+    save_model(pool.pretrained, outdir / "pool" / "pretrained.safetensors")
+    for t in pool.task_names:
+        save_state_dict(pool.finetuned_state(t), outdir / "pool" / f"{t}.safetensors")
+        save_model(heads[t], outdir / "pool" / f"head_{t}.safetensors")
+        xte, yte = data["test"]
+        save_state_dict({"inputs": task_inputs(t, xte), "labels": yte}, outdir / "data" / f"{t}_test.safetensors")
+        save_state_dict({"inputs": task_inputs(t, data["train"][0][: cfg.unlabeled_size])},
+                        outdir / "data" / f"{t}_unlabeled.safetensors")
+    conf = merge_config_dict(cfg, list(pool.task_names))
+    (outdir / "merge.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+
+
+def merge_config_dict(cfg: DemoConfig, tasks, mode: str = "unlabeled", prefix: str = "") -> dict:
+    """The ``paretomerge merge`` config of the demo's pool (paths relative to ``prefix``)."""
+    return {
+        "pool": {"format": "files", "architecture": architecture(cfg),
+                 "pretrained": f"{prefix}pool/pretrained.safetensors",
+                 "finetuned": {t: f"{prefix}pool/{t}.safetensors" for t in tasks},
+                 "heads": {t: f"{prefix}pool/head_{t}.safetensors" for t in tasks}},
+        "base": {"method": "task_arithmetic", "lam": cfg.ta_lam},
+        "mode": mode,
+        "unlabeled": {t: f"{prefix}data/{t}_unlabeled.safetensors" for t in tasks},
+        "eval_data": {t: f"{prefix}data/{t}_test.safetensors" for t in tasks},
+        "trainer": {"steps": cfg.pareto_steps, "rank": cfg.pareto_rank, "include": cfg.pareto_include,
+                    "lr": cfg.pareto_lr if mode == "datafree" else cfg.pareto_lr_unlabeled,
+                    "diversity": cfg.pareto_diversity, "anchor": cfg.pareto_anchor, "batch_size": cfg.pareto_batch, "mu": cfg.pareto_mu,
+                    "alpha": cfg.pareto_alpha, "seed": cfg.seed, "checkpoint_every": 50},
+        "output": {"dir": f"{prefix}merged"},
+    }

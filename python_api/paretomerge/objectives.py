@@ -1,0 +1,279 @@
+"""Objectives of Pareto Merging and their scalarisation.
+
+Two families of per-task objectives f = (f_1, …, f_K), both minimised:
+
+* **data-free** (:class:`DataFreeObjective`): the squared distance, summed
+  over every converted layer, between the preference-conditioned merged
+  weight and fine-tuned model k's weight,
+
+      f_k(γ) = Σ_layers ‖W(γ) − W_k‖²_F.
+
+  With W(γ) = W_base + U M(γ) Vᵀ (the base merge plus the low-rank tensor
+  update, M(γ) = Σ_k γ_k G[:, :, k]) and D_k = W_k − W_base,
+
+      W(γ) − W_k = U M(γ) Vᵀ − D_k,
+
+  which is exactly what ``pmkernels.weight_distances(U, G, V, γ, deltas)``
+  computes in factored form (‖UMVᵀ‖² − 2⟨M, Uᵀ D_k V⟩ + ‖D_k‖², only r×r
+  temporaries). The deltas D_k are prepared once per layer, from the pool's
+  fine-tuned weights and the frozen base weight held by the converted
+  model. A ``ParetoMultiheadAttention`` contributes two layers: its packed
+  ``in_proj`` (3E×E) and its ``out_proj``.
+
+* **unlabeled data** (:func:`entropy_objectives`): f_k = the mean
+  prediction entropy of task k's head on an unlabeled batch of task k
+  (AdaMerging's surrogate; ``paretomerge.merging.entropy``).
+
+Scalarisation (:func:`scalarize`): smooth Tchebycheff
+
+      STCH_μ(f | γ) = μ · log Σ_k exp(γ_k (f_k − z_k) / μ)
+
+(→ max_k γ_k (f_k − z_k) as μ → 0; ≥ it always, by at most μ log K), or
+linear Σ_k γ_k (f_k − z_k). The ideal point z defaults to 0 (both
+objective families are ≥ 0 and reach 0 only at their own optimum).
+
+Normalisation (:class:`Normalizer`): tasks' objectives live on different
+scales (one task vector can be far larger than another), so by default each
+f_k is divided by its value at initialisation (the base merge, where
+U M Vᵀ = 0): f̃_k = f_k / f_k(init). Every task then starts at 1 and γ
+trades relative improvements, which is what a user's preference means.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+import pmkernels
+
+from .modules import ParetoLinear, ParetoMultiheadAttention
+
+SCALARIZATIONS = ("stch", "linear")
+
+
+# ----------------------------------------------------------------------------- scalarisation
+def stch(f: torch.Tensor, pref: torch.Tensor, mu: float = 0.1, ideal: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Smooth Tchebycheff μ · logsumexp_k(γ_k (f_k − z_k) / μ).
+
+    f (..., K) objectives, pref (..., K) (broadcast against f), ideal z (K,)
+    or None (= 0). Returns shape f.shape[:-1].
+    """
+    if mu <= 0:
+        raise ValueError(f"mu must be > 0, got {mu}")
+    z = 0.0 if ideal is None else ideal
+    return mu * torch.logsumexp(pref * (f - z) / mu, dim=-1)
+
+
+def linear_scalarization(f: torch.Tensor, pref: torch.Tensor, ideal: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ_k γ_k (f_k − z_k)."""
+    z = 0.0 if ideal is None else ideal
+    return (pref * (f - z)).sum(-1)
+
+
+def scalarize(f: torch.Tensor, pref: torch.Tensor, method: str = "stch", *, mu: float = 0.1,
+              ideal: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scalarise objectives f (..., K) under preference(s) pref (..., K): "stch" or "linear"."""
+    if method == "stch":
+        return stch(f, pref, mu, ideal)
+    if method == "linear":
+        return linear_scalarization(f, pref, ideal)
+    raise ValueError(f"scalarization must be one of {SCALARIZATIONS}, got {method!r}")
+
+
+class Normalizer(nn.Module):
+    """f̃_k = f_k / s_k with s_k fixed at initialisation (``mode="init"``) or 1 (``mode="none"``).
+
+    The scales are a buffer, so they travel with checkpoints.
+    """
+
+    def __init__(self, K: int, mode: str = "init", eps: float = 1e-12) -> None:
+        super().__init__()
+        if mode not in ("init", "none"):
+            raise ValueError(f"normalize must be 'init' or 'none', got {mode!r}")
+        self.mode, self.eps = mode, eps
+        self.register_buffer("scale", torch.ones(K))
+        self.register_buffer("initialized", torch.tensor(mode == "none"))
+
+    @torch.no_grad()
+    def fit(self, f_init: torch.Tensor) -> None:
+        if self.mode == "init":
+            self.scale.copy_(f_init.detach().float().clamp_min(self.eps))
+        self.initialized.fill_(True)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            raise RuntimeError("Normalizer used before fit(f_init)")
+        return f / self.scale.to(f.device)
+
+
+# ----------------------------------------------------------------------------- data-free
+@dataclass
+class _LayerTerm:
+    name: str                     # the weight's state-dict key in the converted model
+    U: nn.Parameter
+    G: nn.Parameter
+    V: nn.Parameter
+    deltas: list[torch.Tensor]    # K tensors D_k = W_k − W_base (out, in), no grad
+
+
+def _layer_slots(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter, nn.Parameter, torch.Tensor]]:
+    """(weight key, U, G, V, base weight) for every factored weight of every Pareto layer."""
+    slots = []
+    from .convert import pareto_layers
+    for name, layer in pareto_layers(model):
+        pre = f"{name}." if name else ""
+        if isinstance(layer, ParetoMultiheadAttention):
+            slots.append((pre + "in_proj_weight", layer.in_proj_U, layer.in_proj_G, layer.in_proj_V,
+                          layer.in_proj_weight))
+            lin = layer.out_proj
+            slots.append((pre + "out_proj.weight", lin.U, lin.G, lin.V, lin.weight))
+        elif isinstance(layer, ParetoLinear):
+            slots.append((pre + "weight", layer.U, layer.G, layer.V, layer.weight))
+    return slots
+
+
+class DataFreeObjective(nn.Module):
+    """f_k(γ) = Σ_layers ‖W(γ) − W_k‖²_F for every task k, via ``pmkernels.weight_distances``.
+
+    Built once from a converted model and the fine-tuned weights:
+    ``finetuned[k]`` maps state-dict keys of the *unconverted* architecture
+    (e.g. ``transformer.resblocks.0.attn.in_proj_weight``) to task k's
+    tensors (``ModelPool.finetuned_state(k)`` or any mapping). The deltas
+    D_k = W_k − W_base are computed here, once, from the converted model's
+    (frozen) base weights, and kept in ``delta_dtype`` (default: the
+    weight's dtype). Call ``objective(pref)`` with pref (K,) → (K,).
+    ``impl`` is passed to ``weight_distances`` ("auto"/"torch"/"naive").
+    """
+
+    def __init__(self, model: nn.Module, finetuned: Sequence[Mapping[str, torch.Tensor]], *, impl: str = "auto",
+                 delta_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        slots = _layer_slots(model)
+        if not slots:
+            raise ValueError("DataFreeObjective: the model has no Pareto layers (convert it first)")
+        self.K = len(finetuned)
+        self.impl = impl
+        self.terms: list[_LayerTerm] = []
+        for key, U, G, V, W in slots:
+            if G.shape[-1] != self.K:
+                raise ValueError(f"layer {key}: G has K = {G.shape[-1]} objectives but {self.K} fine-tuned "
+                                 f"models were given")
+            deltas = []
+            for k, sd in enumerate(finetuned):
+                if key not in sd:
+                    raise KeyError(f"fine-tuned model {k} has no tensor {key!r} (needed for the data-free "
+                                   f"objective of a converted layer)")
+                wk = sd[key]
+                if wk.shape != W.shape:
+                    raise ValueError(f"fine-tuned model {k}: {key} has shape {tuple(wk.shape)}, the base has "
+                                     f"{tuple(W.shape)}")
+                d = wk.detach().to(W.device, torch.float32) - W.detach().float()
+                deltas.append(d.to(delta_dtype or W.dtype).contiguous())
+            self.terms.append(_LayerTerm(key, U, G, V, deltas))
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [t.name for t in self.terms]
+
+    def per_layer(self, pref: torch.Tensor) -> torch.Tensor:
+        """(num_layers, K) objectives of each factored weight."""
+        rows = []
+        for t in self.terms:
+            p = pref.to(device=t.U.device, dtype=torch.float32)
+            rows.append(pmkernels.weight_distances(t.U, t.G, t.V, p, t.deltas, impl=self.impl))
+        return torch.stack(rows)
+
+    def forward(self, pref: torch.Tensor) -> torch.Tensor:
+        """(K,) Σ_layers ‖W(γ) − W_k‖²_F for one preference γ (K,)."""
+        return self.per_layer(pref).sum(0)
+
+    def delta_norms(self) -> torch.Tensor:
+        """(K,) Σ_layers ‖D_k‖²_F: the objectives at init (U M Vᵀ = 0)."""
+        return torch.stack([torch.stack([d.float().pow(2).sum() for d in t.deltas]) for t in self.terms]).sum(0)
+
+
+# ----------------------------------------------------------------------------- unlabeled data
+def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(B,) Shannon entropy of softmax(logits) per row (its batch mean is ``merging.entropy``)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+LogitsFn = Callable[[nn.Module, int, torch.Tensor], torch.Tensor]
+
+
+def marginal_entropy_gap(logits: torch.Tensor) -> torch.Tensor:
+    """log C − H(mean_i softmax(logits_i)): 0 when the batch's predictions cover the classes evenly,
+    log C when every sample predicts the same class (the collapse entropy minimisation drifts to)."""
+    p = torch.softmax(logits.float(), dim=-1).mean(0)
+    return math.log(logits.shape[-1]) + (p * torch.log(p.clamp_min(1e-12))).sum()
+
+
+def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[torch.Tensor],
+                       pref: torch.Tensor, diversity: float = 0.0) -> torch.Tensor:
+    """Entropy objectives of the merged model at preference(s) ``pref``.
+
+    batches[k]: an unlabeled input batch of task k; ``logits_fn(model, k, x)``
+    runs the (converted) model and task k's head. pref (K,): one preference
+    for every batch, returns f (K,) with f_k = mean entropy on task k
+    (``merging.entropy``). pref (B, K): per-sample preferences, row j used by
+    sample j of every task's batch (all batches must hold B samples); returns
+    (B, K), entry (j, k) the entropy of task k's sample j under γ_j, so row j
+    is an objective vector for γ_j.
+
+    diversity > 0 adds diversity · (log C − H(p̄)) to f_k, p̄ the batch's mean prediction (the
+    information-maximisation term of SHOT/IM): a free low-rank update otherwise minimises entropy by
+    predicting one class for every input. It is a batch statistic: with per-sample preferences it is
+    computed over task k's whole batch and added to every row.
+    """
+    from .merging import entropy  # C1's: mean entropy over the batch
+    from .preference import use_preference
+
+    if pref.dim() == 1:
+        with use_preference(pref):
+            out = []
+            for k, x in enumerate(batches):
+                logits = logits_fn(model, k, x)
+                f = entropy(logits)
+                if diversity:
+                    f = f + diversity * marginal_entropy_gap(logits)
+                out.append(f)
+            return torch.stack(out)
+    B = pref.shape[0]
+    cols = []
+    for k, x in enumerate(batches):
+        if x.shape[0] != B:
+            raise ValueError(f"per-sample preferences: batch of task {k} has {x.shape[0]} samples, pref has "
+                             f"{B} rows")
+        with use_preference(pref):
+            logits = logits_fn(model, k, x)
+        col = per_sample_entropy(logits)
+        if diversity:
+            col = col + diversity * marginal_entropy_gap(logits)
+        cols.append(col)
+    return torch.stack(cols, dim=1)
+
+
+# ----------------------------------------------------------------------------- regularisation
+def factor_regularizer(model: nn.Module, frobenius: float = 0.0, orthogonal: float = 0.0) -> torch.Tensor:
+    """frobenius · Σ (‖U‖² + ‖G‖² + ‖V‖²) + orthogonal · Σ (‖UᵀU − diag(UᵀU)‖² + ‖VᵀV − I‖²).
+
+    The orthogonality term of U only penalises off-diagonal Gram entries
+    (U starts at 0, so pushing UᵀU to I would force an update at init);
+    V is pushed to orthonormal columns. Sums run over every factored weight.
+    """
+    total = None
+    for _, U, G, V, _W in _layer_slots(model):
+        term = U.new_zeros(())
+        if frobenius:
+            term = term + frobenius * (U.pow(2).sum() + G.pow(2).sum() + V.pow(2).sum())
+        if orthogonal:
+            gu = U.t() @ U
+            gv = V.t() @ V
+            eye = torch.eye(gv.shape[0], device=V.device, dtype=V.dtype)
+            term = term + orthogonal * ((gu - torch.diag(torch.diagonal(gu))).pow(2).sum() + (gv - eye).pow(2).sum())
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())

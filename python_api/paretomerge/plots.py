@@ -1,0 +1,186 @@
+"""Plots of a ``Report`` (matplotlib Figures rendered with Agg, pyplot untouched; files written atomically).
+
+* ``plot_tradeoff``: the 2-task trade-off of every method. Methods with a
+  series of preference points (Pareto Merging over its grid) are connected
+  curves ordered by the preference; single-point methods are markers.
+* ``plot_scenarios``: per-task bar charts, one panel per scenario (equal,
+  priority:<task>, …); preference-free methods (scenario null) appear in
+  every panel as references.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from .evaluation import Report
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = ["plot_scenarios", "plot_tradeoff"]
+
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h"]
+
+
+def _figure(**kw):
+    """A matplotlib Figure rendered with Agg, without touching pyplot's global state or backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _cmap():
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"]
+
+
+def _save(fig, path: PathLike) -> None:
+    from .io import _atomic_write
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
+
+
+def _pretty(method: str) -> str:
+    return method.replace("pareto_merging_", "Pareto Merging (").replace("datafree", "data-free)").replace(
+        "unlabeled", "unlabeled)") if method.startswith("pareto_merging_") else method
+
+
+def plot_tradeoff(report: Report, path: PathLike, tasks: Optional[tuple[str, str]] = None) -> None:
+    """Scatter/curve of every method's results on two tasks (default: the report's first two)."""
+    if not isinstance(report, Report):
+        raise TypeError(f"report must be a Report, got {type(report).__name__}")
+    if tasks is None:
+        if len(report.tasks) < 2:
+            raise ValueError(f"a trade-off plot needs two tasks; the report has {report.tasks}")
+        tasks = (report.tasks[0], report.tasks[1])
+    tasks = tuple(tasks)
+    if len(tasks) != 2:
+        raise ValueError(f"tasks must be a pair of task names, got {tasks!r}")
+    for t in tasks:
+        if t not in report.tasks:
+            raise ValueError(f"unknown task {t!r}; the report's tasks are {report.tasks}")
+    if tasks[0] == tasks[1]:
+        raise ValueError(f"tasks must be two different tasks, got {tasks!r}")
+    ia, ib = report.tasks.index(tasks[0]), report.tasks.index(tasks[1])
+    others = [i for i in range(len(report.tasks)) if i not in (ia, ib)]
+    fig = _figure(figsize=(6.4, 5.2))
+    ax = fig.subplots()
+    cmap = _cmap()
+    color_i = 0
+    for mi, method in enumerate(report.methods()):
+        rows = [r for r in report.results if r["method"] == method
+                and tasks[0] in r["metrics"] and tasks[1] in r["metrics"]]
+        if not rows:
+            continue
+        if method.startswith("finetuned:"):
+            xs = [r["metrics"][tasks[0]] for r in rows]
+            ys = [r["metrics"][tasks[1]] for r in rows]
+            ax.scatter(xs, ys, marker="x", s=70, color="0.35", zorder=3)
+            for x, y in zip(xs, ys):
+                ax.annotate(method, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, color="0.35")
+            continue
+        color = cmap(color_i % 10)
+        marker = _MARKERS[color_i % len(_MARKERS)]
+        color_i += 1
+        # curve: preference points on the edge between the two tasks (all of them when K = 2)
+        curve = [r for r in rows if r["pref"] is not None and all(r["pref"][i] <= 1e-9 for i in others)]
+        singles = [r for r in rows if r not in curve] if len(curve) >= 2 else rows
+        label = _pretty(method)
+        if len(curve) >= 2:
+            curve.sort(key=lambda r: (r["pref"][ia], -r["pref"][ib]))
+            ax.plot([r["metrics"][tasks[0]] for r in curve], [r["metrics"][tasks[1]] for r in curve], "-",
+                    marker=marker, color=color, markersize=5, linewidth=1.8, label=label, zorder=2)
+            label = None
+            for r in curve:  # named scenarios on the curve (equal, priority:<task>): emphasised and labelled
+                if r["scenario"] and r["scenario"] != "grid":
+                    xy = (r["metrics"][tasks[0]], r["metrics"][tasks[1]])
+                    ax.scatter(*xy, marker=marker, s=55, color=color, edgecolor="black", linewidth=0.8, zorder=4)
+                    ax.annotate(r["scenario"], xy, textcoords="offset points", xytext=(5, -10), fontsize=7,
+                                color=color)
+        if len(curve) >= 2:
+            # other grid points (off the two tasks' edge when K > 2): faint, unlabelled
+            faint = [r for r in singles if r["scenario"] == "grid"]
+            singles = [r for r in singles if r["scenario"] != "grid"]
+            if faint:
+                ax.scatter([r["metrics"][tasks[0]] for r in faint], [r["metrics"][tasks[1]] for r in faint],
+                           marker=marker, s=14, color=color, alpha=0.3, linewidth=0, zorder=1)
+        if singles:
+            ax.scatter([r["metrics"][tasks[0]] for r in singles], [r["metrics"][tasks[1]] for r in singles],
+                       marker=marker, s=55, color=color, edgecolor="black", linewidth=0.6, label=label, zorder=4)
+            if len(curve) >= 2 or len(singles) > 1:  # name the scenario points of preference-aware methods
+                for r in singles:
+                    if r["scenario"]:
+                        ax.annotate(r["scenario"], (r["metrics"][tasks[0]], r["metrics"][tasks[1]]),
+                                    textcoords="offset points", xytext=(5, -10), fontsize=7, color=color)
+    ax.set_xlabel(f"{tasks[0]} (metric, higher is better)")
+    ax.set_ylabel(f"{tasks[1]} (metric, higher is better)")
+    title = f"Trade-off between {tasks[0]} and {tasks[1]}"
+    if others:
+        title += (f"\n(curves: preferences with 0 weight on {', '.join(report.tasks[i] for i in others)}; "
+                  f"faint: other grid points)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    _save(fig, path)
+
+
+def plot_scenarios(report: Report, path: PathLike) -> None:
+    """Per-task bars, one panel per scenario; preference-free methods shown in every panel."""
+    if not isinstance(report, Report):
+        raise TypeError(f"report must be a Report, got {type(report).__name__}")
+    scenarios = list(dict.fromkeys(r["scenario"] for r in report.results
+                                   if r["scenario"] is not None and r["scenario"] != "grid"))
+    refs = [r for r in report.results if r["scenario"] is None]
+    panels = scenarios or ["all results"]
+    n = len(panels)
+    ncols = 1 if n <= 3 else 2
+    nrows = (n + ncols - 1) // ncols
+    max_bars = max(len(refs) + sum(r["scenario"] == sc for r in report.results) for sc in panels) if scenarios \
+        else sum(r["scenario"] != "grid" for r in report.results)
+    width = min(16.0, max(6.0, 0.12 * max_bars * (len(report.tasks) + 1) + 1.5))
+    fig = _figure(figsize=(width * ncols, 3.8 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    cmap = _cmap()
+    methods = report.methods()
+    colors = {m: cmap(i % 10) for i, m in enumerate(methods)}
+    labels = report.tasks + ["mean"]
+    x = np.arange(len(labels))
+    handles: dict = {}
+    for pi, sc in enumerate(panels):
+        ax = axes[pi // ncols][pi % ncols]
+        rows = refs + [r for r in report.results if r["scenario"] == sc] if scenarios else \
+            [r for r in report.results if r["scenario"] != "grid"]
+        nb = max(1, len(rows))
+        bw = 0.8 / nb
+        for j, r in enumerate(rows):
+            vals = [r["metrics"].get(t, np.nan) for t in report.tasks]
+            present = [v for v in vals if not np.isnan(v)]
+            vals.append(float(np.mean(present)) if present else np.nan)
+            hatch = "//" if r["scenario"] is None else None
+            name = _pretty(r["method"]) + (f" [{r['scenario']}]" if not scenarios and r["scenario"] else "")
+            ax.bar(x - 0.4 + bw * (j + 0.5), vals, bw, color=colors[r["method"]], hatch=hatch,
+                   edgecolor="black", linewidth=0.4, label=name)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels)
+        ax.set_ylabel("metric (higher is better)")
+        ax.set_title(f"scenario: {sc}" if scenarios else "all results")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    for pi in range(n, nrows * ncols):
+        axes[pi // ncols][pi % ncols].axis("off")
+    fig.suptitle("Per-task results by scenario (hatched: preference-free methods)", fontsize=11)
+    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles.keys()), loc="center left", bbox_to_anchor=(1.0, 0.5),
+               fontsize=8, frameon=False)
+    _save(fig, path)

@@ -1,0 +1,72 @@
+"""End to end at reduced size: demo → report.json, then merge / eval / export via the CLI on its pool."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from paretomerge.cli import main
+from paretomerge.demo import TASKS, DemoConfig, run_demo
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The models are tiny: extra intra-op threads only contend for shared CPUs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+METHODS = ("task_arithmetic", "ties", "adamerging", "pareto_datafree", "pareto_unlabeled")
+
+
+def tiny() -> DemoConfig:
+    return DemoConfig(layers=1, width=32, head_width=16, patch_size=4, embed_dim=16, test_size=200,
+                      unlabeled_size=64, pretrain_steps=15, finetune_steps=10, train_batch=32,
+                      adamerging_steps=3, pareto_steps=4, pareto_rank=2, pareto_batch=16, plots=True)
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    summary = run_demo(out, tiny(), log=lambda *a: None)
+    d = json.loads((out / "report.json").read_text())
+    assert set(d) == {"tasks", "results", "hypervolume"}
+    assert d["tasks"] == list(TASKS)
+    for r in d["results"]:
+        assert set(r) == {"method", "scenario", "pref", "metrics"}
+        assert set(r["metrics"]) == set(TASKS), r  # every method has metrics for every task
+        assert all(0.0 <= v <= 1.0 for v in r["metrics"].values())
+    methods = {r["method"] for r in d["results"]}
+    assert set(METHODS) <= methods
+    assert {f"finetuned:{t}" for t in TASKS} <= methods
+    for m in ("pareto_datafree", "pareto_unlabeled"):
+        scen = {r["scenario"] for r in d["results"] if r["method"] == m}
+        assert scen == {"equal"} | {f"priority:{t}" for t in TASKS} | {f"onehot:{t}" for t in TASKS}
+    assert set(summary["preference_control"]) == {"pareto_datafree", "pareto_unlabeled"}
+    assert (out / "summary.json").exists() and (out / "merge.yaml").exists()
+
+    # the written pool runs through merge -> eval -> export
+    conf = yaml.safe_load((out / "merge.yaml").read_text())
+    conf["trainer"].update(steps=2, rank=2, batch_size=8, checkpoint_every=1)
+    (out / "merge.yaml").write_text(yaml.safe_dump(conf))
+    assert main(["validate", str(out / "merge.yaml")]) == 0
+    assert main(["merge", "--config", str(out / "merge.yaml")]) == 0
+    ckpt = out / "merged" / "pareto_merged.pt"
+    assert ckpt.exists() and (out / "merged" / "report.json").exists()
+    assert main(["eval", "--checkpoint", str(ckpt), "--config", str(out / "merge.yaml"), "--prefs", "equal,onehot",
+                 "--out", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert len(ev["results"]) == 1 + len(TASKS)
+    assert main(["export", "--checkpoint", str(ckpt), "--pref", "0.4,0.2,0.2,0.2",
+                 "--out", str(tmp_path / "m.safetensors")]) == 0
+
+
+def test_demo_is_deterministic(tmp_path):
+    cfg = tiny()
+    cfg.methods = ("pareto_datafree",)
+    cfg.write_pool = cfg.plots = False
+    a = run_demo(None, cfg, log=lambda *a: None)["report"].to_dict()
+    b = run_demo(None, cfg, log=lambda *a: None)["report"].to_dict()
+    assert a == b
