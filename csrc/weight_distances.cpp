@@ -26,8 +26,11 @@
 
 namespace {
 
-constexpr int64_t MR = 4;     // rows of D per micro-tile
-constexpr int64_t JB = 512;   // columns per L1 chunk
+#ifndef PMK_WD_JB
+#define PMK_WD_JB 128
+#endif
+constexpr int64_t MR = 4;           // rows of D per micro-tile
+constexpr int64_t JB = PMK_WD_JB;   // columns per chunk: r x JB of V and of Z stay in L1
 
 template <int R, typename acc_t>
 inline void tile_rows(const acc_t* const* d, int64_t ncols, int64_t j0,

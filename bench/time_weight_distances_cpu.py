@@ -1,0 +1,63 @@
+"""CPU timing of one weight_distances forward+backward, naive / torch / cpp.
+
+    PYTHONPATH=. python bench/time_weight_distances_cpu.py [--repeats 7] [--list]
+
+Best of --repeats runs (after one warm-up), torch.set_num_threads left at its default.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import pmkernels
+from pmkernels.weight_distances import cpp_available
+
+
+def one(impl, U, G, V, pref, deltas):
+    for t in (U, G, V, pref):
+        t.grad = None
+    f = pmkernels.weight_distances(U, G, V, pref, deltas, impl=impl)
+    f.sum().backward()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--list", action="store_true", help="pass the deltas as a list of K tensors")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--impls", default="naive,torch,cpp")
+    args = ap.parse_args()
+    assert cpp_available()
+    r, K = 16, 8
+    dt = getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, r={r}, K={K}, deltas {args.dtype}"
+          f"{' (list)' if args.list else ' (stacked)'}, best of {args.repeats}")
+    print("| out x in | " + " | ".join(f"{i} (ms)" for i in args.impls.split(",")) + " | torch/cpp | naive/cpp |")
+    print("|---" * (len(args.impls.split(",")) + 3) + "|")
+    for out, in_ in ((768, 768), (3072, 768), (768, 3072)):
+        g = torch.Generator().manual_seed(0)
+        U = (torch.randn(out, r, generator=g) / r**0.5).requires_grad_()
+        G = torch.randn(r, r, K, generator=g).requires_grad_()
+        V = (torch.randn(in_, r, generator=g) / in_**0.5).requires_grad_()
+        pref = torch.full((K,), 1.0 / K).requires_grad_()
+        D = (torch.randn(K, out, in_, generator=g) * 0.01).to(dt)
+        deltas = [D[k].clone() for k in range(K)] if args.list else D
+        times = {}
+        for impl in args.impls.split(","):
+            one(impl, U, G, V, pref, deltas)
+            best = float("inf")
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                one(impl, U, G, V, pref, deltas)
+                best = min(best, time.perf_counter() - t0)
+            times[impl] = best * 1e3
+        row = " | ".join(f"{times[i]:.2f}" for i in args.impls.split(","))
+        rt = times.get("torch", float("nan")) / times.get("cpp", float("nan"))
+        rn = times.get("naive", float("nan")) / times.get("cpp", float("nan"))
+        print(f"| {out}x{in_} | {row} | {rt:.2f}x | {rn:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
