@@ -213,3 +213,13 @@ TORCH_LIBRARY_FRAGMENT(pmkernels, m) {
 TORCH_LIBRARY_IMPL(pmkernels, CPU, m) {
   m.impl("weight_distances_pass", &weight_distances_pass);
 }
+
+#ifdef PMK_WD_PYMODULE
+// Ahead-of-time build by setup.py (PMKERNELS_BUILD_CPP=1): importing pmkernels._C_wdist registers the op.
+#include <Python.h>
+PyMODINIT_FUNC PyInit__C_wdist(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_wdist", "pmkernels C++ CPU kernels (weight_distances)", -1,
+                            nullptr};
+  return PyModule_Create(&def);
+}
+#endif

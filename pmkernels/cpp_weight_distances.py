@@ -67,10 +67,11 @@ def _op_registered() -> bool:
 
 def _build() -> None:
     # An ahead-of-time build (setup.py, PMKERNELS_BUILD_CPP=1) registers the op on import.
-    try:
-        import pmkernels._C_wdist  # noqa: F401
-    except ImportError:
-        pass
+    if os.environ.get("PMKERNELS_NO_AOT") != "1":
+        try:
+            from . import _C_wdist  # noqa: F401
+        except Exception:  # not built, or built against another torch
+            pass
     if _op_registered():
         return
     src = source_path()
