@@ -3,7 +3,7 @@
 // For every k it reads each element of D_k (out, in) exactly once and produces
 //   sq[k]    = ||D_k||_F^2                      (K,)
 //   Y[k]     = D_k V        (out, r)            (K, out, r)
-//   Zt[k]    = (D_k^T U)^T  (r, in)             (K, r, in)
+//   Z[k]     = D_k^T U      (in, r)             (K, in, r)
 // from which the host gets P_k = U^T D_k V = U^T Y_k and the gradients
 //   dU = sum_k Y_k dP_k^T,  dV = sum_k Z_k dP_k   (see weight_distances.py).
 //
@@ -22,6 +22,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -164,19 +165,202 @@ void pass_all(const std::vector<at::Tensor>& deltas, const at::Tensor& Ut, const
   }
 }
 
-// deltas: K tensors (out, in), unit column stride, one dtype (fp32/fp64/bf16/fp16).
-// Ut (r, out), Vt (r, in): contiguous, fp32 or fp64 (the accumulation type).
-// Returns (sq (K,), Y (K, out, r), Zt (K, r, in)) in the accumulation type.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_distances_pass(at::TensorList deltas, const at::Tensor& Ut,
-                                                                     const at::Tensor& Vt) {
-  TORCH_CHECK(!deltas.empty(), "weight_distances_pass: deltas must hold at least one tensor");
-  TORCH_CHECK(Ut.dim() == 2 && Vt.dim() == 2 && Ut.size(0) == Vt.size(0),
-              "weight_distances_pass: Ut must be (r, out) and Vt (r, in)");
-  TORCH_CHECK(Ut.scalar_type() == Vt.scalar_type() &&
-                  (Ut.scalar_type() == at::kFloat || Ut.scalar_type() == at::kDouble),
-              "weight_distances_pass: Ut, Vt must share dtype float32 or float64");
+// ---------------------------------------------------------------------------
+// fp32 accumulation: register-blocked micro-kernels on packed L1 tiles.
+//
+// A tile of D_k (TM rows x TN cols, converted to fp32 and zero-padded to
+// multiples of 4) is packed once into an L1 buffer (computing ||.||^2 on the
+// way), then used twice from L1:
+//   phase A  Y[i, s:s+8NV] += sum_p T[i, p] V[p, s:s+8NV]    4 rows x NV vectors in registers
+//   phase B  Z[j, s:s+8NV] += sum_i T[i, j] U[i, s:s+8NV]    4 cols x NV vectors in registers
+// (s runs over r in slices of 16, then 8, of U, V zero-padded to RP columns).
+// Each phase does 8*NV FMAs per 4 + NV loads: FMA-bound, like a GEMM micro-kernel.
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline v8f ld8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline void st8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+static inline v8f bc8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+constexpr int64_t TM = 64;  // tile rows
+constexpr int64_t TN = 64;  // tile cols
+
+template <int NV>
+inline void phase_a(const float* T, int64_t mbp, int64_t nbp, const float* Vp, int64_t RP, float* yb) {
+  // T (mbp x TN), Vp: rows of the chunk (nbp x RP), at slice offset; yb (mbp x RP) at slice offset
+  for (int64_t i = 0; i < mbp; i += 4) {
+    v8f acc[4][NV];
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; ++m)
+#pragma GCC unroll 2
+      for (int q = 0; q < NV; ++q) acc[m][q] = bc8(0.f);
+    const float* t0 = T + i * TN;
+    for (int64_t p = 0; p < nbp; ++p) {
+      v8f vv[NV];
+#pragma GCC unroll 2
+      for (int q = 0; q < NV; ++q) vv[q] = ld8(Vp + p * RP + 8 * q);
+#pragma GCC unroll 4
+      for (int m = 0; m < 4; ++m) {
+        const v8f b = bc8(t0[m * TN + p]);
+#pragma GCC unroll 2
+        for (int q = 0; q < NV; ++q) acc[m][q] += b * vv[q];
+      }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; ++m)
+#pragma GCC unroll 2
+      for (int q = 0; q < NV; ++q) {
+        float* y = yb + (i + m) * RP + 8 * q;
+        st8(y, ld8(y) + acc[m][q]);
+      }
+  }
+}
+
+template <int NV>
+inline void phase_b(const float* T, int64_t mbp, int64_t nbp, const float* Up, int64_t RP, float* zb) {
+  // T (mbp x TN), Up: rows of the block (mbp x RP), zb: rows of the chunk (nbp x RP), at slice offset
+  for (int64_t j = 0; j < nbp; j += 4) {
+    v8f acc[4][NV];
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; ++m)
+#pragma GCC unroll 2
+      for (int q = 0; q < NV; ++q) acc[m][q] = bc8(0.f);
+    for (int64_t i = 0; i < mbp; ++i) {
+      v8f uu[NV];
+#pragma GCC unroll 2
+      for (int q = 0; q < NV; ++q) uu[q] = ld8(Up + i * RP + 8 * q);
+      const float* t = T + i * TN + j;
+#pragma GCC unroll 4
+      for (int m = 0; m < 4; ++m) {
+        const v8f b = bc8(t[m]);
+#pragma GCC unroll 2
+        for (int q = 0; q < NV; ++q) acc[m][q] += b * uu[q];
+      }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; ++m)
+#pragma GCC unroll 2
+      for (int q = 0; q < NV; ++q) {
+        float* z = zb + (j + m) * RP + 8 * q;
+        st8(z, ld8(z) + acc[m][q]);
+      }
+  }
+}
+
+template <typename scalar_t>
+void pass_fp32(const std::vector<at::Tensor>& deltas, const at::Tensor& U, const at::Tensor& V,
+               at::Tensor& sq, at::Tensor& Y, at::Tensor& Z) {
   const int64_t K = static_cast<int64_t>(deltas.size());
-  const int64_t r = Ut.size(0), out = Ut.size(1), in = Vt.size(1);
+  const int64_t out = U.size(0), r = U.size(1), in = V.size(0);
+  const int64_t RP = (r + 7) / 8 * 8;
+  const int64_t out_p = (out + 3) / 4 * 4, in_p = (in + 3) / 4 * 4;
+  // zero-padded copies of U (out_p x RP) and V (in_p x RP)
+  std::vector<float> Up(out_p * RP, 0.f), Vp(in_p * RP, 0.f);
+  {
+    const float* u = U.data_ptr<float>();
+    const float* v = V.data_ptr<float>();
+    for (int64_t i = 0; i < out; ++i)
+      for (int64_t c = 0; c < r; ++c) Up[i * RP + c] = u[i * r + c];
+    for (int64_t j = 0; j < in; ++j)
+      for (int64_t c = 0; c < r; ++c) Vp[j * RP + c] = v[j * r + c];
+  }
+  int nt = std::max<int>(1, at::get_num_threads());
+  int64_t tm = TM;
+  while (tm > 8 && (out + tm - 1) / tm < 2 * nt) tm /= 2;  // enough row blocks for the threads
+  const int64_t nblocks = (out + tm - 1) / tm;
+  nt = static_cast<int>(std::min<int64_t>(nt, nblocks));
+  std::vector<float> zpart(static_cast<size_t>(nt) * in_p * RP);
+  std::vector<float> sqpart(static_cast<size_t>(nt) * K, 0.f);
+  float* sqp = sq.data_ptr<float>();
+  float* yp = Y.data_ptr<float>();
+  float* zp = Z.data_ptr<float>();
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    float* zl = zpart.data() + static_cast<size_t>(tid) * in_p * RP;
+    std::vector<float> Tbuf(TM * TN), yb(TM * RP);
+    float* T = Tbuf.data();
+    for (int64_t k = 0; k < K; ++k) {
+      std::fill(zl, zl + in_p * RP, 0.f);
+      float sql = 0.f;
+      const scalar_t* D = deltas[k].data_ptr<scalar_t>();
+      const int64_t ld = deltas[k].stride(0);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t i0 = b * tm;
+        const int64_t mb = std::min<int64_t>(tm, out - i0), mbp = (mb + 3) / 4 * 4;
+        std::fill(yb.begin(), yb.end(), 0.f);
+        for (int64_t j0 = 0; j0 < in; j0 += TN) {
+          const int64_t nb = std::min<int64_t>(TN, in - j0), nbp = (nb + 3) / 4 * 4;
+          // pack (and convert) the tile; ||D||^2 on the way
+          for (int64_t i = 0; i < mbp; ++i) {
+            float* trow = T + i * TN;
+            if (i < mb) {
+              const scalar_t* src = D + (i0 + i) * ld + j0;
+              float s = 0.f;
+#pragma omp simd reduction(+ : s)
+              for (int64_t j = 0; j < nb; ++j) {
+                const float x = static_cast<float>(src[j]);
+                trow[j] = x;
+                s += x * x;
+              }
+              sql += s;
+              for (int64_t j = nb; j < nbp; ++j) trow[j] = 0.f;
+            } else {
+              for (int64_t j = 0; j < nbp; ++j) trow[j] = 0.f;
+            }
+          }
+          int64_t s = 0;
+          for (; s + 16 <= RP; s += 16) {
+            phase_a<2>(T, mbp, nbp, Vp.data() + j0 * RP + s, RP, yb.data() + s);
+            phase_b<2>(T, mbp, nbp, Up.data() + i0 * RP + s, RP, zl + j0 * RP + s);
+          }
+          if (s < RP) {
+            phase_a<1>(T, mbp, nbp, Vp.data() + j0 * RP + s, RP, yb.data() + s);
+            phase_b<1>(T, mbp, nbp, Up.data() + i0 * RP + s, RP, zl + j0 * RP + s);
+          }
+        }
+        float* Yk = yp + (k * out + i0) * r;
+        for (int64_t i = 0; i < mb; ++i)
+          for (int64_t c = 0; c < r; ++c) Yk[i * r + c] = yb[i * RP + c];
+      }  // implicit barrier: all partials of this k are complete
+      sqpart[static_cast<size_t>(tid) * K + k] = sql;
+      float* Zk = zp + k * in * r;
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < in; ++j)
+        for (int64_t c = 0; c < r; ++c) {
+          float acc = 0.f;
+          for (int t = 0; t < nt; ++t) acc += zpart[(static_cast<size_t>(t) * in_p + j) * RP + c];
+          Zk[j * r + c] = acc;
+        }
+      // implicit barrier before the partials are reset for k + 1
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    float acc = 0.f;
+    for (int t = 0; t < nt; ++t) acc += sqpart[static_cast<size_t>(t) * K + k];
+    sqp[k] = acc;
+  }
+}
+
+// deltas: K tensors (out, in), one dtype (fp32/fp64/bf16/fp16), rows may be strided.
+// U (out, r), V (in, r): fp32 or fp64 (the accumulation type).
+// Returns (sq (K,), Y = D_k V (K, out, r), Z = D_k^T U (K, in, r)) in the accumulation type.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_distances_pass(at::TensorList deltas, const at::Tensor& U,
+                                                                     const at::Tensor& V) {
+  TORCH_CHECK(!deltas.empty(), "weight_distances_pass: deltas must hold at least one tensor");
+  TORCH_CHECK(U.dim() == 2 && V.dim() == 2 && U.size(1) == V.size(1) && U.size(1) >= 1,
+              "weight_distances_pass: U must be (out, r) and V (in, r)");
+  TORCH_CHECK(U.scalar_type() == V.scalar_type() &&
+                  (U.scalar_type() == at::kFloat || U.scalar_type() == at::kDouble),
+              "weight_distances_pass: U, V must share dtype float32 or float64");
+  TORCH_CHECK(U.device().is_cpu() && V.device().is_cpu(), "weight_distances_pass: U, V must be CPU tensors");
+  const int64_t K = static_cast<int64_t>(deltas.size());
+  const int64_t out = U.size(0), r = U.size(1), in = V.size(0);
   const auto dt = deltas[0].scalar_type();
   std::vector<at::Tensor> ds;
   ds.reserve(K);
@@ -189,25 +373,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_distances_pass(at::TensorL
     // Rows may be strided (slices of a bigger tensor); columns must be unit stride.
     ds.push_back(d.stride(1) == 1 ? d : d.contiguous());
   }
-  auto Utc = Ut.contiguous(), Vtc = Vt.contiguous();
-  auto opts = Ut.options();
+  auto opts = U.options();
   at::Tensor sq = at::empty({K}, opts);
   at::Tensor Y = at::zeros({K, out, r}, opts);
+  if (U.scalar_type() == at::kFloat) {
+    auto Uc = U.contiguous(), Vc = V.contiguous();
+    at::Tensor Z = at::empty({K, in, r}, opts);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "weight_distances_pass", [&] {
+      pass_fp32<scalar_t>(ds, Uc, Vc, sq, Y, Z);
+    });
+    return {sq, Y, Z};
+  }
+  // fp64 accumulation (gradcheck, reference use): the simple column-vectorised kernel.
+  auto Ut = U.t().contiguous(), Vt = V.t().contiguous();
   at::Tensor Zt = at::empty({K, r, in}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "weight_distances_pass", [&] {
-    if (Ut.scalar_type() == at::kDouble) {
-      pass_all<scalar_t, double>(ds, Utc, Vtc, sq, Y, Zt);
-    } else {
-      pass_all<scalar_t, float>(ds, Utc, Vtc, sq, Y, Zt);
-    }
+    pass_all<scalar_t, double>(ds, Ut, Vt, sq, Y, Zt);
   });
-  return {sq, Y, Zt};
+  return {sq, Y, Zt.transpose(1, 2).contiguous()};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pmkernels, m) {
-  m.def("weight_distances_pass(Tensor[] deltas, Tensor Ut, Tensor Vt) -> (Tensor, Tensor, Tensor)");
+  m.def("weight_distances_pass(Tensor[] deltas, Tensor U, Tensor V) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pmkernels, CPU, m) {

@@ -129,5 +129,4 @@ def cpp_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
     """
     if not available():
         raise RuntimeError(f"the C++ weight_distances kernel is unavailable: {build_error()}")
-    sq, Y, Zt = torch.ops.pmkernels.weight_distances_pass(list(deltas), U.t().contiguous(), V.t().contiguous())
-    return sq, Y, Zt.transpose(1, 2)
+    return torch.ops.pmkernels.weight_distances_pass(list(deltas), U.contiguous(), V.contiguous())

@@ -15,6 +15,7 @@ SHAPES = [  # (out, in, r, K)
     (23, 19, 3, 4),
     (23, 19, 1, 1),
     (37, 70, 5, 3),
+    (41, 131, 20, 2),  # several row blocks and column tiles; r = 16 + 8 slices in the cpp kernel
 ]
 
 
@@ -171,10 +172,12 @@ def test_cpp_op_registered():
     assert hasattr(torch.ops.pmkernels, "weight_distances_pass")
     D = torch.randn(2, 7, 5)
     U, V = torch.randn(7, 3), torch.randn(5, 3)
-    sq, Y, Zt = torch.ops.pmkernels.weight_distances_pass(list(D), U.t().contiguous(), V.t().contiguous())
-    torch.testing.assert_close(sq, D.pow(2).sum((1, 2)))
-    torch.testing.assert_close(Y, D @ V)
-    torch.testing.assert_close(Zt, (D.transpose(1, 2) @ U).transpose(1, 2))
+    for dt in (torch.float32, torch.float64):
+        Dd, Ud, Vd = D.to(dt), U.to(dt), V.to(dt)
+        sq, Y, Z = torch.ops.pmkernels.weight_distances_pass(list(Dd), Ud, Vd)
+        torch.testing.assert_close(sq, Dd.pow(2).sum((1, 2)))
+        torch.testing.assert_close(Y, Dd @ Vd)
+        torch.testing.assert_close(Z, Dd.transpose(1, 2) @ Ud)
 
 
 def test_cpp_build_failure_falls_back(monkeypatch):
