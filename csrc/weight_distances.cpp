@@ -2,8 +2,8 @@
 //
 // For every k it reads each element of D_k (out, in) exactly once and produces
 //   sq[k]    = ||D_k||_F^2                      (K,)
-//   Y[k]     = D_k V        (out, r)            (K, out, r)
-//   Z[k]     = D_k^T U      (in, r)             (K, in, r)
+//   Y[:, k]  = D_k V        (out, r)            Y (out, K, r)
+//   Z[:, k]  = D_k^T U      (in, r)             Z (in, K, r)
 // from which the host gets P_k = U^T D_k V = U^T Y_k and the gradients
 //   dU = sum_k Y_k dP_k^T,  dV = sum_k Z_k dP_k   (see weight_distances.py).
 //
@@ -324,18 +324,16 @@ void pass_fp32(const std::vector<at::Tensor>& deltas, const at::Tensor& U, const
             phase_b<1>(T, mbp, nbp, Up.data() + i0 * RP + s, RP, zl + j0 * RP + s);
           }
         }
-        float* Yk = yp + (k * out + i0) * r;
         for (int64_t i = 0; i < mb; ++i)
-          for (int64_t c = 0; c < r; ++c) Yk[i * r + c] = yb[i * RP + c];
+          for (int64_t c = 0; c < r; ++c) yp[((i0 + i) * K + k) * r + c] = yb[i * RP + c];
       }  // implicit barrier: all partials of this k are complete
       sqpart[static_cast<size_t>(tid) * K + k] = sql;
-      float* Zk = zp + k * in * r;
 #pragma omp for schedule(static)
       for (int64_t j = 0; j < in; ++j)
         for (int64_t c = 0; c < r; ++c) {
           float acc = 0.f;
           for (int t = 0; t < nt; ++t) acc += zpart[(static_cast<size_t>(t) * in_p + j) * RP + c];
-          Zk[j * r + c] = acc;
+          zp[(j * K + k) * r + c] = acc;
         }
       // implicit barrier before the partials are reset for k + 1
     }
@@ -349,7 +347,8 @@ void pass_fp32(const std::vector<at::Tensor>& deltas, const at::Tensor& U, const
 
 // deltas: K tensors (out, in), one dtype (fp32/fp64/bf16/fp16), rows may be strided.
 // U (out, r), V (in, r): fp32 or fp64 (the accumulation type).
-// Returns (sq (K,), Y = D_k V (K, out, r), Z = D_k^T U (K, in, r)) in the accumulation type.
+// Returns (sq (K,), Y (out, K, r) with Y[:, k] = D_k V, Z (in, K, r) with Z[:, k] = D_k^T U), in the
+// accumulation type: the (out, K*r) / (in, K*r) layout makes the host's contractions single GEMMs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_distances_pass(at::TensorList deltas, const at::Tensor& U,
                                                                      const at::Tensor& V) {
   TORCH_CHECK(!deltas.empty(), "weight_distances_pass: deltas must hold at least one tensor");
@@ -375,10 +374,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_distances_pass(at::TensorL
   }
   auto opts = U.options();
   at::Tensor sq = at::empty({K}, opts);
-  at::Tensor Y = at::zeros({K, out, r}, opts);
   if (U.scalar_type() == at::kFloat) {
     auto Uc = U.contiguous(), Vc = V.contiguous();
-    at::Tensor Z = at::empty({K, in, r}, opts);
+    at::Tensor Y = at::empty({out, K, r}, opts);
+    at::Tensor Z = at::empty({in, K, r}, opts);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "weight_distances_pass", [&] {
       pass_fp32<scalar_t>(ds, Uc, Vc, sq, Y, Z);
     });
@@ -386,11 +385,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_distances_pass(at::TensorL
   }
   // fp64 accumulation (gradcheck, reference use): the simple column-vectorised kernel.
   auto Ut = U.t().contiguous(), Vt = V.t().contiguous();
+  at::Tensor Y = at::zeros({K, out, r}, opts);
   at::Tensor Zt = at::empty({K, r, in}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "weight_distances_pass", [&] {
     pass_all<scalar_t, double>(ds, Ut, Vt, sq, Y, Zt);
   });
-  return {sq, Y, Zt.transpose(1, 2).contiguous()};
+  return {sq, Y.permute({1, 0, 2}).contiguous(), Zt.permute({2, 0, 1}).contiguous()};
 }
 
 }  // namespace

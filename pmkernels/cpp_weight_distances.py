@@ -123,7 +123,7 @@ def build_error() -> Optional[BaseException]:
 
 
 def cpp_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
-    """One pass over the deltas: (‖D_k‖² (K,), D_k V (K, out, r), D_kᵀ U (K, in, r)).
+    """One pass over the deltas: (‖D_k‖² (K,), Y (out, K, r), Z (in, K, r)), Y[:, k] = D_k V, Z[:, k] = D_kᵀ U.
 
     U, V must already be in the accumulation dtype (float32 or float64).
     """

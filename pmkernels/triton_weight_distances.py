@@ -57,7 +57,7 @@ def _interpreting() -> bool:
 
 
 def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
-    """(‖D_k‖² (K,), D_k V (K, out, r), D_kᵀ U (K, in, r)), all float32.
+    """(‖D_k‖² (K,), Y (out, K, r), Z (in, K, r)), Y[:, k] = D_k V, Z[:, k] = D_kᵀ U; float32.
 
     PMKERNELS_WD_PRECISION selects tl.dot's input precision on GPU ("ieee", the
     default, or "tf32"/"tf32x3" for speed).
@@ -85,4 +85,5 @@ def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
             out, in_, r,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, PRECISION=prec,
         )
-    return sq_part.sum(1), Y, Z
+    # the pass contract: Y (out, K, r), Z (in, K, r)
+    return sq_part.sum(1), Y.permute(1, 0, 2).contiguous(), Z.permute(1, 0, 2).contiguous()

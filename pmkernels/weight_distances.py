@@ -113,7 +113,8 @@ def torch_weight_distances(U, G, V, pref, deltas: list[torch.Tensor]) -> torch.T
     return low_rank_sq - 2 * (proj * M).sum((1, 2)) + delta_sq
 
 
-# A pass: (deltas, U, V) in the accumulation dtype -> (‖D_k‖² (K,), D_k V (K, out, r), D_kᵀ U (K, in, r)).
+# A pass: (deltas, U, V) in the accumulation dtype -> (‖D_k‖² (K,), Y (out, K, r), Z (in, K, r))
+# with Y[:, k] = D_k V and Z[:, k] = D_kᵀ U.
 PassFn = Callable[[list, torch.Tensor, torch.Tensor], tuple]
 
 
@@ -127,7 +128,9 @@ class _ProjectionPass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pass_fn: PassFn, U: torch.Tensor, V: torch.Tensor, *deltas: torch.Tensor):
         sq, Y, Z = pass_fn(list(deltas), U.detach(), V.detach())
-        P = torch.einsum("oa,kob->kab", U.detach(), Y)  # P_k = Uᵀ (D_k V)
+        out, K, r = Y.shape
+        # P_k = Uᵀ (D_k V), all k in one GEMM: (r, out) @ (out, K r)
+        P = (U.detach().t() @ Y.reshape(out, K * r)).reshape(r, K, r).transpose(0, 1)
         ctx.save_for_backward(Y, Z)
         ctx.n_deltas = len(deltas)
         ctx.mark_non_differentiable(sq)
@@ -137,8 +140,10 @@ class _ProjectionPass(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dP: torch.Tensor, dsq: torch.Tensor):
         Y, Z = ctx.saved_tensors
-        dU = torch.einsum("kob,kab->oa", Y, dP) if ctx.needs_input_grad[1] else None
-        dV = torch.einsum("kja,kab->jb", Z, dP) if ctx.needs_input_grad[2] else None
+        out, K, r = Y.shape
+        # dU[o, a] = Σ_k,b Y[o, k, b] dP[k, a, b];  dV[j, b] = Σ_k,a Z[j, k, a] dP[k, a, b]
+        dU = Y.reshape(out, K * r) @ dP.transpose(1, 2).reshape(K * r, r) if ctx.needs_input_grad[1] else None
+        dV = Z.reshape(Z.shape[0], K * r) @ dP.reshape(K * r, r) if ctx.needs_input_grad[2] else None
         return (None, dU, dV) + (None,) * ctx.n_deltas
 
 

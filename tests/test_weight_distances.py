@@ -176,8 +176,8 @@ def test_cpp_op_registered():
         Dd, Ud, Vd = D.to(dt), U.to(dt), V.to(dt)
         sq, Y, Z = torch.ops.pmkernels.weight_distances_pass(list(Dd), Ud, Vd)
         torch.testing.assert_close(sq, Dd.pow(2).sum((1, 2)))
-        torch.testing.assert_close(Y, Dd @ Vd)
-        torch.testing.assert_close(Z, Dd.transpose(1, 2) @ Ud)
+        torch.testing.assert_close(Y, (Dd @ Vd).transpose(0, 1))
+        torch.testing.assert_close(Z, (Dd.transpose(1, 2) @ Ud).transpose(0, 1))
 
 
 def test_cpp_build_failure_falls_back(monkeypatch):
