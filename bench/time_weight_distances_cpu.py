@@ -28,11 +28,19 @@ def main():
     ap.add_argument("--list", action="store_true", help="pass the deltas as a list of K tensors")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--impls", default="naive,torch,cpp")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall: time.perf_counter; cpu: time.process_time (robust to a loaded machine, "
+                         "meaningful with --threads 1)")
     args = ap.parse_args()
     assert cpp_available()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     r, K = 16, 8
     dt = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, r={r}, K={K}, deltas {args.dtype}"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}, r={r}, K={K}, "
+          f"deltas {args.dtype}"
           f"{' (list)' if args.list else ' (stacked)'}, best of {args.repeats}")
     print("| out x in | " + " | ".join(f"{i} (ms)" for i in args.impls.split(",")) + " | torch/cpp | naive/cpp |")
     print("|---" * (len(args.impls.split(",")) + 3) + "|")
@@ -49,9 +57,9 @@ def main():
             one(impl, U, G, V, pref, deltas)
             best = float("inf")
             for _ in range(args.repeats):
-                t0 = time.perf_counter()
+                t0 = clock()
                 one(impl, U, G, V, pref, deltas)
-                best = min(best, time.perf_counter() - t0)
+                best = min(best, clock() - t0)
             times[impl] = best * 1e3
         row = " | ".join(f"{times[i]:.2f}" for i in args.impls.split(","))
         rt = times.get("torch", float("nan")) / times.get("cpp", float("nan"))
