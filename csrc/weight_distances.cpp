@@ -186,7 +186,7 @@ static inline void st8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
 static inline v8f bc8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 // Keep a loaded vector in a register: without this GCC re-reads it as a memory operand of every
 // FMA that uses it, and the micro-kernels become load-port bound (measured ~1.7x slower).
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && defined(__AVX__)  // a 32-byte vector fits an "x" (ymm) register
 #define PMK_PIN(v) __asm__("" : "+x"(v))
 #else
 #define PMK_PIN(v) (void)0
