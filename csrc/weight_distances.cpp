@@ -386,6 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_distances_pass(at::TensorL
     ds.push_back(d.stride(1) == 1 ? d : d.contiguous());
   }
   auto opts = U.options();
+  if (out == 0 || in == 0)
+    return {at::zeros({K}, opts), at::zeros({out, K, r}, opts), at::zeros({in, K, r}, opts)};
   at::Tensor sq = at::empty({K}, opts);
   if (U.scalar_type() == at::kFloat) {
     auto Uc = U.contiguous(), Vc = V.contiguous();

@@ -226,7 +226,7 @@ def weight_distances(U, G, V, pref, deltas: Deltas, *, impl: str = "auto", norma
     ds = check_weight_distances(U, G, V, pref, deltas)
     pref = check_pref_values(pref, normalize=normalize)
     impl = resolve_wd_impl(impl, U.device)
-    if impl == "torch":
+    if impl == "torch" or U.shape[0] == 0 or V.shape[0] == 0:  # empty layers: nothing to fuse
         return torch_weight_distances(U, G, V, pref, ds)
     if impl == "naive":
         return naive_weight_distances(U, G, V, pref, ds)

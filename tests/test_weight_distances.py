@@ -158,6 +158,13 @@ def test_cuda(impl):
         assert rel_err(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_layer(impl):
+    U, G, V, pref, D = [t.float() for t in make_wd(0, 5, 2, 3)]
+    f = _run(impl, U, G, V, pref, D)
+    assert f.shape == (3,) and torch.equal(f, torch.zeros(3))
+
+
 def test_auto_picks_cpp_on_cpu():
     from pmkernels.weight_distances import resolve_wd_impl
 
