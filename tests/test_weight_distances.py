@@ -1,0 +1,255 @@
+"""Tests of pmkernels.weight_distances: every impl against a float64 reference."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import pmkernels
+from pmkernels.weight_distances import cpp_available, weight_distances
+
+from conftest import HAS_CUDA, random_pref, rel_err
+
+SHAPES = [  # (out, in, r, K)
+    (23, 19, 3, 4),
+    (23, 19, 1, 1),
+    (37, 70, 5, 3),
+    (41, 131, 20, 2),  # several row blocks and column tiles; r = 16 + 8 slices in the cpp kernel
+]
+
+
+def _cpp_ok() -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cpp_available()
+
+
+def _cpp_reason() -> str:
+    from pmkernels.cpp_weight_distances import build_error
+
+    return f"the C++ weight_distances extension could not be built here: {build_error()}"
+
+
+def _triton_ok() -> bool:
+    try:
+        import pmkernels.triton_weight_distances  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_cpp = pytest.mark.skipif(not _cpp_ok(), reason="C++ extension unavailable (see build warning)")
+needs_triton = pytest.mark.skipif(not _triton_ok(), reason="triton is not importable")
+
+IMPLS = [
+    "naive",
+    "torch",
+    pytest.param("cpp", marks=needs_cpp),
+    pytest.param("triton", marks=needs_triton),
+]
+
+
+def make_wd(out=23, in_=19, r=3, K=4, dtype=torch.float64, delta_dtype=None, device="cpu"):
+    """Fresh random inputs (no zeros) at odd shapes."""
+    U = torch.randn(out, r, dtype=dtype, device=device) / r**0.5
+    G = torch.randn(r, r, K, dtype=dtype, device=device)
+    V = torch.randn(in_, r, dtype=dtype, device=device) / r**0.5
+    pref = random_pref(K).to(device=device, dtype=dtype)
+    D = torch.randn(K, out, in_, dtype=delta_dtype or dtype, device=device)
+    return U, G, V, pref, D
+
+
+def reference(U, G, V, pref, deltas):
+    """float64 ground truth: ΔW built explicitly, f_k = ‖ΔW − D_k‖²."""
+    d = torch.float64
+    M = torch.einsum("k,ijk->ij", pref.to(d), G.to(d))
+    dW = U.to(d) @ M @ V.to(d).t()
+    return torch.stack([(dW - Dk.to(d)).pow(2).sum() for Dk in deltas])
+
+
+def _grads(fn, U, G, V, pref, deltas, w):
+    leaves = [t.detach().clone().requires_grad_() for t in (U, G, V, pref)]
+    f = fn(*leaves, deltas)
+    (f * w).sum().backward()
+    return f.detach(), [t.grad for t in leaves]
+
+
+def _run(impl, U, G, V, pref, deltas):
+    return weight_distances(U, G, V, pref, deltas, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_grads_fp32(impl, shape):
+    out, in_, r, K = shape
+    U, G, V, pref, D = make_wd(out, in_, r, K)
+    w = torch.randn(K, dtype=torch.float64)
+    f_ref, g_ref = _grads(reference, U, G, V, pref, D, w)
+    f32 = [t.float() for t in (U, G, V, pref)]
+    f, g = _grads(lambda *a: _run(impl, *a), *f32, D.float(), w.float())
+    assert f.dtype == torch.float32 and f.shape == (K,)
+    assert rel_err(f, f_ref) < 1e-5
+    for name, a, b in zip("UGVp", g, g_ref):
+        assert a is not None and torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 1e-4, name
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("shape", [(5, 4, 2, 3), (3, 6, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_gradcheck_fp64(impl, shape):
+    U, G, V, pref, D = make_wd(*shape)
+    ins = [t.clone().requires_grad_() for t in (U, G, V, pref)]
+    # pref is perturbed off the simplex by gradcheck: normalize=True keeps validation happy
+    # and differentiates through the normalisation, which is part of the op then.
+    assert torch.autograd.gradcheck(
+        lambda u, g, v, p: weight_distances(u, g, v, p, D, impl=impl, normalize=True), ins
+    )
+    assert torch.autograd.gradcheck(lambda u, g, v: weight_distances(u, g, v, pref, list(D), impl=impl), ins[:3])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_list_equals_stacked(impl):
+    U, G, V, pref, D = [t.float() for t in make_wd(23, 19, 3, 4)]
+    a = _run(impl, U, G, V, pref, D)
+    # separate, non-contiguous-in-memory tensors; one a strided (transposed-copy) view
+    ds = [d.clone() for d in D]
+    ds[1] = D[1].t().contiguous().t()
+    b = _run(impl, U, G, V, pref, ds)
+    c = _run(impl, U, G, V, pref, tuple(D.unbind(0)))
+    assert torch.equal(a, c)
+    assert rel_err(b, a) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "impl,dtype",
+    [
+        ("torch", torch.bfloat16),
+        ("naive", torch.bfloat16),
+        pytest.param("cpp", torch.bfloat16, marks=needs_cpp),
+        pytest.param("cpp", torch.float16, marks=needs_cpp),
+        # the Triton interpreter does no bf16 arithmetic: fp16 there, bf16 on CUDA
+        pytest.param("triton", torch.float16, marks=needs_triton),
+        pytest.param("triton", torch.bfloat16, marks=[needs_triton, pytest.mark.cuda]),
+    ],
+)
+def test_low_precision_deltas(impl, dtype):
+    device = "cuda" if (impl == "triton" and HAS_CUDA) else "cpu"
+    U, G, V, pref, D = make_wd(23, 19, 3, 4, dtype=torch.float32, delta_dtype=dtype, device=device)
+    w = torch.randn(4, device=device)
+    # reference on the same (already rounded) deltas, in float64
+    f_ref, g_ref = _grads(reference, U.double(), G.double(), V.double(), pref.double(), D, w.double())
+    f, g = _grads(lambda *a: _run(impl, *a), U, G, V, pref, list(D), w)
+    assert f.dtype == torch.float32
+    assert rel_err(f, f_ref) < 1e-5  # accumulation is fp32: only the deltas are rounded
+    for name, a, b in zip("UGVp", g, g_ref):
+        assert rel_err(a, b) < 1e-4, name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["triton", "torch", "auto"])
+def test_cuda(impl):
+    U, G, V, pref, D = make_wd(130, 70, 16, 8, dtype=torch.float32, device="cuda")
+    w = torch.randn(8, device="cuda")
+    f_ref, g_ref = _grads(reference, U.double(), G.double(), V.double(), pref.double(), D, w.double())
+    f, g = _grads(lambda *a: _run(impl, *a), U, G, V, pref, D, w)
+    assert rel_err(f, f_ref) < 1e-5
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_layer(impl):
+    U, G, V, pref, D = [t.float() for t in make_wd(0, 5, 2, 3)]
+    f = _run(impl, U, G, V, pref, D)
+    assert f.shape == (3,) and torch.equal(f, torch.zeros(3))
+
+
+def test_auto_picks_cpp_on_cpu():
+    from pmkernels.weight_distances import resolve_wd_impl
+
+    expected = "cpp" if _cpp_ok() else "torch"
+    assert resolve_wd_impl("auto", torch.device("cpu")) == expected
+    U, G, V, pref, D = [t.float() for t in make_wd(23, 19, 3, 4)]
+    assert rel_err(pmkernels.weight_distances(U, G, V, pref, D), reference(U, G, V, pref, D)) < 1e-5
+
+
+@needs_cpp
+def test_cpp_op_registered():
+    assert hasattr(torch.ops.pmkernels, "weight_distances_pass")
+    D = torch.randn(2, 7, 5)
+    U, V = torch.randn(7, 3), torch.randn(5, 3)
+    for dt in (torch.float32, torch.float64):
+        Dd, Ud, Vd = D.to(dt), U.to(dt), V.to(dt)
+        sq, Y, Z = torch.ops.pmkernels.weight_distances_pass(list(Dd), Ud, Vd)
+        torch.testing.assert_close(sq, Dd.pow(2).sum((1, 2)))
+        torch.testing.assert_close(Y, (Dd @ Vd).transpose(0, 1))
+        torch.testing.assert_close(Z, (Dd.transpose(1, 2) @ Ud).transpose(0, 1))
+
+
+def test_cpp_build_failure_falls_back(monkeypatch):
+    from pmkernels import cpp_weight_distances as cw
+
+    monkeypatch.setattr(cw, "_state", {"tried": False, "ok": False, "error": None})
+
+    def broken():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(cw, "_build", broken)
+    U, G, V, pref, D = [t.float() for t in make_wd(23, 19, 3, 4)]
+    with pytest.warns(RuntimeWarning, match="could not build"):
+        f = weight_distances(U, G, V, pref, D, impl="auto")
+    assert rel_err(f, reference(U, G, V, pref, D)) < 1e-5
+    with pytest.raises(RuntimeError, match="impl='cpp'"):
+        weight_distances(U, G, V, pref, D, impl="cpp")
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.fixture
+def good():
+    return [t.float() for t in make_wd(6, 5, 2, 3)]
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive", pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(deltas=torch.randn(3, 6, 4)), ValueError, "deltas"),
+        (lambda a: a.update(deltas=torch.randn(2, 6, 5)), ValueError, "deltas"),
+        (lambda a: a.update(deltas=torch.randn(6, 5)), ValueError, "deltas"),
+        (lambda a: a.update(deltas=[torch.randn(6, 5)] * 2), ValueError, "deltas"),
+        (lambda a: a.update(deltas=[torch.randn(6, 5), torch.randn(6, 4), torch.randn(6, 5)]), ValueError,
+         r"deltas\[1\]"),
+        (lambda a: a.update(deltas=[torch.randn(6, 5), "x", torch.randn(6, 5)]), TypeError, r"deltas\[1\]"),
+        (lambda a: a.update(deltas=[torch.randn(6, 5), torch.ones(6, 5, dtype=torch.int64), torch.randn(6, 5)]),
+         TypeError, r"deltas\[1\]"),
+        (lambda a: a.update(deltas={"a": 1}), TypeError, "deltas"),
+        (lambda a: a.update(deltas=None), TypeError, "deltas"),
+        (lambda a: a.update(pref=torch.full((4,), 0.25)), ValueError, "pref"),
+        (lambda a: a.update(pref=torch.tensor([1.2, -0.1, -0.1])), ValueError, "pref"),
+        (lambda a: a.update(pref=[0.3, 0.3, 0.4]), TypeError, "pref"),
+        (lambda a: a.update(U=torch.randn(6, 3)), ValueError, "U"),
+        (lambda a: a.update(V=torch.randn(5, 3)), ValueError, "V"),
+        (lambda a: a.update(G=torch.randn(2, 3, 3)), ValueError, "G"),
+        (lambda a: a.update(U="U"), TypeError, "U"),
+    ],
+)
+def test_bad_input(good, impl, mutate, exc, match):
+    U, G, V, pref, D = good
+    args = dict(U=U, G=G, V=V, pref=pref, deltas=D)
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        weight_distances(args["U"], args["G"], args["V"], args["pref"], args["deltas"], impl=impl)
+
+
+def test_bad_impl(good):
+    U, G, V, pref, D = good
+    with pytest.raises(ValueError, match="impl"):
+        weight_distances(U, G, V, pref, D, impl="cuda")
+
+
+def test_impl_device_mismatch():
+    from pmkernels.weight_distances import resolve_wd_impl
+
+    with pytest.raises(ValueError, match="impl='cpp' needs CPU tensors"):
+        resolve_wd_impl("cpp", torch.device("cuda"))
