@@ -30,7 +30,7 @@ import copy
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -289,7 +289,8 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
         tcfg = TrainerConfig(mode=mode, steps=cfg.pareto_steps, rank=cfg.pareto_rank, include=cfg.pareto_include,
                              lr=cfg.pareto_lr if mode == "datafree" else cfg.pareto_lr_unlabeled,
                              diversity=cfg.pareto_diversity, anchor=cfg.pareto_anchor,
-                             adamerging=cfg.pareto_adamerging and mode == "unlabeled", batch_size=cfg.pareto_batch, mu=cfg.pareto_mu, alpha=cfg.pareto_alpha,
+                             adamerging=cfg.pareto_adamerging and mode == "unlabeled",
+                             batch_size=cfg.pareto_batch, mu=cfg.pareto_mu, alpha=cfg.pareto_alpha,
                              per_sample=cfg.pareto_per_sample, reg_frobenius=cfg.pareto_reg_frobenius,
                              seed=cfg.seed, progress=cfg.progress,
                              checkpoint_dir=str(outdir / "checkpoints" / name) if outdir is not None else None)
