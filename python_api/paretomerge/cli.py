@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,8 @@ def _parse_pref(text: str) -> list[float]:
 def cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(device=args.device, seed=args.seed, progress=not args.quiet)
+    cfg = DemoConfig(device=args.device, seed=args.seed, progress=not args.quiet,
+                     num_threads=args.threads or 1)
     if args.steps is not None:
         cfg.pareto_steps = args.steps
     if args.per_sample:
@@ -206,6 +206,9 @@ def cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paretomerge", description="Preference-aware (Pareto) model merging: "
                                 "train once, get a merged model for any preference over the tasks.")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op CPU threads (default: torch's; small models on shared CPUs run "
+                        "fastest with 1 — the demo uses 1 unless this is given)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run the end-to-end digits demo (CPU, a few minutes)",
@@ -259,6 +262,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from .config import ConfigError
 
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError) as e:

@@ -30,7 +30,7 @@ import copy
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -88,6 +88,7 @@ class DemoConfig:
     pareto_lr_unlabeled: float = 5e-3  # unlabeled mode (3e-3: weaker control on some seeds)
     pareto_diversity: float = 1.0      # see TrainerConfig.diversity / anchor
     pareto_anchor: float = 1.0
+    pareto_adamerging: bool = False    # unlabeled mode: learn AdaMerging's λ jointly (lower HV on this demo)
     pareto_batch: int = 32
     pareto_mu: float = 0.05
     pareto_alpha: float = 1.0
@@ -287,7 +288,9 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
         model = copy.deepcopy(merged[cfg.base])
         tcfg = TrainerConfig(mode=mode, steps=cfg.pareto_steps, rank=cfg.pareto_rank, include=cfg.pareto_include,
                              lr=cfg.pareto_lr if mode == "datafree" else cfg.pareto_lr_unlabeled,
-                             diversity=cfg.pareto_diversity, anchor=cfg.pareto_anchor, batch_size=cfg.pareto_batch, mu=cfg.pareto_mu, alpha=cfg.pareto_alpha,
+                             diversity=cfg.pareto_diversity, anchor=cfg.pareto_anchor,
+                             adamerging=cfg.pareto_adamerging and mode == "unlabeled",
+                             batch_size=cfg.pareto_batch, mu=cfg.pareto_mu, alpha=cfg.pareto_alpha,
                              per_sample=cfg.pareto_per_sample, reg_frobenius=cfg.pareto_reg_frobenius,
                              seed=cfg.seed, progress=cfg.progress,
                              checkpoint_dir=str(outdir / "checkpoints" / name) if outdir is not None else None)

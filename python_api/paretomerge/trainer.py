@@ -28,7 +28,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -36,7 +36,6 @@ import torch
 import torch.nn as nn
 
 from .convert import convert, pareto_layers, pareto_parameters
-from .modules import ParetoLinear, ParetoMultiheadAttention
 from .objectives import (
     SCALARIZATIONS,
     DataFreeObjective,
