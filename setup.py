@@ -8,10 +8,25 @@ Without it nothing is compiled at install time; the kernel is JIT-built on
 first use instead (see csrc/README.md).
 """
 import os
+import shutil
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-kwargs = {}
+
+class build_py_with_csrc(build_py):
+    """Ship csrc/ (top level, per the layout) inside the package as pmkernels/csrc/ for the JIT build."""
+
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib) / "pmkernels" / "csrc"
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in Path(__file__).parent.joinpath("csrc").glob("*.cpp"):
+            shutil.copy2(src, dest / src.name)
+
+
+kwargs = {"cmdclass": {"build_py": build_py_with_csrc}}
 if os.environ.get("PMKERNELS_BUILD_CPP") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -24,6 +39,6 @@ if os.environ.get("PMKERNELS_BUILD_CPP") == "1":
             extra_link_args=["-fopenmp"],
         )
     ]
-    kwargs["cmdclass"] = {"build_ext": BuildExtension}
+    kwargs["cmdclass"]["build_ext"] = BuildExtension
 
 setup(**kwargs)

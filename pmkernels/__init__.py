@@ -3,13 +3,15 @@
 Public ops:
     pareto_linear(x, weight, bias, U, G, V, pref, *, impl="auto") -> (..., out)
     merged_weight(weight, U, G, V, pref) -> (out, in)
+    weight_distances(U, G, V, pref, deltas, *, impl="auto") -> (K,)
 """
 from .pareto_linear import IMPLS, merged_weight, pareto_linear, resolve_impl, triton_available
 from .reference import core_matrix, reference_pareto_linear
-from .weight_distances import weight_distances
+from .weight_distances import cpp_available, weight_distances
 
 __all__ = [
     "IMPLS",
+    "cpp_available",
     "core_matrix",
     "merged_weight",
     "pareto_linear",

@@ -19,7 +19,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-METHODS = ("task_arithmetic", "ties", "adamerging", "pareto_datafree", "pareto_unlabeled")
+METHODS = ("task_arithmetic", "ties", "adamerging", "pareto_merging_datafree", "pareto_merging_unlabeled")
 
 
 def tiny() -> DemoConfig:
@@ -32,19 +32,21 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     summary = run_demo(out, tiny(), log=lambda *a: None)
     d = json.loads((out / "report.json").read_text())
-    assert set(d) == {"tasks", "results", "hypervolume"}
+    assert set(d) == {"tasks", "results", "hypervolume", "base_methods"}
+    assert d["base_methods"] == {"pareto_merging_datafree": "task_arithmetic",
+                                 "pareto_merging_unlabeled": "task_arithmetic"}
     assert d["tasks"] == list(TASKS)
     for r in d["results"]:
         assert set(r) == {"method", "scenario", "pref", "metrics"}
         assert set(r["metrics"]) == set(TASKS), r  # every method has metrics for every task
         assert all(0.0 <= v <= 1.0 for v in r["metrics"].values())
     methods = {r["method"] for r in d["results"]}
-    assert set(METHODS) <= methods
+    assert methods == set(METHODS) | {f"finetuned:{t}" for t in TASKS}  # the report's method names, no others
     assert {f"finetuned:{t}" for t in TASKS} <= methods
-    for m in ("pareto_datafree", "pareto_unlabeled"):
+    for m in ("pareto_merging_datafree", "pareto_merging_unlabeled"):
         scen = {r["scenario"] for r in d["results"] if r["method"] == m}
         assert scen == {"equal"} | {f"priority:{t}" for t in TASKS} | {f"onehot:{t}" for t in TASKS}
-    assert set(summary["preference_control"]) == {"pareto_datafree", "pareto_unlabeled"}
+    assert set(summary["preference_control"]) == {"pareto_merging_datafree", "pareto_merging_unlabeled"}
     assert (out / "summary.json").exists() and (out / "merge.yaml").exists()
 
     # the written pool runs through merge -> eval -> export
@@ -65,7 +67,7 @@ def test_demo_end_to_end(tmp_path):
 
 def test_demo_is_deterministic(tmp_path):
     cfg = tiny()
-    cfg.methods = ("pareto_datafree",)
+    cfg.methods = ("pareto_merging_datafree",)
     cfg.write_pool = cfg.plots = False
     a = run_demo(None, cfg, log=lambda *a: None)["report"].to_dict()
     b = run_demo(None, cfg, log=lambda *a: None)["report"].to_dict()

@@ -184,7 +184,7 @@ def evaluate_checkpoint(ckpt_path, cfg, specs: Sequence[str], priority: float = 
             for t in tasks:
                 logits = pool.heads[t](model(data[t]["inputs"]))
                 m[t] = float((logits.argmax(-1) == data[t]["labels"]).float().mean())
-        rep.add("pareto_merging", scenario, pref, m)
+        rep.add(f"pareto_merging_{ck['config']['mode']}", scenario, pref, m, base=(ck.get("meta") or {}).get("base"))
     return rep
 
 

@@ -96,7 +96,7 @@ class DemoConfig:
     pareto_reg_frobenius: float = 0.0
     priority: float = 0.5          # γ_k of the prioritised task in priority:<task>
     grid_resolution: int = 0       # > 0 also evaluates Pareto Merging on a simplex grid (for the front)
-    methods: tuple = ("task_arithmetic", "ties", "adamerging", "pareto_datafree", "pareto_unlabeled")
+    methods: tuple = ("task_arithmetic", "ties", "adamerging", "pareto_merging_datafree", "pareto_merging_unlabeled")
     progress: bool = False
     write_pool: bool = True
     plots: bool = True
@@ -250,7 +250,6 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
     for t in tasks:
         report.add(f"finetuned:{t}", None, None, metrics(pool.finetuned_model(t) if hasattr(pool, "finetuned_model")
                                                           else _finetuned_module(pool, t)))
-    report.add("pretrained", None, None, metrics(pool.pretrained))
 
     merged: dict[str, nn.Module] = {}
 
@@ -262,7 +261,7 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
         return r
 
     want = set(cfg.methods)
-    base_needed = {"pareto_datafree", "pareto_unlabeled"} & want
+    base_needed = {"pareto_merging_datafree", "pareto_merging_unlabeled"} & want
     if "task_arithmetic" in want or (base_needed and cfg.base == "task_arithmetic"):
         merged["task_arithmetic"] = timed("task_arithmetic", lambda: task_arithmetic(pool, lam=cfg.ta_lam))
     if "ties" in want or (base_needed and cfg.base == "ties"):
@@ -282,7 +281,7 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
         scen += preference_set("grid", tasks, resolution=cfg.grid_resolution)
     pareto_models = {}
     for mode in ("datafree", "unlabeled"):
-        name = f"pareto_{mode}"
+        name = f"pareto_merging_{mode}"
         if name not in want:
             continue
         model = copy.deepcopy(merged[cfg.base])
@@ -300,7 +299,7 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
         timed(name, trainer.train)
         pareto_models[name] = model
         for scenario, pref in scen:
-            report.add(name, scenario, list(pref), metrics(model, torch.tensor(pref)))
+            report.add(name, scenario, list(pref), metrics(model, torch.tensor(pref)), base=cfg.base)
 
     checks = preference_control(report, tasks, list(pareto_models))
     timings["total"] = time.perf_counter() - t_start

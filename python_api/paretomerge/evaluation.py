@@ -10,7 +10,8 @@ Report JSON schema::
     {"tasks": [str, ...],
      "results": [{"method": str, "scenario": str | null, "pref": [float] | null,
                   "metrics": {task: float}}],
-     "hypervolume": {method: float}}   # over that method's result points, ref point 0
+     "hypervolume": {method: float},   # over that method's result points, ref point 0
+     "base_methods": {method: str}}    # optional: the base merge of each Pareto method
 
 Method names: ``finetuned:<task>``, ``task_arithmetic``, ``ties``, ``adamerging``,
 ``pareto_merging_datafree``, ``pareto_merging_unlabeled``. Scenarios: ``equal``,
@@ -234,6 +235,7 @@ class Report:
             raise ValueError(f"task names must be unique, got {list(tasks)}")
         self.tasks: list[str] = list(tasks)
         self.results: list[dict] = []
+        self.base_methods: dict[str, str] = {}  # Pareto method -> the base merge it was trained on
         self._hv_cache: Optional[tuple] = None  # (results snapshot, {method: hv}): exact HV is costly for K >= 6
 
     def __len__(self) -> int:
@@ -243,8 +245,11 @@ class Report:
         return f"Report(tasks={self.tasks}, results={len(self.results)}, methods={self.methods()})"
 
     def add(self, method: str, scenario: Optional[str], pref: Optional[Sequence[float]],
-            metrics: Mapping[str, float]) -> None:
-        """Record one evaluation. ``metrics`` maps (some or all) task names to a finite number."""
+            metrics: Mapping[str, float], *, base: Optional[str] = None) -> None:
+        """Record one evaluation. ``metrics`` maps (some or all) task names to a finite number;
+        ``base`` names the base merge a Pareto method was trained on (kept in ``base_methods``)."""
+        if base is not None:
+            self.base_methods[method] = str(base)
         if not isinstance(method, str) or not method:
             raise ValueError(f"method must be a non-empty str, got {method!r}")
         if scenario is not None and not isinstance(scenario, str):
@@ -290,7 +295,8 @@ class Report:
                 "results": [{"method": r["method"], "scenario": r["scenario"],
                              "pref": None if r["pref"] is None else list(r["pref"]),
                              "metrics": dict(r["metrics"])} for r in self.results],
-                "hypervolume": self.hypervolumes()}
+                "hypervolume": self.hypervolumes(),
+                **({"base_methods": dict(self.base_methods)} if self.base_methods else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Report":
@@ -303,6 +309,7 @@ class Report:
             if not isinstance(r, Mapping) or not {"method", "scenario", "pref", "metrics"} <= set(r):
                 raise ValueError(f"report results[{i}] must have keys method, scenario, pref, metrics; got {r!r}")
             rep.add(r["method"], r["scenario"], r["pref"], r["metrics"])
+        rep.base_methods.update(d.get("base_methods") or {})
         return rep
 
     def save(self, path: PathLike) -> None:
