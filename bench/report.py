@@ -163,7 +163,7 @@ def markdown(data: dict, source: str) -> str:
     groups = grouped(rows_from(data))
     mi = data.get("machine_info", {})
     cpu = (mi.get("cpu") or {}).get("brand_raw") or mi.get("processor") or "?"
-    out = [f"# pmkernels benchmark report", "",
+    out = ["# pmkernels benchmark report", "",
            f"Source: `{source}`, {data.get('datetime', '?')}; machine: {mi.get('node', '?')} ({cpu}); "
            f"commit {str((data.get('commit_info') or {}).get('id', '?'))[:10]}.", "",
            "Ratios are median times over the `linear` (plain `F.linear`) and `naive` (materialise W(γ)) cases "

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 import pmkernels
-from pmbench_util import (DEVICE, DTYPE_NAMES, HAS_CUDA, MEM_METHOD, is_oom, peak_memory, pm_size, rel_err,
+from pmbench_util import (DEVICE, DTYPE_NAMES, HAS_CUDA, MEM_METHOD, is_oom, peak_memory, rel_err,
                           run_pedantic, skip_on_oom, sync, timed)
 
 pm = pytest.importorskip("paretomerge", reason="the paretomerge API (python_api/) is needed for the model benchmarks")

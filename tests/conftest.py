@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -26,6 +27,26 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: extra intra-op threads only contend for shared CPUs (and slow the tests ~5x).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(12, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 12))
+
+    def forward(self, x):
+        h = x + self.attn(x, x, x, need_weights=False)[0]
+        return h + self.mlp(h)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

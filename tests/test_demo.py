@@ -3,20 +3,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
 import yaml
 
 from paretomerge.cli import main
 from paretomerge.demo import TASKS, DemoConfig, run_demo
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The models are tiny: extra intra-op threads only contend for shared CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# (one intra-op thread: the autouse fixture in conftest.py)
 
 
 METHODS = ("task_arithmetic", "ties", "adamerging", "pareto_merging_datafree", "pareto_merging_unlabeled")

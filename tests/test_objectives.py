@@ -19,18 +19,10 @@ from paretomerge.objectives import (
     stch,
 )
 
+from conftest import Tiny  # noqa: E402
+
 K = 3
 
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(12, 2, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 12))
-
-    def forward(self, x):
-        h = x + self.attn(x, x, x, need_weights=False)[0]
-        return h + self.mlp(h)
 
 
 def _randomize_factors(model):

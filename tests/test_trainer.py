@@ -10,27 +10,11 @@ import torch.nn as nn
 import paretomerge as pm
 from paretomerge.trainer import ParetoMergingTrainer, TrainerConfig, load_checkpoint
 
+from conftest import Tiny  # noqa: E402
+
 K = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: extra intra-op threads only contend for shared CPUs (and slow the tests ~5x).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(12, 2, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 12))
-
-    def forward(self, x):
-        h = x + self.attn(x, x, x, need_weights=False)[0]
-        return h + self.mlp(h)
 
 
 def _setup(seed=0):

@@ -48,7 +48,7 @@ def cmd_demo(args) -> int:
             ok_all &= r["ok"]
             print(f"  {m:18s} {t:8s} equal {r['equal']:.3f}  priority {r['priority']:.3f}  "
                   f"{'ok' if r['ok'] else 'NOT HIGHER'}")
-    print(f"hypervolume: " + ", ".join(f"{k}={v:.4f}" for k, v in summary["report"].hypervolumes().items()
+    print("hypervolume: " + ", ".join(f"{k}={v:.4f}" for k, v in summary["report"].hypervolumes().items()
                                        if not k.startswith("finetuned")))
     print(f"wall time {time.perf_counter() - t0:.1f}s; report: {Path(args.out) / 'report.json'}")
     return 0 if ok_all else 1

@@ -206,10 +206,6 @@ def _scenarios(tasks, priority):
 
 def run_demo(out: Optional[str | Path] = None, cfg: Optional[DemoConfig] = None, log: Callable = print) -> dict:
     """Run the whole demo; write report.json (+ plots, pool, data, merge.yaml) under ``out``; return a summary."""
-    from .evaluation import Report
-    from .merging import adamerging, task_arithmetic, ties_merging
-    from .trainer import ParetoMergingTrainer, TrainerConfig
-
     cfg = cfg or DemoConfig()
     threads = torch.get_num_threads()
     if cfg.num_threads:
