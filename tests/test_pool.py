@@ -336,3 +336,19 @@ def test_from_hf_dirs(tmp_path):
         ModelPool.from_hf_dirs("bert-base-uncased", {"a": dirs["sst2"]})
     with pytest.raises(FileNotFoundError, match="finetuned_dirs\\['a'\\]"):
         ModelPool.from_hf_dirs(dirs["pre"], {"a": tmp_path / "missing"})
+
+
+def test_atomic_outputs_have_umask_permissions_and_no_leftovers(tmp_path):
+    import os
+    import stat
+
+    from paretomerge.io import save_state_dict
+    from paretomerge.trainer import atomic_torch_save
+
+    save_state_dict({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    atomic_torch_save({"w": torch.ones(2)}, tmp_path / "b.pt")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("a.safetensors", "b.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.pt"]

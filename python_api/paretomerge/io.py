@@ -38,6 +38,12 @@ def is_safetensors(path: PathLike) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: PathLike, write) -> None:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)
@@ -49,6 +55,7 @@ def _atomic_write(path: PathLike, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
