@@ -3,9 +3,9 @@
 This conftest is independent of tests/conftest.py: pytest only loads
 conftest.py files on the path from the rootdir to the collected files, so
 ``pytest bench`` never imports tests/conftest.py (which switches Triton to
-its interpreter on CPU-only machines: the benchmarks must not). bench/ has no
-``__init__.py``; this file puts bench/ on sys.path so the suites can import
-``pmbench_util`` under any ``--import-mode``.
+its interpreter on CPU-only machines: the benchmarks must not). bench/ is a
+package (see ``__init__.py``); this file also puts bench/ on sys.path so the
+suites can import ``pmbench_util`` under any ``--import-mode``.
 """
 from __future__ import annotations
 
