@@ -162,3 +162,32 @@ def test_joint_adamerging_coefficients(tmp_path):
     assert torch.equal(t.lam, resumed.lam)
     with pytest.raises(ValueError, match="trainer.adamerging"):
         TrainerConfig(adamerging=True).validate()
+
+
+def test_pool_is_read_only_for_converted_weights():
+    """The data-free objective asks the pool for the converted layers' weights alone (never K full models)."""
+    from paretomerge.pool import ModelPool
+
+    base, fts, _, _ = _setup()
+    mods = {}
+    for name, sd in zip("abc", fts):
+        m = copy.deepcopy(base)
+        m.load_state_dict(sd)
+        mods[name] = m
+    pool = ModelPool.from_modules(base, mods)
+    asked = []
+    real = pool.finetuned_state
+
+    def recording(k, names=None):
+        asked.append(None if names is None else sorted(names))
+        return real(k, names)
+
+    pool.finetuned_state = recording
+    cfg = TrainerConfig(mode="datafree", steps=1, rank=2, include="attention", progress=False)
+    model = copy.deepcopy(base)
+    trainer = ParetoMergingTrainer(model, pool, cfg)
+    assert asked == [["attn.in_proj_weight", "attn.out_proj.weight"]] * K
+    full = ParetoMergingTrainer(copy.deepcopy(base), None, cfg, finetuned=fts)
+    full.model.load_state_dict(trainer.model.state_dict())
+    pref = torch.tensor([0.2, 0.3, 0.5])
+    assert torch.allclose(trainer.datafree(pref), full.datafree(pref))

@@ -37,6 +37,7 @@ from .convert import convert, pareto_layers, pareto_parameters
 from .objectives import (
     SCALARIZATIONS,
     DataFreeObjective,
+    _layer_slots,
     Normalizer,
     entropy_objectives,
     factor_regularizer,
@@ -242,8 +243,11 @@ class ParetoMergingTrainer:
         if cfg.adamerging and pool is None:
             raise ValueError("trainer.adamerging needs pool= (pretrained weights and task vectors)")
         if cfg.mode == "datafree" or cfg.anchor:
-            states = finetuned if finetuned is not None else [pool.finetuned_state(k) for k in range(self.K)]
-            self.datafree = DataFreeObjective(model, states, impl="auto")
+            if finetuned is None:
+                # Only the converted layers' weights: with a file-backed pool the K models are never all in memory.
+                keys = [key for key, *_ in _layer_slots(model)]
+                finetuned = [pool.finetuned_state(k, keys) for k in range(self.K)]
+            self.datafree = DataFreeObjective(model, finetuned, impl="auto")
         if cfg.mode == "unlabeled":
             if logits_fn is None or unlabeled is None:
                 raise ValueError("mode 'unlabeled' needs logits_fn= and unlabeled= (inputs of every task)")
