@@ -287,3 +287,22 @@ def test_converted_model_triton_path_matches_torch(per_sample):
     assert rel_err(y_k, y_t) < 1e-5
     for a, b in zip(g_k, g_t):
         assert rel_err(a, b) < 1e-4
+
+
+def test_use_preference_snapshots_and_caches_per_device():
+    pref = torch.tensor([0.2, 0.3, 0.5])
+    with pm.use_preference(pref) as active:
+        pref[0] = 5.0  # the caller's tensor changes after the check: the layers must not see it
+        assert torch.equal(pm.get_preference(), torch.tensor([0.2, 0.3, 0.5]))
+        state = pm.preference._STATE
+        on_meta = state.active_on(torch.device("meta"))
+        assert state.active_on(torch.device("meta")) is on_meta  # one copy per device, not per layer call
+        assert state.active_on(active.device) is active
+        with pm.use_preference([1, 0, 0]):
+            assert state.active_on(torch.device("meta")) is not on_meta
+    p = torch.tensor([0.2, 0.3, 0.5], requires_grad=True)
+    layer = pm.ParetoLinear(4, 3, K, R)
+    randomise_factors(layer)
+    with pm.use_preference(p):
+        layer(torch.randn(2, 4)).sum().backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0  # gradients still reach the caller's γ

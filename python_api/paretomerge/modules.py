@@ -109,7 +109,10 @@ class ParetoLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor, pref: Optional[PrefLike] = None) -> torch.Tensor:
-        p = resolve_preference(pref, x.device)
+        return self._forward_resolved(x, resolve_preference(pref, x.device))
+
+    def _forward_resolved(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """forward with a preference already checked and on x's device."""
         _check_batch(x, p, self.batch_dim, "ParetoLinear")
         if p.dim() == 2 and self.batch_dim != 0:
             x = x.movedim(self.batch_dim, 0)
@@ -262,7 +265,7 @@ class ParetoMultiheadAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                  is_causal=is_causal and mask is None)
             weights = None
-        out = self.out_proj(out.transpose(1, 2).reshape(B, L, E), pref=None if pref is None else p)
+        out = self.out_proj._forward_resolved(out.transpose(1, 2).reshape(B, L, E), p)
         if unbatched:
             out = out.squeeze(0)
         elif not self.batch_first:

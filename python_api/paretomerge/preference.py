@@ -48,22 +48,46 @@ def as_preference(pref: PrefLike, *, normalize: bool = False, name: str = "pref"
 
 
 class _PreferenceState:
-    """The default preference and a stack of ``use_preference`` overrides."""
+    """The default preference and a stack of ``use_preference`` overrides.
+
+    Every Pareto layer of a model asks for the active preference on its input's
+    device; the copy to that device is made once per preference and device,
+    not once per layer call.
+    """
 
     def __init__(self) -> None:
         self.default: Optional[torch.Tensor] = None
         self.stack: list[torch.Tensor] = []
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def active(self) -> Optional[torch.Tensor]:
         return self.stack[-1] if self.stack else self.default
+
+    def active_on(self, device: torch.device) -> Optional[torch.Tensor]:
+        p = self.active()
+        if p is None or p.device == device:
+            return p
+        if p.requires_grad:  # a cached copy would share one autograd node across backward passes
+            return p.to(device)
+        cached = self._on_device.get(device)
+        if cached is None or cached[0] is not p:
+            cached = (p, p.to(device))
+            self._on_device[device] = cached
+        return cached[1]
 
 
 _STATE = _PreferenceState()
 
 
+def _snapshot(p: torch.Tensor) -> torch.Tensor:
+    """A copy of a checked preference: later in-place changes to the caller's tensor cannot bypass the
+    checks. Gradients still flow through it to the caller's tensor."""
+    return p.clone()
+
+
 def set_preference(pref: Optional[PrefLike], *, normalize: bool = False) -> None:
     """Set the default preference for every Pareto layer (None clears it)."""
-    _STATE.default = None if pref is None else as_preference(pref, normalize=normalize)
+    _STATE.default = None if pref is None else _snapshot(as_preference(pref, normalize=normalize))
 
 
 def get_preference() -> Optional[torch.Tensor]:
@@ -74,7 +98,7 @@ def get_preference() -> Optional[torch.Tensor]:
 @contextmanager
 def use_preference(pref: PrefLike, *, normalize: bool = False) -> Iterator[torch.Tensor]:
     """Make ``pref`` (K,) or (B, K) active for every Pareto layer inside the block."""
-    p = as_preference(pref, normalize=normalize)
+    p = _snapshot(as_preference(pref, normalize=normalize))
     _STATE.stack.append(p)
     try:
         yield p
@@ -84,7 +108,7 @@ def use_preference(pref: PrefLike, *, normalize: bool = False) -> Iterator[torch
 
 def resolve_preference(pref: Optional[PrefLike], device: torch.device) -> torch.Tensor:
     """The preference a layer should use: its argument if given, else the active one, on ``device``."""
-    p = as_preference(pref) if pref is not None else _STATE.active()
+    p = as_preference(pref) if pref is not None else _STATE.active_on(device)
     if p is None:
         raise NoPreferenceError(
             "no preference: call the layer with pref=..., or wrap the call in "
