@@ -211,7 +211,8 @@ def resolve_wd_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def weight_distances(U, G, V, pref, deltas: Deltas, *, impl: str = "auto", normalize: bool = False) -> torch.Tensor:
+def weight_distances(U, G, V, pref, deltas: Deltas, *, impl: str = "auto", normalize: bool = False,
+                     check_values: bool = True) -> torch.Tensor:
     """f_k = ‖U M(γ) Vᵀ − D_k‖²_F for k = 1..K, as a (K,) float32 tensor.
 
     U (out, r), G (r, r, K), V (in, r), pref (K,); deltas a (K, out, in)
@@ -220,11 +221,14 @@ def weight_distances(U, G, V, pref, deltas: Deltas, *, impl: str = "auto", norma
     impl: "auto" | "triton" | "cpp" | "torch" | "naive". "auto" is triton on
     CUDA, cpp on CPU when the C++ kernel builds (else torch, with a one-time
     warning). The result is float32 (float64 when U, G, V are float64).
+    ``check_values=False`` skips the value checks of pref (they sync with the
+    device), as in ``pareto_linear``, for a pref already checked.
     """
     if impl not in WD_IMPLS:
         raise ValueError(f"impl must be one of {WD_IMPLS}, got {impl!r}")
     ds = check_weight_distances(U, G, V, pref, deltas)
-    pref = check_pref_values(pref, normalize=normalize)
+    if check_values or normalize:
+        pref = check_pref_values(pref, normalize=normalize)
     impl = resolve_wd_impl(impl, U.device)
     if impl == "torch" or U.shape[0] == 0 or V.shape[0] == 0:  # empty layers: nothing to fuse
         return torch_weight_distances(U, G, V, pref, ds)

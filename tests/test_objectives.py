@@ -166,3 +166,14 @@ def test_regularizer():
     r = factor_regularizer(model, 0.0, 1.0)
     assert r.item() > 0
     r.backward()
+
+
+def test_datafree_objective_checks_pref_once():
+    model = Tiny()
+    fts = [{k: v + 0.1 for k, v in model.state_dict().items()} for _ in range(K)]
+    pm.convert(model, K, 2, include="attention+mlp")
+    obj = DataFreeObjective(model, fts)
+    with pytest.raises(ValueError, match="pref"):
+        obj(torch.tensor([0.5, 0.6, 0.1]))
+    with pytest.raises(ValueError, match="pref"):
+        obj(torch.tensor([0.5, float("nan"), 0.5]))

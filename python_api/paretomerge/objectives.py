@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 import pmkernels
+from pmkernels._validation import check_pref_values
 
 from .modules import ParetoLinear, ParetoMultiheadAttention
 
@@ -180,10 +181,11 @@ class DataFreeObjective(nn.Module):
 
     def per_layer(self, pref: torch.Tensor) -> torch.Tensor:
         """(num_layers, K) objectives of each factored weight."""
+        check_pref_values(pref)  # once here, not once per layer (each check syncs with the device)
         rows = []
         for t in self.terms:
             p = pref.to(device=t.U.device, dtype=torch.float32)
-            rows.append(pmkernels.weight_distances(t.U, t.G, t.V, p, t.deltas, impl=self.impl))
+            rows.append(pmkernels.weight_distances(t.U, t.G, t.V, p, t.deltas, impl=self.impl, check_values=False))
         return torch.stack(rows)
 
     def forward(self, pref: torch.Tensor) -> torch.Tensor:
