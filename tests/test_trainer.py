@@ -75,7 +75,8 @@ def test_checkpoint_resume_bit_for_bit(tmp_path, mode):
     first = _trainer(mode, steps=6, ckpt_dir=str(d), every=3)
     first.train(steps=3)
     assert (d / "step000003.pt").exists() and (d / "last.pt").exists()
-    assert not list(d.glob("*.tmp"))
+    assert (d / "last.pt").read_bytes() == (d / "step000003.pt").read_bytes()
+    assert not list(d.glob("*.tmp")) and not list(d.glob(".*"))
     ck = load_checkpoint(d / "step000003.pt")
     assert ck["step"] == 3 and set(ck) >= {"model", "optimizer", "rng", "config", "layers"}
     torch.manual_seed(123)  # disturb the global RNG: resume must restore it

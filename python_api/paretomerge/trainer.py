@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -393,8 +394,7 @@ class ParetoMergingTrainer:
                                      **{n[:8]: f"{float(v):.3f}" for n, v in zip(self.task_names, f)}})
                 if self.cfg.checkpoint_dir and ((self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every
                                                  == 0) or self.step == total):
-                    self.save_checkpoint(Path(self.cfg.checkpoint_dir) / f"step{self.step:06d}.pt")
-                    self.save_checkpoint(Path(self.cfg.checkpoint_dir) / "last.pt")
+                    self._checkpoint(Path(self.cfg.checkpoint_dir))
         finally:
             if bar is not None:
                 bar.close()
@@ -423,6 +423,14 @@ class ParetoMergingTrainer:
 
     def save_checkpoint(self, path: Union[str, Path]) -> None:
         atomic_torch_save(self.state(), path)
+
+    def _checkpoint(self, directory: Path) -> None:
+        """stepNNNNNN.pt, and last.pt as a byte copy of it (the state is serialised once)."""
+        from .io import _atomic_write
+
+        path = directory / f"step{self.step:06d}.pt"
+        self.save_checkpoint(path)
+        _atomic_write(directory / "last.pt", lambda tmp: shutil.copyfile(path, tmp))
 
     def load_state(self, ckpt: Mapping) -> None:
         if dict(ckpt["layers"]) != self.layers:
