@@ -6,6 +6,7 @@ Imported by the test modules as a top-level module (``bench/`` is put on
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -174,6 +175,17 @@ def skip_on_oom(exc: BaseException) -> None:
     if HAS_CUDA:
         torch.cuda.empty_cache()
     pytest.skip(f"out of memory on {DEVICE}: {str(exc).splitlines()[0][:200]}")
+
+
+@contextlib.contextmanager
+def skip_if_oom():
+    """Inside the block, an out-of-memory error becomes a skip with the reason; anything else propagates."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001
+        if is_oom(exc):
+            skip_on_oom(exc)
+        raise
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 import pmkernels
-from pmbench_util import (DEVICE, DTYPE_NAMES, HAS_CUDA, MEM_METHOD, is_oom, peak_memory, rel_err,
-                          run_pedantic, skip_on_oom, sync, timed)
+from pmbench_util import (DEVICE, DTYPE_NAMES, HAS_CUDA, MEM_METHOD, peak_memory, rel_err,
+                          run_pedantic, skip_if_oom, sync, timed)
 
 pm = pytest.importorskip("paretomerge", reason="the paretomerge API (python_api/) is needed for the model benchmarks")
 open_clip_model = pytest.importorskip("open_clip.model", reason="open_clip_torch is needed for the model benchmarks")
@@ -129,7 +129,7 @@ TRAIN_IMPLS = ["fused", "naive"] + (["torch"] if fused_impl() != "torch" else []
 def test_train_step(benchmark, size, conversion, impl):
     dtype = model_dtype()
     benchmark.group = f"model-train {conversion} | {DTYPE_NAMES[dtype]} | {size}"
-    try:
+    with skip_if_oom():
         model, names, info = build(size, conversion, dtype)
         n = K * info["per_task"]
         x = images(n, size, dtype)
@@ -169,10 +169,6 @@ def test_train_step(benchmark, size, conversion, impl):
         sync()
         mem = peak_memory(step)
         median = run_pedantic(benchmark, timed(step), rounds=ROUNDS, warmup_rounds=WARMUP, calibrate=False)
-    except Exception as exc:  # noqa: BLE001
-        if is_oom(exc):
-            skip_on_oom(exc)
-        raise
     _record(benchmark, median, n, mem, dict(
         impl=impl, scenario="train", conversion=conversion, layer_impl=fused_impl() if impl == "fused" else impl,
         dtype=DTYPE_NAMES[dtype], size=size, **info))
@@ -186,7 +182,7 @@ def test_train_step(benchmark, size, conversion, impl):
 def test_serve(benchmark, size, conversion, impl):
     dtype = model_dtype()
     benchmark.group = f"model-serve {N_REQUESTS} req {conversion} | {DTYPE_NAMES[dtype]} | {size}"
-    try:
+    with skip_if_oom():
         model, names, info = build(size, conversion, dtype)
         model.eval()
         tower = model.tower
@@ -228,10 +224,6 @@ def test_serve(benchmark, size, conversion, impl):
         sync()
         mem = peak_memory(fn)
         median = run_pedantic(benchmark, timed(fn), rounds=ROUNDS, warmup_rounds=WARMUP, calibrate=False)
-    except Exception as exc:  # noqa: BLE001
-        if is_oom(exc):
-            skip_on_oom(exc)
-        raise
     _record(benchmark, median, N_REQUESTS, mem, dict(
         impl=impl, scenario="serve", conversion=conversion,
         layer_impl={"fused": fused_impl(), "naive": "naive", "export": "plain nn.Linear/MHA"}[impl],

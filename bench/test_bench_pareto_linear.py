@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import pmkernels
 from pmkernels import reference
 from pmkernels._validation import check_pref_values
-from pmbench_util import (DEVICE, pm_size, DTYPE_NAMES, GUARD_TOL, GUARD_TOL_DELTA, HAS_CUDA, MEM_METHOD, is_oom,
-                          peak_memory, rel_err, run_pedantic, skip_on_oom, sync, timed)
+from pmbench_util import (DEVICE, pm_size, DTYPE_NAMES, GUARD_TOL, GUARD_TOL_DELTA, HAS_CUDA, MEM_METHOD,
+                          peak_memory, rel_err, run_pedantic, skip_if_oom, sync, timed)
 
 R, K = 16, 8
 
@@ -227,17 +227,13 @@ def test_pareto_linear(benchmark, size, case):
                     f"cuda={HAS_CUDA}, triton_available={pmkernels.triton_available()}")
     dname = DTYPE_NAMES[dtype]
     benchmark.group = f"{shape.label} | {dname} | {pass_} | gamma={gamma}"
-    try:
+    with skip_if_oom():
         t = make_inputs(shape, dtype, gamma)
         fn = make_fn(impl, pass_, t)
         guard(impl, pass_, t, fn, dtype)
         sync()
         mem = peak_memory(fn)
         median = run_pedantic(benchmark, timed(fn))
-    except Exception as exc:  # noqa: BLE001
-        if is_oom(exc):
-            skip_on_oom(exc)
-        raise
     fl = flops(shape, impl, pass_)
     nb = min_bytes(shape, dtype, pass_)
     benchmark.extra_info.update({"impl": impl, "pass": pass_})

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from pmbench_util import DEVICE, HAS_CUDA, is_oom, peak_memory, rel_err, run_pedantic, skip_on_oom, sync, timed
+from pmbench_util import DEVICE, HAS_CUDA, peak_memory, rel_err, run_pedantic, skip_if_oom, sync, timed
 
 import pmkernels
 from pmkernels.weight_distances import cpp_available
@@ -63,7 +63,7 @@ def test_datafree_step(benchmark, size, conversion, impl, bandwidth):
         pytest.skip("the C++ extension could not be built here")
     benchmark.group = f"datafree-step {conversion} | fp32 deltas | {size}"
     g = torch.Generator().manual_seed(0)
-    try:
+    with skip_if_oom():
         layers = []
         for out_f, in_f in layer_shapes(size, conversion):
             U = (torch.randn(out_f, R, generator=g) * 0.02).to(DEVICE).requires_grad_(True)
@@ -89,10 +89,6 @@ def test_datafree_step(benchmark, size, conversion, impl, bandwidth):
         sync()
         mem = peak_memory(step)
         median = run_pedantic(benchmark, timed(step), rounds=5 if not HAS_CUDA else 20, calibrate=False)
-    except Exception as exc:  # noqa: BLE001
-        if is_oom(exc):
-            skip_on_oom(exc)
-        raise
     floor_bytes = sum(d.numel() * d.element_size() for *_, d in layers)
     benchmark.extra_info.update(
         impl=impl, conversion=conversion, size=size, K=K, r=R, layers=len(layers),

@@ -43,3 +43,16 @@ def test_guard_rejects_wrong_impl(monkeypatch, broken, pass_, gamma):
     else:
         with pytest.raises(AssertionError, match="guard"):
             T.guard("naive", pass_, t, fn, torch.float32)
+
+
+def test_skip_if_oom_skips_oom_and_passes_other_errors():
+    from _pytest.outcomes import Skipped
+
+    from pmbench_util import skip_if_oom
+
+    with pytest.raises(Skipped, match="out of memory"):
+        with skip_if_oom():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+    with pytest.raises(ValueError):
+        with skip_if_oom():
+            raise ValueError("a real failure")
