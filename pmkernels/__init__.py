@@ -6,11 +6,13 @@ Public ops:
     weight_distances(U, G, V, pref, deltas, *, impl="auto") -> (K,)
 """
 from .pareto_linear import IMPLS, merged_weight, pareto_linear, resolve_impl, triton_available
+from ._validation import check_pref_values
 from .reference import core_matrix, reference_pareto_linear
 from .weight_distances import cpp_available, weight_distances
 
 __all__ = [
     "IMPLS",
+    "check_pref_values",
     "cpp_available",
     "core_matrix",
     "merged_weight",

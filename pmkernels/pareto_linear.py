@@ -97,12 +97,13 @@ def pareto_linear(
 
 def merged_weight(
     weight: torch.Tensor, U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor,
-    *, normalize: bool = False,
+    *, normalize: bool = False, check_values: bool = True,
 ) -> torch.Tensor:
     """W(γ) = weight + U M(γ) Vᵀ for one preference.
 
     weight (out, in), U (out, r), G (r, r, K), V (in, r), pref (K,) -> (out, in)
-    in weight's dtype (computed in fp32).
+    in weight's dtype (computed in fp32). ``check_values=False`` skips the
+    value checks of an already-validated pref (as in ``pareto_linear``).
     """
     from ._validation import _check_tensor, check_low_rank, check_pref_shape, check_same_device
 
@@ -112,5 +113,6 @@ def merged_weight(
     _, K = check_low_rank(U, G, V, *weight.shape)
     check_pref_shape(pref, K)
     check_same_device([("weight", weight), ("U", U), ("G", G), ("V", V), ("pref", pref)])
-    pref = check_pref_values(pref, normalize=normalize)
+    if check_values or normalize:
+        pref = check_pref_values(pref, normalize=normalize)
     return reference.merged_weight(weight, U, G, V, pref)

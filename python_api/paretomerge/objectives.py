@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 import pmkernels
-from pmkernels._validation import check_pref_values
+from pmkernels import check_pref_values
 
 from .modules import ParetoLinear, ParetoMultiheadAttention
 

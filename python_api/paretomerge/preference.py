@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from pmkernels._validation import check_pref_values
+from pmkernels import check_pref_values
 
 PrefLike = Union[torch.Tensor, np.ndarray, Sequence[float], Sequence[Sequence[float]]]
 
