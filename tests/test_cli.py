@@ -9,8 +9,9 @@ import torch
 
 import paretomerge as pm
 from paretomerge.cli import build_parser, main
-from paretomerge.config import ConfigError, build_architecture, from_dict, load_config
-from paretomerge.trainer import ParetoMergingTrainer, TrainerConfig
+from paretomerge.config import ConfigError, TrainerConfig, from_dict, load_config
+from paretomerge.pools.architectures import build_architecture
+from paretomerge.methods.pareto_merging import ParetoMergingTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = {"kind": "open_clip_vision", "embed_dim": 8,
@@ -89,7 +90,7 @@ def test_missing_file_named_on_load(tmp_path):
     import yaml
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(_good()))
     cfg = load_config(tmp_path / "c.yaml")
-    from paretomerge.config import load_pool
+    from paretomerge.program import load_pool
     with pytest.raises(ConfigError, match="pool.pretrained"):
         load_pool(cfg)
     assert main(["merge", "--config", str(tmp_path / "c.yaml")]) == 2

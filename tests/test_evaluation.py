@@ -167,7 +167,7 @@ def test_report_save_failure_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "report.json"
     _report().save(path)
     old = path.read_text()
-    import paretomerge.evaluation as ev
+    import paretomerge.evaluation.report as ev
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -211,7 +211,7 @@ def test_report_markdown():
 
 # -------- plots --------
 def test_plots_render(tmp_path):
-    from paretomerge.plots import plot_scenarios, plot_tradeoff
+    from paretomerge.evaluation.plots import plot_scenarios, plot_tradeoff
 
     r = _report()
     plot_tradeoff(r, tmp_path / "tradeoff.png")

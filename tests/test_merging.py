@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from paretomerge.merging import adamerging, entropy, task_arithmetic, ties_merging
-from paretomerge.pool import ModelPool
+from paretomerge.methods import adamerging, entropy, task_arithmetic, ties_merging
+from paretomerge.pools import ModelPool
 
 D = torch.float64
 

@@ -294,7 +294,7 @@ def test_use_preference_snapshots_and_caches_per_device():
     with pm.use_preference(pref) as active:
         pref[0] = 5.0  # the caller's tensor changes after the check: the layers must not see it
         assert torch.equal(pm.get_preference(), torch.tensor([0.2, 0.3, 0.5]))
-        state = pm.preference._STATE
+        state = pm.layers.preference._STATE
         on_meta = state.active_on(torch.device("meta"))
         assert state.active_on(torch.device("meta")) is on_meta  # one copy per device, not per layer call
         assert state.active_on(active.device) is active

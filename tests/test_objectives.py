@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import paretomerge as pm
-from paretomerge.objectives import (
+from paretomerge.methods.pareto_merging.objectives import (
     DataFreeObjective,
     Normalizer,
     entropy_objectives,
@@ -120,7 +120,7 @@ def test_normalizer():
 
 
 def test_entropy_objectives_shared_and_per_sample():
-    from paretomerge.merging import entropy
+    from paretomerge.methods import entropy
 
     torch.manual_seed(0)
     model = Tiny()
@@ -150,7 +150,7 @@ def test_entropy_objectives_shared_and_per_sample():
 
 
 def test_per_sample_entropy_mean_is_merging_entropy():
-    from paretomerge.merging import entropy
+    from paretomerge.methods import entropy
 
     logits = torch.randn(7, 5)
     assert per_sample_entropy(logits).mean().item() == pytest.approx(entropy(logits).item(), rel=1e-5)

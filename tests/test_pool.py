@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from paretomerge.io import load_state_dict, save_model, save_state_dict
-from paretomerge.merging import task_arithmetic
-from paretomerge.pool import ArchitectureMismatchError, ModelPool
+from paretomerge.methods import task_arithmetic
+from paretomerge.pools import ArchitectureMismatchError, ModelPool
 
 
 class Net(nn.Module):
@@ -144,7 +144,7 @@ def test_from_state_dict_files_safetensors_and_pt(models, tmp_path):
     save_model(fts["a"], tmp_path / "a.safetensors")
     torch.save(fts["b"].state_dict(), tmp_path / "b.pt")
     pool = ModelPool.from_state_dict_files(pre, {"a": tmp_path / "a.safetensors", "b": str(tmp_path / "b.pt")})
-    from paretomerge.pool import _SafetensorsSource
+    from paretomerge.pools.sources import SafetensorsSource as _SafetensorsSource
 
     assert isinstance(pool._sources[0], _SafetensorsSource)  # file-backed, read tensor by tensor
     assert_tv(pool.task_vector("a"), expected_tv(pre, fts["a"]))
@@ -262,7 +262,7 @@ def test_open_clip_checkpoints(tmp_path):
     pool = ModelPool.from_open_clip_checkpoints(paths["pre"], ft_paths, heads, trusted=True)
     from open_clip.transformer import VisionTransformer
 
-    from paretomerge.pool import ClassificationHead, ImageEncoder
+    from paretomerge.pools.legacy import ClassificationHead, ImageEncoder
 
     assert type(pool.pretrained) is ImageEncoder
     assert type(pool.pretrained.model) is VisionTransformer
@@ -279,7 +279,7 @@ def test_open_clip_checkpoints(tmp_path):
         for k, v in tv.items():
             torch.testing.assert_close(v, ft_sds[t][k] - pre_sd[k])
     # only one fine-tuned encoder is cached at a time
-    from paretomerge.pool import _LoaderSource
+    from paretomerge.pools.sources import LoaderSource as _LoaderSource
 
     assert _LoaderSource._last[0] is pool._sources[1]
     merged = task_arithmetic(pool, lam=0.3)
@@ -308,7 +308,7 @@ def test_from_hf_dirs(tmp_path):
         sds[name] = {k: v.clone() for k, v in m.state_dict().items()}
     pool = ModelPool.from_hf_dirs(dirs["pre"], {"sst2": dirs["sst2"], "qnli": str(dirs["qnli"])})
     assert isinstance(pool.pretrained, transformers.BertModel)
-    from paretomerge.pool import _LoaderSource, _SafetensorsSource
+    from paretomerge.pools.sources import LoaderSource as _LoaderSource, SafetensorsSource as _SafetensorsSource
 
     assert all(isinstance(s, _SafetensorsSource) for s in pool._sources)  # read lazily from the files
     tv = pool.task_vector("sst2")
@@ -343,7 +343,7 @@ def test_atomic_outputs_have_umask_permissions_and_no_leftovers(tmp_path):
     import stat
 
     from paretomerge.io import save_state_dict
-    from paretomerge.trainer import atomic_torch_save
+    from paretomerge.methods.pareto_merging.trainer import atomic_torch_save
 
     save_state_dict({"w": torch.ones(2)}, tmp_path / "a.safetensors")
     atomic_torch_save({"w": torch.ones(2)}, tmp_path / "b.pt")

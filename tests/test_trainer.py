@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 import paretomerge as pm
-from paretomerge.trainer import ParetoMergingTrainer, TrainerConfig, load_checkpoint
+from paretomerge import TrainerConfig
+from paretomerge.methods.pareto_merging import ParetoMergingTrainer, load_checkpoint
 
 from conftest import Tiny  # noqa: E402
 
@@ -126,8 +127,8 @@ def test_missing_inputs_are_errors():
 
 
 def _joint_trainer(steps, ckpt_dir=None, every=0):
-    from paretomerge.merging import task_arithmetic
-    from paretomerge.pool import ModelPool
+    from paretomerge.methods import task_arithmetic
+    from paretomerge.pools import ModelPool
 
     base, fts, heads, data = _setup()
     mods = {}
@@ -167,7 +168,7 @@ def test_joint_adamerging_coefficients(tmp_path):
 
 def test_pool_is_read_only_for_converted_weights():
     """The data-free objective asks the pool for the converted layers' weights alone (never K full models)."""
-    from paretomerge.pool import ModelPool
+    from paretomerge.pools import ModelPool
 
     base, fts, _, _ = _setup()
     mods = {}

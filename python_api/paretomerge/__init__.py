@@ -5,37 +5,47 @@
     with pm.use_preference([0.4, 0.2, 0.2, 0.2]):
         y = model(x)
     plain = pm.export(model, [0.4, 0.2, 0.2, 0.2])
+
+Subpackages: ``layers`` (Pareto modules, convert/export, preference), ``pools`` (model pools and
+their sources), ``methods`` (task arithmetic, TIES, AdaMerging, Pareto Merging; ``MERGE_METHODS``),
+``evaluation`` (fronts, hypervolume, reports, plots); ``config`` (pydantic models), ``program``
+(merge / eval / export runs), ``cli``, ``demo``. Every name below is importable from the top level.
 """
-from .convert import (
+from .config import ConfigError, MergeConfig, TrainerConfig, load_config
+from .evaluation import Report, accuracy, evaluate_tasks, hypervolume, non_dominated, preference_set, simplex_grid
+from .io import atomic_write, load_state_dict, save_model, save_state_dict
+from .layers import (
     ATTENTION,
     ATTENTION_MLP,
     MLP,
+    NoPreferenceError,
+    ParetoLinear,
+    ParetoMultiheadAttention,
+    as_preference,
     convert,
     export,
+    get_preference,
     pareto_layers,
     pareto_parameters,
     set_impl,
+    set_preference,
+    use_preference,
 )
-from .config import ConfigError, MergeConfig, load_config
-from .evaluation import Report, hypervolume, non_dominated, preference_set, simplex_grid
-from .io import load_state_dict, save_model, save_state_dict
-from .merging import adamerging, entropy, task_arithmetic, ties_merging
-from .modules import ParetoLinear, ParetoMultiheadAttention
-from .objectives import DataFreeObjective, scalarize, stch
-from .pool import ArchitectureMismatchError, ModelPool
-from .preference import NoPreferenceError, as_preference, get_preference, set_preference, use_preference
-from .trainer import ParetoMergingTrainer, TrainerConfig, train_pareto_merging
+from .methods import MERGE_METHODS, adamerging, entropy, merge, task_arithmetic, ties_merging
+from .methods.pareto_merging import DataFreeObjective, ParetoMergingTrainer, scalarize, stch, train_pareto_merging
+from .pools import ArchitectureMismatchError, ModelPool
 
 # plots (matplotlib) and demo (open_clip, scikit-learn) are imported on use:
-#   from paretomerge.plots import plot_tradeoff;  from paretomerge.demo import run_demo
+#   from paretomerge.evaluation.plots import plot_tradeoff;  from paretomerge.demo import run_demo
 
 __all__ = [
-    "ATTENTION", "ATTENTION_MLP", "MLP",
+    "ATTENTION", "ATTENTION_MLP", "MERGE_METHODS", "MLP",
     "ArchitectureMismatchError", "ConfigError", "DataFreeObjective", "MergeConfig", "ModelPool",
     "NoPreferenceError", "ParetoLinear", "ParetoMergingTrainer", "ParetoMultiheadAttention", "Report",
     "TrainerConfig",
-    "adamerging", "as_preference", "convert", "entropy", "export", "get_preference", "hypervolume",
-    "load_config", "load_state_dict", "non_dominated", "pareto_layers", "pareto_parameters",
-    "preference_set", "save_model", "save_state_dict", "scalarize", "set_impl", "set_preference",
-    "simplex_grid", "stch", "task_arithmetic", "ties_merging", "train_pareto_merging", "use_preference",
+    "accuracy", "adamerging", "as_preference", "atomic_write", "convert", "entropy", "evaluate_tasks", "export",
+    "get_preference", "hypervolume", "load_config", "load_state_dict", "merge", "non_dominated", "pareto_layers",
+    "pareto_parameters", "preference_set", "save_model", "save_state_dict", "scalarize", "set_impl",
+    "set_preference", "simplex_grid", "stch", "task_arithmetic", "ties_merging", "train_pareto_merging",
+    "use_preference",
 ]

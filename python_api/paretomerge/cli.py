@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -55,54 +54,9 @@ def cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------- merge
-def _base_merge(cfg, pool) -> torch.nn.Module:
-    from .merging import task_arithmetic, ties_merging
-
-    b = cfg.base
-    if b.method == "task_arithmetic":
-        return task_arithmetic(pool, lam=0.3 if b.lam is None else b.lam)
-    if b.method == "ties":
-        return ties_merging(pool, k=b.k, lam=1.0 if b.lam is None else b.lam)
-    return copy.deepcopy(pool.pretrained)
-
-
-def _logits_fn(pool):
-    heads = pool.heads or {}
-    names = list(pool.task_names)
-
-    def logits_fn(model, k, x):
-        return heads[names[k]](model(x))
-
-    return logits_fn
-
-
-def run_merge(cfg) -> Path:
-    """Base merge + Pareto Merging training as ``cfg`` (a validated MergeConfig) says; returns the checkpoint."""
-    from .config import load_pool, load_tensors
-    from .trainer import ParetoMergingTrainer
-
-    out = cfg.path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pool = load_pool(cfg)
-    model = _base_merge(cfg, pool)
-    tcfg = copy.deepcopy(cfg.trainer)
-    tcfg.checkpoint_dir = str(out / "checkpoints")
-    unlabeled = None
-    if cfg.mode == "unlabeled":
-        data = load_tensors(cfg, cfg.unlabeled, "unlabeled")
-        unlabeled = [data[t]["inputs"] for t in pool.task_names]
-    meta = {"architecture": cfg.pool.architecture, "base": cfg.base.method}
-    trainer = ParetoMergingTrainer(model, pool, tcfg, logits_fn=_logits_fn(pool) if unlabeled else None,
-                                   unlabeled=unlabeled, meta=meta)
-    resume = out / "checkpoints" / "last.pt"
-    trainer.train(resume=resume if resume.exists() else None)
-    final = out / "pareto_merged.pt"
-    trainer.save_checkpoint(final)
-    return final
-
-
 def cmd_merge(args) -> int:
     from .config import load_config
+    from .program import evaluate_checkpoint, run_merge
 
     cfg = load_config(args.config)
     ckpt = run_merge(cfg)
@@ -124,72 +78,17 @@ def cmd_validate(args) -> int:
 
 
 # ----------------------------------------------------------------------------- export / eval
-def model_from_checkpoint(ckpt_path, architecture: Optional[dict] = None) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the converted model of a trainer checkpoint (architecture from its meta unless given)."""
-    from .config import build_architecture
-    from .trainer import load_checkpoint, reconvert
-
-    ck = load_checkpoint(ckpt_path)
-    arch = architecture or (ck.get("meta") or {}).get("architecture")
-    if arch is None:
-        raise ValueError(f"{ckpt_path}: the checkpoint does not say how to build its architecture "
-                         f"(meta.architecture); pass one")
-    model = build_architecture(arch)
-    reconvert(model, int(ck["num_objectives"]), ck["layers"])
-    model.load_state_dict(ck["model"])
-    model.eval()
-    return model, ck
-
-
-def export_checkpoint(ckpt_path, pref: Sequence[float], out_path) -> torch.nn.Module:
-    """Bake W(γ) into a plain model of the original architecture and save it (safetensors, atomic)."""
-    from .convert import export
-    from .io import save_model
-
-    model, ck = model_from_checkpoint(ckpt_path)
-    if len(pref) != int(ck["num_objectives"]):
-        raise ValueError(f"--pref has {len(pref)} entries but the checkpoint has K = {ck['num_objectives']} "
-                         f"tasks {ck['task_names']}")
-    plain = export(model, pref)
-    save_model(plain, out_path)
-    return plain
-
-
 def cmd_export(args) -> int:
+    from .program import export_checkpoint
+
     export_checkpoint(args.checkpoint, args.pref, args.out)
     print(f"wrote {args.out}")
     return 0
 
 
-@torch.no_grad()
-def evaluate_checkpoint(ckpt_path, cfg, specs: Sequence[str], priority: float = 0.5, resolution: int = 4):
-    """Accuracy of a checkpoint on ``cfg.eval_data`` over the preference specs; a Report."""
-    from .config import ConfigError, load_pool, load_tensors
-    from .evaluation import Report, preference_set
-    from .preference import use_preference
-
-    if not cfg.eval_data:
-        raise ConfigError("eval_data", "required for evaluation (task -> file with 'inputs' and 'labels')")
-    model, ck = model_from_checkpoint(ckpt_path, cfg.pool.architecture)
-    tasks = list(ck["task_names"])
-    pool = load_pool(cfg)
-    if not pool.heads:
-        raise ConfigError("pool.heads", "required for evaluation")
-    data = load_tensors(cfg, cfg.eval_data, "eval_data", keys=("inputs", "labels"))
-    rep = Report(tasks)
-    prefs = [e for s in specs for e in preference_set(s, tasks, priority=priority, resolution=resolution)]
-    for scenario, pref in prefs:
-        m = {}
-        with use_preference(pref):
-            for t in tasks:
-                logits = pool.heads[t](model(data[t]["inputs"]))
-                m[t] = float((logits.argmax(-1) == data[t]["labels"]).float().mean())
-        rep.add(f"pareto_merging_{ck['config']['mode']}", scenario, pref, m, base=(ck.get("meta") or {}).get("base"))
-    return rep
-
-
 def cmd_eval(args) -> int:
     from .config import load_config
+    from .program import evaluate_checkpoint
 
     cfg = load_config(args.config)
     rep = evaluate_checkpoint(args.checkpoint, cfg, [s for s in args.prefs.split(",") if s],

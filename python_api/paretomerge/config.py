@@ -1,4 +1,7 @@
-"""Configuration of ``paretomerge merge`` / ``eval``: dataclasses, a validator, loaders.
+"""Configuration: pydantic models for the trainer and for ``paretomerge merge`` / ``eval`` files.
+
+This module sits below the code it configures: it imports nothing else of
+``paretomerge`` (the trainer, the program and the CLI import it).
 
 A YAML file (see ``examples/merge_demo.yaml``)::
 
@@ -16,199 +19,307 @@ A YAML file (see ``examples/merge_demo.yaml``)::
     output: {dir: merged}
 
 Relative paths are resolved against the directory of the config file.
-Unknown keys anywhere are errors; every error names the offending field
-(``pool.format``, ``trainer.rank`` …). ``validate`` checks structure and
-values only; missing files are reported (naming the field) when loading.
+Types are strict (``"yes"`` is not a bool, ``true`` is not a number), floats
+must be finite, unknown keys anywhere are errors, and every error is a
+``ConfigError`` whose message starts with the dotted field name
+(``pool.format``, ``trainer.rank`` …). ``MergeConfig.model_json_schema()``
+gives the JSON schema. Missing files are reported (naming the field) when the
+program loads them, not here.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
 
-import torch
-import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .trainer import TrainerConfig
+__all__ = [
+    "ARCH_KINDS", "BASE_METHODS", "INCLUDES", "MODES", "POOL_FORMATS", "SCALARIZATIONS",
+    "BaseConfig", "ConfigError", "MergeConfig", "OutputConfig", "PoolConfig", "TrainerConfig",
+    "from_dict", "load_config",
+]
 
+MODES = ("datafree", "unlabeled")
+INCLUDES = ("attention", "attention+mlp", "mlp", "all")
+SCALARIZATIONS = ("stch", "linear")
 POOL_FORMATS = ("files", "open_clip", "hf")
 BASE_METHODS = ("task_arithmetic", "ties", "pretrained")
 ARCH_KINDS = ("open_clip_vision", "open_clip", "hf")
 
 
 class ConfigError(ValueError):
-    """A bad config value; the message starts with the dotted field name."""
+    """A bad config value; the message starts with the dotted field name (``.field``)."""
 
     def __init__(self, fieldname: str, msg: str) -> None:
         super().__init__(f"{fieldname}: {msg}")
         self.field = fieldname
 
 
-@dataclass
-class PoolConfig:
-    format: str = "files"
-    architecture: Optional[dict] = None
-    pretrained: Optional[str] = None
-    finetuned: dict = field(default_factory=dict)
-    heads: Optional[dict] = None
+def _config_error(e: ValidationError, prefix: str = "") -> ConfigError:
+    """The first error of a pydantic ``ValidationError`` as a ``ConfigError`` naming its field."""
+    err = e.errors()[0]
+    parts = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in ARCH_KINDS)]  # union tags
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):
+        # Raised by a validator (naming a sub-field), or by a nested section's __init__ (pydantic
+        # calls a custom __init__ for nested models), whose field is then already the full path.
+        here = ".".join(parts)
+        if not (cause.field == here or cause.field.startswith(here + ".")):
+            parts.append(cause.field)
+        else:
+            parts = [cause.field]
+        msg = str(cause).split(": ", 1)[1]
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required"
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            parts.append(err["ctx"]["discriminator"].strip("'"))
+    return ConfigError(".".join(([prefix] if prefix else []) + parts) or "<root>", msg)
+
+
+class _Strict(BaseModel):
+    """Strict types, finite floats, no unknown keys, checked again on assignment."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True,
+                              frozen=False)
+    _prefix: ClassVar[str] = ""  # the dotted name of this section in a merge config, for errors raised on construction
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise _config_error(e, self._prefix) from None
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class TrainerConfig(_Strict):
+    """Hyper-parameters of Pareto Merging training (every open choice of the paper is one of these).
+
+    mode: "datafree" (weight-space objectives, no data) or "unlabeled" (entropy of each task's head).
+    include: which layers get tensors: "attention" (default), "attention+mlp", "mlp", "all".
+    rank: r of every converted layer; ``rank_mlp`` overrides it for MLP layers (None = same).
+    alpha: Dirichlet concentration of the sampled γ (1 = uniform on the simplex).
+    per_sample: unlabeled mode: one γ per sample slot (row j of a (B, K) preference is used by sample j
+        of every task's batch, through the op's per-sample path); data-free mode: ``batch_size`` γ's per
+        step, objective averaged.
+    scalarization: "stch" (smooth Tchebycheff, default) or "linear"; mu: STCH smoothing.
+    ideal: ideal point z (K floats) in the (normalised) objective space; None = 0.
+    normalize: "init" divides f_k by its value at the base merge (default) or "none".
+    reg_frobenius / reg_orthogonal: weights of the factor regulariser (see objectives.factor_regularizer).
+    diversity: unlabeled mode: weight of the anti-collapse term log C − H(mean prediction) added to each
+        task's entropy (see objectives.entropy_objectives; 0 = AdaMerging's plain entropy, which a free
+        low-rank update minimises by predicting one class for everything).
+    anchor: unlabeled mode: weight of the (normalised) data-free distance to model k added to f_k
+        (needs the fine-tuned weights; 0 = off). On the digits demo, plain entropy (diversity = anchor = 0)
+        collapses to one class within 200 steps at lr 3e-3; diversity alone keeps accuracy but gives
+        weak preference control; both (the defaults) give the best mean accuracy and control.
+    adamerging: unlabeled mode: also learn AdaMerging's layer-wise coefficients λ (one per parameter
+        tensor and task, init ``adamerging_init``, Adam at ``adamerging_lr``, clipped to [0, 1]) jointly
+        with the tensors: the base weights become θ_0 + Σ_k λ_{l,k} τ_{k,l} (the model passed in is then
+        only used for its architecture and converted layers; at the end, and in every checkpoint, the
+        learned base is baked into the model's weights). The anchor's deltas stay those of the initial
+        base.
+    steps, lr, batch_size (per task, unlabeled mode), weight_decay: Adam's.
+    seed: seeds factor init, γ draws and batch order. checkpoint_every / checkpoint_dir: periodic
+        atomic checkpoints (0 = none); the last step is always checkpointed when a dir is given.
+    progress: tqdm bar showing the current objectives.
+    impl: the Pareto layers' ``pmkernels.pareto_linear`` impl ("auto", "triton", "torch", "naive").
+    objective_impl: the data-free objective's ``pmkernels.weight_distances`` impl
+        ("auto", "triton", "cpp", "torch", "naive").
+    """
+
+    _prefix: ClassVar[str] = "trainer"
+
+    mode: Literal["datafree", "unlabeled"] = "datafree"
+    include: Literal["attention", "attention+mlp", "mlp", "all"] = "attention"
+    rank: PositiveInt = 8
+    rank_mlp: Optional[PositiveInt] = None
+    alpha: PositiveFloat = 1.0
+    per_sample: bool = False
+    scalarization: Literal["stch", "linear"] = "stch"
+    mu: PositiveFloat = 0.05
+    ideal: Optional[list[float]] = None
+    normalize: Literal["init", "none"] = "init"
+    reg_frobenius: NonNegativeFloat = 0.0
+    reg_orthogonal: NonNegativeFloat = 0.0
+    diversity: NonNegativeFloat = 1.0
+    anchor: NonNegativeFloat = 1.0
+    adamerging: bool = False
+    adamerging_lr: PositiveFloat = 1e-3
+    adamerging_init: float = 0.3
+    steps: PositiveInt = 200
+    lr: PositiveFloat = 1e-2
+    weight_decay: NonNegativeFloat = 0.0
+    batch_size: PositiveInt = 32
+    seed: int = 0
+    checkpoint_every: Annotated[int, Field(ge=0)] = 0
+    checkpoint_dir: Optional[str] = None
+    progress: bool = True
+    impl: Literal["auto", "triton", "torch", "naive"] = "auto"
+    objective_impl: Literal["auto", "triton", "cpp", "torch", "naive"] = "auto"
+
+    @field_validator("ideal", mode="before")
+    @classmethod
+    def _ideal_as_list(cls, v: Any) -> Any:
+        # Hydra/OmegaConf and numpy hand over sequences that are not lists
+        return list(v) if v is not None and not isinstance(v, (list, str, Mapping)) and hasattr(v, "__iter__") else v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "TrainerConfig":
+        if self.adamerging and self.mode != "unlabeled":
+            raise ConfigError("adamerging", "joint AdaMerging coefficients need mode 'unlabeled' "
+                                            "(they are fit by entropy)")
+        return self
+
+    def validate(self) -> "TrainerConfig":  # type: ignore[override]
+        """Check every field again (e.g. after in-place changes); return self."""
+        type(self)(**self.model_dump())
+        return self
+
+
+class PoolConfig(_Strict):
+    """Where the pretrained and fine-tuned weights are (``format``) and how to build the model."""
+
+    _prefix: ClassVar[str] = "pool"
+
+    format: Literal["files", "open_clip", "hf"] = "files"
+    architecture: Optional[Union["OpenClipVisionArch", "OpenClipArch", "HfArch"]] = Field(
+        default=None, discriminator="kind")
+    pretrained: Annotated[str, Field(min_length=1)]
+    finetuned: Annotated[dict[str, Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    heads: Optional[dict[str, Annotated[str, Field(min_length=1)]]] = None
     trusted: bool = False
 
+    @model_validator(mode="after")
+    def _cross_field(self) -> "PoolConfig":
+        if self.heads is not None and set(self.heads) != set(self.finetuned):
+            raise ConfigError("heads", f"must name the same tasks as pool.finetuned ({sorted(self.finetuned)}), "
+                                       f"got {sorted(self.heads)}")
+        if self.format == "files" and self.architecture is None:
+            raise ConfigError("architecture", "required for format 'files' (how to build the model)")
+        if self.format != "files" and self.architecture is not None:
+            raise ConfigError("architecture", f"only used with format 'files', not {self.format!r}")
+        return self
 
-@dataclass
-class BaseConfig:
-    method: str = "task_arithmetic"
+
+class OpenClipVisionArch(_Strict):
+    """An open_clip vision tower built from a ``CLIPVisionCfg`` (random init)."""
+
+    kind: Literal["open_clip_vision"]
+    embed_dim: PositiveInt
+    vision_cfg: dict[str, Any]
+
+    @field_validator("vision_cfg")
+    @classmethod
+    def _known_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from open_clip.model import CLIPVisionCfg
+
+        known = {f.name for f in dataclasses.fields(CLIPVisionCfg)}
+        bad = sorted(set(v) - known)
+        if bad:
+            raise ConfigError(bad[0], "unknown CLIPVisionCfg field")
+        return v
+
+
+class OpenClipArch(_Strict):
+    """An open_clip model's visual tower by model name (no pretrained download)."""
+
+    kind: Literal["open_clip"]
+    model_name: str
+
+
+class HfArch(_Strict):
+    """A Hugging Face model built from a local directory's config.json (never the hub)."""
+
+    kind: Literal["hf"]
+    dir: str
+    auto_class: str = "AutoModel"
+
+
+PoolConfig.model_rebuild()
+
+
+class BaseConfig(_Strict):
+    """The base merge Pareto Merging starts from."""
+
+    _prefix: ClassVar[str] = "base"
+
+    method: Literal["task_arithmetic", "ties", "pretrained"] = "task_arithmetic"
     lam: Optional[float] = None   # task arithmetic's λ (default 0.3) / TIES' λ (default 1.0)
-    k: float = 0.2                # TIES: fraction of each task vector kept
+    k: Annotated[float, Field(gt=0, le=1)] = 0.2  # TIES: fraction of each task vector kept
 
 
-@dataclass
-class OutputConfig:
-    dir: str = "paretomerge_out"
+class OutputConfig(_Strict):
+    _prefix: ClassVar[str] = "output"
+
+    dir: Annotated[str, Field(min_length=1)] = "paretomerge_out"
 
 
-@dataclass
-class MergeConfig:
+class MergeConfig(_Strict):
+    """A whole ``paretomerge merge`` run. ``trainer.mode`` is set from the top-level ``mode``."""
+
     pool: PoolConfig
-    base: BaseConfig = field(default_factory=BaseConfig)
-    mode: str = "datafree"
-    unlabeled: Optional[dict] = None
-    eval_data: Optional[dict] = None
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+    base: BaseConfig = Field(default_factory=BaseConfig)
+    mode: Literal["datafree", "unlabeled"] = "datafree"
+    unlabeled: Optional[dict[str, Annotated[str, Field(min_length=1)]]] = None
+    eval_data: Optional[dict[str, Annotated[str, Field(min_length=1)]]] = None
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     root: str = "."  # directory relative paths are resolved against (the config file's)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_into_trainer(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        tr = data.get("trainer")
+        if tr is None:
+            tr = {}
+        if not isinstance(tr, Mapping):
+            return data  # the field's own validation names it
+        if "mode" in tr:
+            raise ConfigError("trainer.mode", "set the mode at the top level (mode: datafree|unlabeled)")
+        return {**data, "trainer": {**tr, "mode": data.get("mode", "datafree")}}
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "MergeConfig":
+        p = self.pool
+        for name in ("unlabeled", "eval_data"):
+            m = getattr(self, name)
+            if m is not None and not m:
+                raise ConfigError(name, "must be a non-empty mapping of task name -> path")
+        if self.mode == "unlabeled":
+            if self.unlabeled is None or set(self.unlabeled) != set(p.finetuned):
+                raise ConfigError("unlabeled", f"must name every task of pool.finetuned ({sorted(p.finetuned)})")
+            if p.heads is None and p.format != "open_clip":
+                raise ConfigError("pool.heads", "required for mode 'unlabeled' (the entropy of each task's head)")
+        return self
 
     def path(self, p: str) -> Path:
         q = Path(p).expanduser()
         return q if q.is_absolute() else Path(self.root) / q
 
 
-def _from_mapping(cls, data: Any, prefix: str, skip: tuple = ()):
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(prefix, f"must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown key (known keys: {sorted(names)})")
-    return cls(**dict(data))
-
-
-def _check_str_map(value: Any, fieldname: str, *, required: bool = True) -> None:
-    if value is None and not required:
-        return
-    if not isinstance(value, Mapping) or not value:
-        raise ConfigError(fieldname, f"must be a non-empty mapping of task name -> path, got {value!r}")
-    for k, v in value.items():
-        if not isinstance(v, str) or not v:
-            raise ConfigError(f"{fieldname}.{k}", f"must be a path string, got {v!r}")
-
-
-def _check_architecture(arch: Any, fieldname: str) -> None:
-    if not isinstance(arch, Mapping):
-        raise ConfigError(fieldname, f"must be a mapping with a 'kind' ({ARCH_KINDS}), got {arch!r}")
-    kind = arch.get("kind")
-    if kind not in ARCH_KINDS:
-        raise ConfigError(f"{fieldname}.kind", f"must be one of {ARCH_KINDS}, got {kind!r}")
-    allowed = {"open_clip_vision": {"kind", "embed_dim", "vision_cfg"}, "open_clip": {"kind", "model_name"},
-               "hf": {"kind", "dir", "auto_class"}}[kind]
-    unknown = sorted(set(arch) - allowed)
-    if unknown:
-        raise ConfigError(f"{fieldname}.{unknown[0]}", f"unknown key for kind {kind!r} (known: {sorted(allowed)})")
-    if kind == "open_clip_vision":
-        if not isinstance(arch.get("embed_dim"), int) or arch["embed_dim"] < 1:
-            raise ConfigError(f"{fieldname}.embed_dim", f"must be a positive int, got {arch.get('embed_dim')!r}")
-        if not isinstance(arch.get("vision_cfg"), Mapping):
-            raise ConfigError(f"{fieldname}.vision_cfg", "must be a mapping of open_clip CLIPVisionCfg fields")
-        from open_clip.model import CLIPVisionCfg
-        known = {f.name for f in dataclasses.fields(CLIPVisionCfg)}
-        bad = sorted(set(arch["vision_cfg"]) - known)
-        if bad:
-            raise ConfigError(f"{fieldname}.vision_cfg.{bad[0]}", "unknown CLIPVisionCfg field")
-    elif kind == "open_clip" and not isinstance(arch.get("model_name"), str):
-        raise ConfigError(f"{fieldname}.model_name", "must be an open_clip model name")
-    elif kind == "hf" and not isinstance(arch.get("dir"), str):
-        raise ConfigError(f"{fieldname}.dir", "must be a Hugging Face model directory")
-
-
-def validate(cfg: MergeConfig) -> MergeConfig:
-    """Check every field's type and value; raise ``ConfigError`` naming the first bad field."""
-    p = cfg.pool
-    if p.format not in POOL_FORMATS:
-        raise ConfigError("pool.format", f"must be one of {POOL_FORMATS}, got {p.format!r}")
-    if not isinstance(p.pretrained, str) or not p.pretrained:
-        raise ConfigError("pool.pretrained", f"must be a path (file, or directory for format hf), got {p.pretrained!r}")
-    _check_str_map(p.finetuned, "pool.finetuned")
-    _check_str_map(p.heads, "pool.heads", required=False)
-    if p.heads is not None and set(p.heads) != set(p.finetuned):
-        raise ConfigError("pool.heads", f"must name the same tasks as pool.finetuned ({sorted(p.finetuned)}), "
-                                        f"got {sorted(p.heads)}")
-    if p.format == "files":
-        if p.architecture is None:
-            raise ConfigError("pool.architecture", "required for format 'files' (how to build the model)")
-        _check_architecture(p.architecture, "pool.architecture")
-    elif p.architecture is not None:
-        raise ConfigError("pool.architecture", f"only used with format 'files', not {p.format!r}")
-    if not isinstance(p.trusted, bool):
-        raise ConfigError("pool.trusted", f"must be true or false, got {p.trusted!r}")
-    b = cfg.base
-    if b.method not in BASE_METHODS:
-        raise ConfigError("base.method", f"must be one of {BASE_METHODS}, got {b.method!r}")
-    if b.lam is not None and (not isinstance(b.lam, (int, float)) or isinstance(b.lam, bool)):
-        raise ConfigError("base.lam", f"must be a number, got {b.lam!r}")
-    if not isinstance(b.k, (int, float)) or not 0 < b.k <= 1:
-        raise ConfigError("base.k", f"must be a fraction in (0, 1], got {b.k!r}")
-    if cfg.mode not in ("datafree", "unlabeled"):
-        raise ConfigError("mode", f"must be 'datafree' or 'unlabeled', got {cfg.mode!r}")
-    if cfg.mode == "unlabeled":
-        _check_str_map(cfg.unlabeled, "unlabeled")
-        if set(cfg.unlabeled) != set(p.finetuned):
-            raise ConfigError("unlabeled", f"must name every task of pool.finetuned ({sorted(p.finetuned)})")
-        if p.heads is None and p.format != "open_clip":
-            raise ConfigError("pool.heads", "required for mode 'unlabeled' (the entropy of each task's head)")
-    else:
-        _check_str_map(cfg.unlabeled, "unlabeled", required=False)
-    _check_str_map(cfg.eval_data, "eval_data", required=False)
-    if cfg.trainer.mode != cfg.mode:
-        raise ConfigError("trainer.mode", f"set the mode at the top level ('mode: {cfg.trainer.mode}')")
-    try:
-        cfg.trainer.validate()
-    except ValueError as e:
-        raise ConfigError(str(e).split(":")[0], str(e).split(":", 1)[1].strip()) from None
-    if not isinstance(cfg.output.dir, str) or not cfg.output.dir:
-        raise ConfigError("output.dir", f"must be a directory path, got {cfg.output.dir!r}")
-    return cfg
-
-
 def from_dict(data: Any, root: Union[str, Path] = ".") -> MergeConfig:
     """Build and validate a ``MergeConfig`` from plain data (as parsed from YAML)."""
     if not isinstance(data, Mapping):
         raise ConfigError("<root>", f"the config must be a mapping, got {type(data).__name__}")
-    known = {"pool", "base", "mode", "unlabeled", "eval_data", "trainer", "output"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(unknown[0], f"unknown key (known keys: {sorted(known)})")
+    if "root" in data:
+        raise ConfigError("root", "unknown key (relative paths resolve against the config file's directory)")
     if "pool" not in data:
         raise ConfigError("pool", "required")
-    mode = data.get("mode", "datafree")
-    tr = dict(data.get("trainer") or {})
-    if not isinstance(data.get("trainer") or {}, Mapping):
-        raise ConfigError("trainer", "must be a mapping")
-    if "mode" in tr:
-        raise ConfigError("trainer.mode", "set the mode at the top level (mode: datafree|unlabeled)")
-    tr["mode"] = mode
-    cfg = MergeConfig(
-        pool=_from_mapping(PoolConfig, data["pool"], "pool"),
-        base=_from_mapping(BaseConfig, data.get("base"), "base"),
-        mode=mode,
-        unlabeled=data.get("unlabeled"),
-        eval_data=data.get("eval_data"),
-        trainer=_from_mapping(TrainerConfig, tr, "trainer"),
-        output=_from_mapping(OutputConfig, data.get("output"), "output"),
-        root=str(root),
-    )
-    return validate(cfg)
+    try:
+        return MergeConfig.model_validate({**data, "root": str(root)})
+    except ValidationError as e:
+        raise _config_error(e) from None
 
 
 def load_config(path: Union[str, Path]) -> MergeConfig:
@@ -224,73 +335,3 @@ def load_config(path: Union[str, Path]) -> MergeConfig:
         except yaml.YAMLError as e:
             raise ConfigError("<yaml>", f"{path} is not valid YAML: {e}") from None
     return from_dict(data, root=path.resolve().parent)
-
-
-# ----------------------------------------------------------------------------- building things
-def build_architecture(arch: Mapping[str, Any]) -> nn.Module:
-    """A freshly initialised model of the architecture ``arch`` describes (no weights loaded)."""
-    _check_architecture(arch, "architecture")
-    kind = arch["kind"]
-    if kind == "open_clip_vision":
-        from open_clip.model import CLIPVisionCfg, _build_vision_tower
-
-        return _build_vision_tower(int(arch["embed_dim"]), CLIPVisionCfg(**dict(arch["vision_cfg"])))
-    if kind == "open_clip":
-        import open_clip
-
-        return open_clip.create_model(arch["model_name"], pretrained=None).visual
-    import transformers
-
-    auto = getattr(transformers, arch.get("auto_class", "AutoModel"))
-    return auto.from_config(transformers.AutoConfig.from_pretrained(arch["dir"]))
-
-
-def _need_file(cfg: MergeConfig, p: str, fieldname: str) -> Path:
-    q = cfg.path(p)
-    if not q.exists():
-        raise ConfigError(fieldname, f"no such file or directory: {str(q)!r}")
-    return q
-
-
-def _head_from_state(sd: Mapping[str, torch.Tensor]) -> nn.Module:
-    w = sd["weight"]
-    head = nn.Linear(w.shape[1], w.shape[0], bias="bias" in sd)
-    head.load_state_dict(dict(sd))
-    return head
-
-
-def load_pool(cfg: MergeConfig):
-    """The ``ModelPool`` the config describes (files are checked, naming the field)."""
-    from .io import load_state_dict
-    from .pool import ModelPool
-
-    p = cfg.pool
-    pre = _need_file(cfg, p.pretrained, "pool.pretrained")
-    fts = {t: _need_file(cfg, f, f"pool.finetuned.{t}") for t, f in p.finetuned.items()}
-    heads_paths = {t: _need_file(cfg, f, f"pool.heads.{t}") for t, f in (p.heads or {}).items()}
-    if p.format == "files":
-        model = build_architecture(p.architecture)
-        model.load_state_dict(load_state_dict(pre))
-        heads = {t: _head_from_state(load_state_dict(f)) for t, f in heads_paths.items()} or None
-        return ModelPool.from_state_dict_files(model, fts, heads=heads)
-    if p.format == "open_clip":
-        return ModelPool.from_open_clip_checkpoints(pre, fts, heads_paths or None, trusted=p.trusted)
-    heads = {t: _head_from_state(load_state_dict(f)) for t, f in heads_paths.items()} or None
-    pool = ModelPool.from_hf_dirs(pre, fts)
-    if heads:
-        pool.heads = heads
-    return pool
-
-
-def load_tensors(cfg: MergeConfig, mapping: Mapping[str, str], fieldname: str, keys=("inputs",)) -> dict:
-    """{task: {key: tensor}} from safetensors/torch files holding the named tensors."""
-    from .io import load_state_dict
-
-    out = {}
-    for t, f in mapping.items():
-        sd = load_state_dict(_need_file(cfg, f, f"{fieldname}.{t}"))
-        for k in keys:
-            if k not in sd:
-                raise ConfigError(f"{fieldname}.{t}", f"file has no tensor {k!r} (has {sorted(sd)})")
-        out[t] = {k: sd[k] for k in keys}
-    return out

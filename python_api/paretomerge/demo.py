@@ -132,7 +132,7 @@ def architecture(cfg: DemoConfig) -> dict:
 
 
 def build_encoder(cfg: DemoConfig) -> nn.Module:
-    from .config import build_architecture
+    from .pools.architectures import build_architecture
 
     enc = build_architecture(architecture(cfg))
     if not getattr(enc.transformer, "batch_first", True):
@@ -155,22 +155,9 @@ def _train(encoder: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor
     encoder.eval(), head.eval()
 
 
-@torch.no_grad()
-def accuracy(encoder: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, pref=None) -> float:
-    from .preference import use_preference
-
-    encoder.eval()
-    if pref is None:
-        logits = head(encoder(x))
-    else:
-        with use_preference(pref):
-            logits = head(encoder(x))
-    return float((logits.argmax(-1) == y).float().mean())
-
-
 def build_pool(cfg: DemoConfig, data: dict, log: Callable = print):
     """Pretrain on plain digits, fine-tune one model + head per task; return (pool, heads)."""
-    from .pool import ModelPool
+    from .pools import ModelPool
 
     dev = torch.device(cfg.device)
     xtr, ytr = data["train"]
@@ -217,9 +204,10 @@ def run_demo(out: Optional[str | Path] = None, cfg: Optional[DemoConfig] = None,
 
 
 def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
-    from .evaluation import Report
-    from .merging import adamerging, task_arithmetic, ties_merging
-    from .trainer import ParetoMergingTrainer, TrainerConfig
+    from .config import TrainerConfig
+    from .evaluation import Report, evaluate_tasks
+    from .methods import merge
+    from .methods.pareto_merging import ParetoMergingTrainer
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -240,12 +228,11 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
         return heads[tasks[k]](model(x))
 
     def metrics(model, pref=None):
-        return {t: accuracy(model, heads[t], *test[t], pref=pref) for t in tasks}
+        return evaluate_tasks(model, heads, test, pref)
 
     report = Report(tasks)
     for t in tasks:
-        report.add(f"finetuned:{t}", None, None, metrics(pool.finetuned_model(t) if hasattr(pool, "finetuned_model")
-                                                          else _finetuned_module(pool, t)))
+        report.add(f"finetuned:{t}", None, None, metrics(pool.finetuned_model(t)))
 
     merged: dict[str, nn.Module] = {}
 
@@ -259,14 +246,15 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
     want = set(cfg.methods)
     base_needed = {"pareto_merging_datafree", "pareto_merging_unlabeled"} & want
     if "task_arithmetic" in want or (base_needed and cfg.base == "task_arithmetic"):
-        merged["task_arithmetic"] = timed("task_arithmetic", lambda: task_arithmetic(pool, lam=cfg.ta_lam))
+        merged["task_arithmetic"] = timed("task_arithmetic", lambda: merge("task_arithmetic", pool, lam=cfg.ta_lam))
     if "ties" in want or (base_needed and cfg.base == "ties"):
-        merged["ties"] = timed("ties", lambda: ties_merging(pool))
+        merged["ties"] = timed("ties", lambda: merge("ties", pool))
     if "adamerging" in want or (base_needed and cfg.base == "adamerging"):
         batches = [[unlabeled[t][i:i + cfg.pareto_batch] for i in range(0, len(unlabeled[t]), cfg.pareto_batch)]
                    for t in tasks]
-        merged["adamerging"] = timed("adamerging", lambda: adamerging(
-            pool, logits_fn, batches, steps=cfg.adamerging_steps, seed=cfg.seed, init_lam=cfg.ta_lam))
+        merged["adamerging"] = timed("adamerging", lambda: merge(
+            "adamerging", pool, logits_fn=logits_fn, unlabeled=batches, steps=cfg.adamerging_steps, seed=cfg.seed,
+            init_lam=cfg.ta_lam))
     for name in ("task_arithmetic", "ties", "adamerging"):
         if name in want:
             report.add(name, None, None, metrics(merged[name]))
@@ -305,7 +293,7 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
         (outdir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plots:
             try:
-                from .plots import plot_scenarios, plot_tradeoff
+                from .evaluation.plots import plot_scenarios, plot_tradeoff
                 plot_tradeoff(report, outdir / "tradeoff.png", tasks=(tasks[1], tasks[2]))
                 plot_scenarios(report, outdir / "scenarios.png")
             except Exception as e:  # plots are a convenience: never fail the demo on them
@@ -314,12 +302,6 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
             write_pool(outdir, pool, heads, cfg, data)
     summary["report"] = report
     return summary
-
-
-def _finetuned_module(pool, task) -> nn.Module:
-    m = copy.deepcopy(pool.pretrained)
-    m.load_state_dict(pool.finetuned_state(task))
-    return m
 
 
 def _jsonable(x):

@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 import torch.nn as nn
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["is_safetensors", "load_state_dict", "save_model", "save_state_dict"]
+__all__ = ["atomic_write", "is_safetensors", "load_state_dict", "save_model", "save_state_dict", "unwrap_state_dict"]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
@@ -44,7 +44,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: PathLike, write) -> None:
+def atomic_write(path: PathLike, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     d = path.parent if str(path.parent) else Path(".")
@@ -92,7 +92,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: PathLike, metadata:
         seen.add(t.untyped_storage().data_ptr())
         out[k] = t
     meta = {str(k): str(v) for k, v in (metadata or {}).items()} or None
-    _atomic_write(path, lambda tmp: save_file(out, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(out, tmp, metadata=meta))
 
 
 def save_model(model: nn.Module, path: PathLike) -> None:
@@ -121,8 +121,13 @@ def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
             f"{str(p)!r} is not a plain state dict loadable with torch.load(weights_only=True) "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); whole pickled models need "
             f"ModelPool.from_open_clip_checkpoints(..., trusted=True)") from e
+    return unwrap_state_dict(obj, p)
+
+
+def unwrap_state_dict(obj: Any, path: PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in what ``torch.load`` returned (``{"state_dict": {...}}`` unwrapped), checked."""
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{str(p)!r} does not hold a state dict (a mapping of name -> Tensor)")
+        raise ValueError(f"{str(path)!r} does not hold a state dict (a mapping of name -> Tensor)")
     return dict(obj)

@@ -13,8 +13,9 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .modules import ParetoLinear, ParetoMultiheadAttention
-from .preference import PrefLike, as_preference
+from .attention import ParetoMultiheadAttention
+from .linear import ParetoLinear
+from .preference import PrefLike, single_preference
 
 # Name patterns (fnmatch, on the module's qualified name) of common layouts:
 # open_clip (`attn`, `mlp.c_fc`), Hugging Face BERT/CLIP/LLaMA-style names.
@@ -114,13 +115,18 @@ def pareto_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, mod
 
 
+def factored_weights(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter, nn.Parameter, torch.Tensor]]:
+    """(weight's state-dict key, U, G, V, base weight) for every factored weight of every Pareto layer.
+
+    A ``ParetoMultiheadAttention`` contributes two: its packed ``in_proj`` (3E, E) and ``out_proj``.
+    """
+    return [slot for name, layer in pareto_layers(model) for slot in layer.factored_weights(f"{name}." if name else "")]
+
+
 def pareto_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """The tensor factors (U, G, V) of every Pareto layer: what the trainer optimises."""
-    for _, mod in model.named_modules():
-        if isinstance(mod, ParetoLinear):
-            yield from (mod.U, mod.G, mod.V)
-        elif isinstance(mod, ParetoMultiheadAttention):
-            yield from (mod.in_proj_U, mod.in_proj_G, mod.in_proj_V)
+    for _, U, G, V, _ in factored_weights(model):
+        yield from (U, G, V)
 
 
 def set_impl(model: nn.Module, impl: str) -> None:
@@ -136,16 +142,14 @@ def export(model: nn.Module, pref: PrefLike) -> nn.Module:
     pref (K,). The copy has the original architecture's modules and state-dict
     keys (``nn.Linear``, ``nn.MultiheadAttention``); ``model`` is unchanged.
     """
-    p = as_preference(pref)
-    if p.dim() != 1:
-        raise ValueError(f"export needs one preference of shape (K,), got {tuple(p.shape)}")
+    p = single_preference(pref)
     names = [n for n, _ in pareto_layers(model)]
     if not names:
         raise ValueError("export: model has no Pareto layers (convert it first)")
     out = copy.deepcopy(model)
     for name in names:
         layer = out.get_submodule(name)
-        plain = layer.to_linear(p) if isinstance(layer, ParetoLinear) else layer.to_mha(p)
+        plain = layer._to_plain(p)  # p is checked once, above
         plain.train(layer.training)
         _set_submodule(out, name, plain)
     return out

@@ -47,6 +47,14 @@ def as_preference(pref: PrefLike, *, normalize: bool = False, name: str = "pref"
     return check_pref_values(t, normalize=normalize, name=name)
 
 
+def single_preference(pref: PrefLike, *, name: str = "pref") -> torch.Tensor:
+    """``as_preference`` for places that need exactly one preference: a checked (K,) tensor."""
+    p = as_preference(pref, name=name)
+    if p.dim() != 1:
+        raise ValueError(f"{name} must be one preference of shape (K,), got {tuple(p.shape)}")
+    return p
+
+
 class _PreferenceState:
     """The default preference and a stack of ``use_preference`` overrides.
 

@@ -1,11 +1,8 @@
-"""Drop-in Pareto layers: ``nn.Linear`` and ``nn.MultiheadAttention`` with a
-preference-conditioned low-rank update W(γ) = W + U (Σ_k γ_k G_k) Vᵀ.
+"""``ParetoMultiheadAttention``: ``nn.MultiheadAttention`` whose packed input
+projection and output projection carry the preference-conditioned update.
 
-Both keep the wrapped module's state-dict keys (``weight``/``bias``;
-``in_proj_weight``/``in_proj_bias``/``out_proj.*``) and add the tensor
-factors beside them (``U``, ``G``, ``V``; ``in_proj_U`` …). At construction
-U = 0, so ΔW = 0 and a converted model computes what the original did.
-The maths runs in ``pmkernels.pareto_linear``; nothing here knows of Triton.
+Keeps the wrapped module's keys (``in_proj_weight``/``in_proj_bias``/
+``out_proj.*``) and adds ``in_proj_U/G/V`` and ``out_proj.U/G/V``.
 """
 from __future__ import annotations
 
@@ -17,134 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pmkernels
-from pmkernels.reference import merged_weight as _merged_weight
 
-from .preference import PrefLike, as_preference, resolve_preference
-
-
-def _init_factors(U: torch.Tensor, G: torch.Tensor, V: torch.Tensor) -> None:
-    """U = 0 (so ΔW = 0, as LoRA zeroes one factor); G, V small random."""
-    with torch.no_grad():
-        nn.init.zeros_(U)
-        nn.init.normal_(G, std=1.0 / math.sqrt(G.shape[0]))
-        nn.init.kaiming_uniform_(V.T, a=math.sqrt(5))  # what LoRA uses for its input-side factor
-
-
-def _check_batch(x: torch.Tensor, pref: torch.Tensor, batch_dim: int, layer: str) -> None:
-    if pref.dim() == 2 and (x.dim() <= batch_dim or x.shape[batch_dim] != pref.shape[0]):
-        raise ValueError(
-            f"{layer}: per-sample pref has B = {pref.shape[0]} rows but the input's batch dim "
-            f"(dim {batch_dim}) of shape {tuple(x.shape)} does not match; expected one row per sample"
-        )
-
-
-def _check_rank_objectives(num_objectives: int, rank: int) -> None:
-    if not isinstance(num_objectives, int) or num_objectives < 1:
-        raise ValueError(f"num_objectives must be a positive int, got {num_objectives!r}")
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-
-
-class ParetoLinear(nn.Module):
-    """``nn.Linear`` whose weight depends on a preference γ ∈ Δ^{K-1}.
-
-    y = x W(γ)ᵀ + b, W(γ) = weight + U M(γ) Vᵀ, M(γ) = Σ_k γ_k G[:, :, k].
-    Parameters: weight (out, in), bias (out,), U (out, r), G (r, r, K), V (in, r).
-
-    ``forward(x, pref=None)``: x (..., in). pref (K,) for the whole call or
-    (B, K) per sample along ``batch_dim`` (0 unless the host model puts its
-    batch elsewhere); None uses the active preference (``use_preference``).
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        num_objectives: int,
-        rank: int,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        impl: str = "auto",
-        batch_dim: int = 0,
-    ) -> None:
-        super().__init__()
-        _check_rank_objectives(num_objectives, rank)
-        kw = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.num_objectives, self.rank = num_objectives, rank
-        self.impl, self.batch_dim = impl, batch_dim
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.G = nn.Parameter(torch.empty(rank, rank, num_objectives, **kw))
-        self.V = nn.Parameter(torch.empty(in_features, rank, **kw))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # weight and bias as nn.Linear initialises them.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
-        _init_factors(self.U, self.G, self.V)
-
-    @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, num_objectives: int, rank: int, *, impl: str = "auto", batch_dim: int = 0
-    ) -> "ParetoLinear":
-        """Wrap ``linear``: its weight and bias Parameters are reused (not copied)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
-        m = cls(linear.in_features, linear.out_features, num_objectives, rank, bias=False,
-                device="meta", impl=impl, batch_dim=batch_dim)
-        m.weight, m.bias = linear.weight, linear.bias
-        r, K = rank, num_objectives
-        m.U = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
-        m.G = nn.Parameter(torch.empty(r, r, K, device=w.device, dtype=w.dtype))
-        m.V = nn.Parameter(torch.empty(linear.in_features, r, device=w.device, dtype=w.dtype))
-        _init_factors(m.U, m.G, m.V)
-        return m
-
-    def forward(self, x: torch.Tensor, pref: Optional[PrefLike] = None) -> torch.Tensor:
-        return self._forward_resolved(x, resolve_preference(pref, x.device))
-
-    def _forward_resolved(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """forward with a preference already checked and on x's device."""
-        _check_batch(x, p, self.batch_dim, "ParetoLinear")
-        if p.dim() == 2 and self.batch_dim != 0:
-            x = x.movedim(self.batch_dim, 0)
-        y = pmkernels.pareto_linear(x, self.weight, self.bias, self.U, self.G, self.V, p,
-                                    impl=self.impl, check_values=False)
-        if p.dim() == 2 and self.batch_dim != 0:
-            y = y.movedim(0, self.batch_dim)
-        return y
-
-    @torch.no_grad()
-    def merged_weight(self, pref: PrefLike) -> torch.Tensor:
-        """W(γ) (out, in) for one preference (K,), in the weight's dtype."""
-        p = as_preference(pref).to(self.weight.device)
-        if p.dim() != 1:
-            raise ValueError(f"pref must be one preference of shape (K,), got {tuple(p.shape)}")
-        return pmkernels.merged_weight(self.weight, self.U, self.G, self.V, p)
-
-    @torch.no_grad()
-    def to_linear(self, pref: PrefLike) -> nn.Linear:
-        """A plain ``nn.Linear`` with W(γ) baked in."""
-        w = self.weight
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=w.device, dtype=w.dtype)
-        lin.weight.copy_(self.merged_weight(pref))
-        if self.bias is not None:
-            lin.bias.copy_(self.bias)
-        return lin
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_objectives={self.num_objectives}, rank={self.rank}, bias={self.bias is not None}, "
-                f"impl={self.impl!r}, batch_dim={self.batch_dim}")
+from .linear import ParetoLinear, check_batch, check_rank_objectives, init_factors
+from .preference import PrefLike, resolve_preference, single_preference
 
 
 class ParetoMultiheadAttention(nn.Module):
@@ -162,7 +34,7 @@ class ParetoMultiheadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, num_objectives: int, rank: int, *, dropout: float = 0.0,
                  bias: bool = True, batch_first: bool = False, impl: str = "auto", device=None, dtype=None) -> None:
         super().__init__()
-        _check_rank_objectives(num_objectives, rank)
+        check_rank_objectives(num_objectives, rank)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         kw = {"device": device, "dtype": dtype}
@@ -179,7 +51,7 @@ class ParetoMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         if bias:
             nn.init.zeros_(self.out_proj.bias)
-        _init_factors(self.in_proj_U, self.in_proj_G, self.in_proj_V)
+        init_factors(self.in_proj_U, self.in_proj_G, self.in_proj_V)
 
     @property
     def impl(self) -> str:
@@ -208,7 +80,7 @@ class ParetoMultiheadAttention(nn.Module):
         m.in_proj_U = nn.Parameter(torch.empty(3 * E, r, device=w.device, dtype=w.dtype))
         m.in_proj_G = nn.Parameter(torch.empty(r, r, K, device=w.device, dtype=w.dtype))
         m.in_proj_V = nn.Parameter(torch.empty(E, r, device=w.device, dtype=w.dtype))
-        _init_factors(m.in_proj_U, m.in_proj_G, m.in_proj_V)
+        init_factors(m.in_proj_U, m.in_proj_G, m.in_proj_V)
         m.out_proj = ParetoLinear.from_linear(mha.out_proj, num_objectives, rank, impl=impl)
         return m
 
@@ -238,9 +110,9 @@ class ParetoMultiheadAttention(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:  # (L, B, E) -> (B, L, E): per-sample rows then follow dim 0
-            _check_batch(query, p, 1, "ParetoMultiheadAttention (batch_first=False)")
+            check_batch(query, p, 1, "ParetoMultiheadAttention (batch_first=False)")
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        _check_batch(query, p, 0, "ParetoMultiheadAttention")
+        check_batch(query, p, 0, "ParetoMultiheadAttention")
         B, L, E = query.shape
         S = key.shape[1]
         if query is key and key is value:  # self-attention: one packed projection
@@ -297,20 +169,27 @@ class ParetoMultiheadAttention(nn.Module):
     @torch.no_grad()
     def to_mha(self, pref: PrefLike) -> nn.MultiheadAttention:
         """A plain ``nn.MultiheadAttention`` with W(γ) baked into both projections."""
-        p = as_preference(pref).to(self.in_proj_weight.device)
-        if p.dim() != 1:
-            raise ValueError(f"pref must be one preference of shape (K,), got {tuple(p.shape)}")
+        return self._to_plain(single_preference(pref))
+
+    def _to_plain(self, p: torch.Tensor) -> nn.MultiheadAttention:
         w = self.in_proj_weight
+        p = p.to(w.device)
         mha = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
                                     bias=self.in_proj_bias is not None, batch_first=self.batch_first,
                                     device=w.device, dtype=w.dtype)
-        mha.in_proj_weight.copy_(_merged_weight(w, self.in_proj_U, self.in_proj_G, self.in_proj_V, p))
+        mha.in_proj_weight.copy_(pmkernels.merged_weight(w, self.in_proj_U, self.in_proj_G, self.in_proj_V, p,
+                                                          check_values=False))
         if self.in_proj_bias is not None:
             mha.in_proj_bias.copy_(self.in_proj_bias)
-        mha.out_proj.weight.copy_(self.out_proj.merged_weight(p))
+        mha.out_proj.weight.copy_(self.out_proj._merged_weight(p))
         if self.out_proj.bias is not None:
             mha.out_proj.bias.copy_(self.out_proj.bias)
         return mha
+
+    def factored_weights(self, prefix: str = ""):
+        """(state-dict key, U, G, V, base weight) of the packed in_proj and of out_proj."""
+        yield prefix + "in_proj_weight", self.in_proj_U, self.in_proj_G, self.in_proj_V, self.in_proj_weight
+        yield from self.out_proj.factored_weights(prefix + "out_proj.")
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_objectives={self.num_objectives}, "

@@ -22,7 +22,7 @@ Two families of per-task objectives f = (f_1, …, f_K), both minimised:
 
 * **unlabeled data** (:func:`entropy_objectives`): f_k = the mean
   prediction entropy of task k's head on an unlabeled batch of task k
-  (AdaMerging's surrogate; ``paretomerge.merging.entropy``).
+  (AdaMerging's surrogate; ``methods.losses.entropy``).
 
 Scalarisation (:func:`scalarize`): smooth Tchebycheff
 
@@ -40,7 +40,6 @@ trades relative improvements, which is what a user's preference means.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -50,7 +49,8 @@ import torch.nn as nn
 import pmkernels
 from pmkernels import check_pref_values
 
-from .modules import ParetoLinear, ParetoMultiheadAttention
+from ...layers import factored_weights, use_preference
+from ..losses import entropy, marginal_entropy_gap, per_sample_entropy
 
 SCALARIZATIONS = ("stch", "linear")
 
@@ -120,22 +120,6 @@ class _LayerTerm:
     deltas: list[torch.Tensor]    # K tensors D_k = W_k − W_base (out, in), no grad
 
 
-def _layer_slots(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter, nn.Parameter, torch.Tensor]]:
-    """(weight key, U, G, V, base weight) for every factored weight of every Pareto layer."""
-    slots = []
-    from .convert import pareto_layers
-    for name, layer in pareto_layers(model):
-        pre = f"{name}." if name else ""
-        if isinstance(layer, ParetoMultiheadAttention):
-            slots.append((pre + "in_proj_weight", layer.in_proj_U, layer.in_proj_G, layer.in_proj_V,
-                          layer.in_proj_weight))
-            lin = layer.out_proj
-            slots.append((pre + "out_proj.weight", lin.U, lin.G, lin.V, lin.weight))
-        elif isinstance(layer, ParetoLinear):
-            slots.append((pre + "weight", layer.U, layer.G, layer.V, layer.weight))
-    return slots
-
-
 class DataFreeObjective(nn.Module):
     """f_k(γ) = Σ_layers ‖W(γ) − W_k‖²_F for every task k, via ``pmkernels.weight_distances``.
 
@@ -152,7 +136,7 @@ class DataFreeObjective(nn.Module):
     def __init__(self, model: nn.Module, finetuned: Sequence[Mapping[str, torch.Tensor]], *, impl: str = "auto",
                  delta_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        slots = _layer_slots(model)
+        slots = factored_weights(model)
         if not slots:
             raise ValueError("DataFreeObjective: the model has no Pareto layers (convert it first)")
         self.K = len(finetuned)
@@ -198,20 +182,7 @@ class DataFreeObjective(nn.Module):
 
 
 # ----------------------------------------------------------------------------- unlabeled data
-def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(B,) Shannon entropy of softmax(logits) per row (its batch mean is ``merging.entropy``)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 LogitsFn = Callable[[nn.Module, int, torch.Tensor], torch.Tensor]
-
-
-def marginal_entropy_gap(logits: torch.Tensor) -> torch.Tensor:
-    """log C − H(mean_i softmax(logits_i)): 0 when the batch's predictions cover the classes evenly,
-    log C when every sample predicts the same class (the collapse entropy minimisation drifts to)."""
-    p = torch.softmax(logits.float(), dim=-1).mean(0)
-    return math.log(logits.shape[-1]) + (p * torch.log(p.clamp_min(1e-12))).sum()
 
 
 def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[torch.Tensor],
@@ -221,7 +192,7 @@ def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[
     batches[k]: an unlabeled input batch of task k; ``logits_fn(model, k, x)``
     runs the (converted) model and task k's head. pref (K,): one preference
     for every batch, returns f (K,) with f_k = mean entropy on task k
-    (``merging.entropy``). pref (B, K): per-sample preferences, row j used by
+    (``losses.entropy``). pref (B, K): per-sample preferences, row j used by
     sample j of every task's batch (all batches must hold B samples); returns
     (B, K), entry (j, k) the entropy of task k's sample j under γ_j, so row j
     is an objective vector for γ_j.
@@ -231,9 +202,6 @@ def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[
     predicting one class for every input. It is a batch statistic: with per-sample preferences it is
     computed over task k's whole batch and added to every row.
     """
-    from .merging import entropy  # C1's: mean entropy over the batch
-    from .preference import use_preference
-
     if pref.dim() == 1:
         with use_preference(pref):
             out = []
@@ -268,7 +236,7 @@ def factor_regularizer(model: nn.Module, frobenius: float = 0.0, orthogonal: flo
     V is pushed to orthonormal columns. Sums run over every factored weight.
     """
     total = None
-    for _, U, G, V, _W in _layer_slots(model):
+    for _, U, G, V, _W in factored_weights(model):
         term = U.new_zeros(())
         if frobenius:
             term = term + frobenius * (U.pow(2).sum() + G.pow(2).sum() + V.pow(2).sum())

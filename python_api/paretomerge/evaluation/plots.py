@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .evaluation import Report
+from .report import Report
 
 PathLike = Union[str, os.PathLike]
 
@@ -41,11 +41,11 @@ def _cmap():
 
 
 def _save(fig, path: PathLike) -> None:
-    from .io import _atomic_write
+    from ..io import atomic_write
 
     path = Path(path)
     fmt = path.suffix.lstrip(".") or "png"
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
 
 
 def _pretty(method: str) -> str:

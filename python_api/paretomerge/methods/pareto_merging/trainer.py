@@ -24,131 +24,20 @@ bit-for-bit where the checkpoint stopped.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from .convert import convert, pareto_layers, pareto_parameters
-from .objectives import (
-    SCALARIZATIONS,
-    DataFreeObjective,
-    _layer_slots,
-    Normalizer,
-    entropy_objectives,
-    factor_regularizer,
-    scalarize,
-)
+from ...config import TrainerConfig
+from ...io import atomic_write
+from ...layers import convert, factored_weights, pareto_layers, pareto_parameters
+from ..merge_utils import LayerwiseMerge
+from .objectives import DataFreeObjective, Normalizer, entropy_objectives, factor_regularizer, scalarize
 
 CHECKPOINT_FORMAT = "paretomerge-checkpoint-v1"
-MODES = ("datafree", "unlabeled")
-INCLUDES = ("attention", "attention+mlp", "mlp", "all")
-
-
-@dataclass
-class TrainerConfig:
-    """Hyper-parameters of Pareto Merging training (every open choice of the paper is one of these).
-
-    mode: "datafree" (weight-space objectives, no data) or "unlabeled" (entropy of each task's head).
-    include: which layers get tensors: "attention" (default), "attention+mlp", "mlp", "all".
-    rank: r of every converted layer; ``rank_mlp`` overrides it for MLP layers (None = same).
-    alpha: Dirichlet concentration of the sampled γ (1 = uniform on the simplex).
-    per_sample: unlabeled mode: one γ per sample slot (row j of a (B, K) preference is used by sample j
-        of every task's batch, through the op's per-sample path); data-free mode: ``batch_size`` γ's per
-        step, objective averaged.
-    scalarization: "stch" (smooth Tchebycheff, default) or "linear"; mu: STCH smoothing.
-    ideal: ideal point z (K floats) in the (normalised) objective space; None = 0.
-    normalize: "init" divides f_k by its value at the base merge (default) or "none".
-    reg_frobenius / reg_orthogonal: weights of the factor regulariser (see objectives.factor_regularizer).
-    diversity: unlabeled mode: weight of the anti-collapse term log C − H(mean prediction) added to each
-        task's entropy (see objectives.entropy_objectives; 0 = AdaMerging's plain entropy, which a free
-        low-rank update minimises by predicting one class for everything).
-    anchor: unlabeled mode: weight of the (normalised) data-free distance to model k added to f_k
-        (needs the fine-tuned weights; 0 = off). On the digits demo, plain entropy (diversity = anchor = 0)
-        collapses to one class within 200 steps at lr 3e-3; diversity alone keeps accuracy but gives
-        weak preference control; both (the defaults) give the best mean accuracy and control.
-    adamerging: unlabeled mode: also learn AdaMerging's layer-wise coefficients λ (one per parameter
-        tensor and task, init ``adamerging_init``, Adam at ``adamerging_lr``, clipped to [0, 1]) jointly
-        with the tensors: the base weights become θ_0 + Σ_k λ_{l,k} τ_{k,l} (the model passed in is then
-        only used for its architecture and converted layers; at the end, and in every checkpoint, the
-        learned base is baked into the model's weights). The anchor's deltas stay those of the initial
-        base.
-    steps, lr, batch_size (per task, unlabeled mode), weight_decay: Adam's.
-    seed: seeds factor init, γ draws and batch order. checkpoint_every / checkpoint_dir: periodic
-        atomic checkpoints (0 = none); the last step is always checkpointed when a dir is given.
-    progress: tqdm bar showing the current objectives. impl: Pareto layers' impl ("auto", "torch", ...).
-    """
-
-    mode: str = "datafree"
-    include: str = "attention"
-    rank: int = 8
-    rank_mlp: Optional[int] = None
-    alpha: float = 1.0
-    per_sample: bool = False
-    scalarization: str = "stch"
-    mu: float = 0.05
-    ideal: Optional[list] = None
-    normalize: str = "init"
-    reg_frobenius: float = 0.0
-    reg_orthogonal: float = 0.0
-    diversity: float = 1.0
-    anchor: float = 1.0
-    adamerging: bool = False
-    adamerging_lr: float = 1e-3
-    adamerging_init: float = 0.3
-    steps: int = 200
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    seed: int = 0
-    checkpoint_every: int = 0
-    checkpoint_dir: Optional[str] = None
-    progress: bool = True
-    impl: str = "auto"
-
-    def validate(self) -> "TrainerConfig":
-        def bad(fieldname: str, msg: str):
-            raise ValueError(f"trainer.{fieldname}: {msg}")
-
-        if self.mode not in MODES:
-            bad("mode", f"must be one of {MODES}, got {self.mode!r}")
-        if self.include not in INCLUDES:
-            bad("include", f"must be one of {INCLUDES}, got {self.include!r}")
-        for name in ("rank", "steps", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                bad(name, f"must be a positive int, got {v!r}")
-        if self.rank_mlp is not None and (not isinstance(self.rank_mlp, int) or self.rank_mlp < 1):
-            bad("rank_mlp", f"must be a positive int or null, got {self.rank_mlp!r}")
-        for name in ("alpha", "mu", "lr", "adamerging_lr"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
-                bad(name, f"must be a positive number, got {v!r}")
-        for name in ("reg_frobenius", "reg_orthogonal", "weight_decay", "diversity", "anchor"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                bad(name, f"must be a non-negative number, got {v!r}")
-        if self.scalarization not in SCALARIZATIONS:
-            bad("scalarization", f"must be one of {SCALARIZATIONS}, got {self.scalarization!r}")
-        if self.normalize not in ("init", "none"):
-            bad("normalize", f"must be 'init' or 'none', got {self.normalize!r}")
-        if self.ideal is not None and (not isinstance(self.ideal, (list, tuple))
-                                       or not all(isinstance(v, (int, float)) for v in self.ideal)):
-            bad("ideal", f"must be a list of K numbers or null, got {self.ideal!r}")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            bad("checkpoint_every", f"must be an int >= 0, got {self.checkpoint_every!r}")
-        if not isinstance(self.adamerging, bool):
-            bad("adamerging", f"must be true or false, got {self.adamerging!r}")
-        if self.adamerging and self.mode != "unlabeled":
-            bad("adamerging", "joint AdaMerging coefficients need mode 'unlabeled' (they are fit by entropy)")
-        if not isinstance(self.seed, int):
-            bad("seed", f"must be an int, got {self.seed!r}")
-        return self
 
 
 def convert_for_config(model: nn.Module, K: int, cfg: TrainerConfig) -> dict[str, int]:
@@ -175,9 +64,7 @@ def reconvert(model: nn.Module, K: int, layers: Mapping[str, int], impl: str = "
 
 def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
     """torch.save to a temp file in the same directory, then os.replace (never a half-written file)."""
-    from .io import _atomic_write
-
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
@@ -246,9 +133,9 @@ class ParetoMergingTrainer:
         if cfg.mode == "datafree" or cfg.anchor:
             if finetuned is None:
                 # Only the converted layers' weights: with a file-backed pool the K models are never all in memory.
-                keys = [key for key, *_ in _layer_slots(model)]
+                keys = [key for key, *_ in factored_weights(model)]
                 finetuned = [pool.finetuned_state(k, keys) for k in range(self.K)]
-            self.datafree = DataFreeObjective(model, finetuned, impl="auto")
+            self.datafree = DataFreeObjective(model, finetuned, impl=cfg.objective_impl)
         if cfg.mode == "unlabeled":
             if logits_fn is None or unlabeled is None:
                 raise ValueError("mode 'unlabeled' needs logits_fn= and unlabeled= (inputs of every task)")
@@ -274,20 +161,13 @@ class ParetoMergingTrainer:
         factors = {id(p) for p in self.params}
         own = dict(self.model.named_parameters())
         pre = pool.pretrained_state()
-        self.lam_names = [n for n, p in own.items() if id(p) not in factors and p.is_floating_point() and n in pre]
-        self.lam_pre = {n: pre[n].detach().to(self.device) for n in self.lam_names}
-        tvs = [pool.task_vector(k, self.lam_names) for k in range(self.K)]
-        self.lam_tau = {n: torch.stack([tv[n] for tv in tvs]).to(self.device) for n in self.lam_names}
-        self.lam = torch.full((len(self.lam_names), self.K), float(self.cfg.adamerging_init), device=self.device,
+        names = [n for n, p in own.items() if id(p) not in factors and p.is_floating_point() and n in pre]
+        self.lam_merge = LayerwiseMerge.from_pool(pool, names, device=self.device)
+        self.lam = torch.full((len(names), self.K), float(self.cfg.adamerging_init), device=self.device,
                               requires_grad=True)
 
     def _merged_base(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for i, n in enumerate(self.lam_names):
-            tau = self.lam_tau[n]
-            c = self.lam[i].to(tau.dtype).view(self.K, *([1] * (tau.dim() - 1)))
-            out[n] = self.lam_pre[n] + (c * tau).sum(0)
-        return out
+        return self.lam_merge.merged(self.lam)
 
     @torch.no_grad()
     def bake_adamerging(self) -> None:
@@ -413,7 +293,7 @@ class ParetoMergingTrainer:
             "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
             "normalizer": {k: v.clone() for k, v in self.normalizer.state_dict().items()},
             "anchor_normalizer": {k: v.clone() for k, v in self.anchor_normalizer.state_dict().items()},
-            "config": dataclasses.asdict(self.cfg),
+            "config": self.cfg.model_dump(),
             "layers": dict(self.layers),
             "num_objectives": self.K,
             "task_names": list(self.task_names),
@@ -426,11 +306,9 @@ class ParetoMergingTrainer:
 
     def _checkpoint(self, directory: Path) -> None:
         """stepNNNNNN.pt, and last.pt as a byte copy of it (the state is serialised once)."""
-        from .io import _atomic_write
-
         path = directory / f"step{self.step:06d}.pt"
         self.save_checkpoint(path)
-        _atomic_write(directory / "last.pt", lambda tmp: shutil.copyfile(path, tmp))
+        atomic_write(directory / "last.pt", lambda tmp: shutil.copyfile(path, tmp))
 
     def load_state(self, ckpt: Mapping) -> None:
         if dict(ckpt["layers"]) != self.layers:

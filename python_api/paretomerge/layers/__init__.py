@@ -1,0 +1,30 @@
+"""Pareto layers (drop-in modules with W(γ) = W + U M(γ) Vᵀ), conversion and export, the preference context."""
+from .attention import ParetoMultiheadAttention
+from .convert import (
+    ATTENTION,
+    ATTENTION_MLP,
+    MLP,
+    PRESETS,
+    convert,
+    export,
+    factored_weights,
+    pareto_layers,
+    pareto_parameters,
+    set_impl,
+)
+from .linear import ParetoLinear
+from .preference import (
+    NoPreferenceError,
+    PrefLike,
+    as_preference,
+    get_preference,
+    set_preference,
+    single_preference,
+    use_preference,
+)
+
+__all__ = [
+    "ATTENTION", "ATTENTION_MLP", "MLP", "PRESETS", "NoPreferenceError", "ParetoLinear", "ParetoMultiheadAttention",
+    "PrefLike", "as_preference", "convert", "export", "factored_weights", "get_preference", "pareto_layers",
+    "pareto_parameters", "set_impl", "set_preference", "single_preference", "use_preference",
+]

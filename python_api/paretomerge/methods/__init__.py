@@ -1,0 +1,44 @@
+"""Merge methods: task arithmetic, TIES, AdaMerging (base merges) and Pareto Merging.
+
+``MERGE_METHODS`` is the one map from a method's name (as configs, the CLI, the demo and reports
+spell it) to its implementation: ``merge(name, pool, **options)`` runs it. Pure tensor helpers live
+in ``merge_utils``; the entropy losses in ``losses``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from ..pools import ModelPool
+from .adamerging import adamerging
+from .losses import entropy
+from .merge_utils import LayerwiseMerge, check_pool
+from .task_arithmetic import task_arithmetic
+from .ties import ties_merging
+
+
+def pretrained(pool: ModelPool) -> nn.Module:
+    """No merge: a copy of the pretrained model."""
+    check_pool(pool)
+    return copy.deepcopy(pool.pretrained)
+
+
+MERGE_METHODS: dict[str, Callable[..., nn.Module]] = {
+    "task_arithmetic": task_arithmetic,
+    "ties": ties_merging,
+    "adamerging": adamerging,
+    "pretrained": pretrained,
+}
+
+
+def merge(method: str, pool: ModelPool, **options: Any) -> nn.Module:
+    """Run the merge method named ``method`` on ``pool`` (a new module); ``options`` are its keyword arguments."""
+    if method not in MERGE_METHODS:
+        raise ValueError(f"method must be one of {sorted(MERGE_METHODS)}, got {method!r}")
+    return MERGE_METHODS[method](pool, **options)
+
+
+__all__ = ["LayerwiseMerge", "MERGE_METHODS", "adamerging", "entropy", "merge", "pretrained", "task_arithmetic",
+           "ties_merging"]

@@ -1,0 +1,119 @@
+"""Layer-wise AdaMerging (Yang et al. 2024): θ_l = θ0_l + Σ_k λ_{l,k} τ_{k,l}, λ learned by minimising
+Σ_k entropy(logits_fn(model, k, batch)) on unlabeled batches with Adam, through
+``torch.func.functional_call``. Needs all K task vectors of the merged tensors at once (it
+differentiates through them).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from ..pools import ModelPool, is_float
+from .losses import entropy
+from .merge_utils import LayerwiseMerge, check_number, check_pool
+
+
+class _Call(nn.Module):
+    """Wraps ``logits_fn(model, k, batch)`` as a module so ``functional_call`` can swap model's parameters."""
+
+    def __init__(self, model: nn.Module, logits_fn: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self._fn = logits_fn
+
+    def forward(self, k: int, batch):
+        return self._fn(self.model, k, batch)
+
+
+def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tensor], torch.Tensor],
+               unlabeled: Sequence[Sequence[torch.Tensor]], *, steps: int = 100, lr: float = 1e-3,
+               init_lam: float = 0.3, seed: int = 0, return_coefficients: bool = False
+               ) -> Union[nn.Module, tuple[nn.Module, torch.Tensor]]:
+    """Layer-wise AdaMerging (a new module; with ``return_coefficients`` also λ (L, K)).
+
+    One coefficient λ_{l,k} per floating parameter tensor l (in ``named_parameters`` order) and
+    task k, initialised to ``init_lam``, learned with Adam (``lr``, ``steps``) to minimise
+    Σ_k entropy(logits_fn(model, k, batch_k)): ``logits_fn`` receives the model with the merged
+    parameters swapped in (``torch.func.functional_call``), the task index k and one batch of
+    ``unlabeled[k]`` (batches taken in a seeded random order). After each step λ is clipped to
+    [0, 1] as in the reference implementation. Floating buffers are merged with ``init_lam``
+    (task arithmetic). The run is deterministic for a given ``seed`` (global RNG untouched).
+    """
+    check_pool(pool)
+    K = len(pool)
+    if not callable(logits_fn):
+        raise TypeError(f"logits_fn must be callable (model, k, batch) -> logits, got {type(logits_fn).__name__}")
+    if isinstance(unlabeled, (torch.Tensor, str)) or len(unlabeled) != K:
+        raise ValueError(f"unlabeled must be a sequence of K = {K} sequences of batches (one per task), got "
+                         f"{type(unlabeled).__name__}" + ("" if isinstance(unlabeled, (torch.Tensor, str))
+                                                          else f" of length {len(unlabeled)}"))
+    for i, b in enumerate(unlabeled):
+        if isinstance(b, torch.Tensor) or len(b) == 0:
+            raise ValueError(f"unlabeled[{i}] must be a non-empty sequence of batches (a list of inputs), got "
+                             f"{'a Tensor' if isinstance(b, torch.Tensor) else 'an empty sequence'}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    lr = check_number(lr, "lr")
+    init_lam = check_number(init_lam, "init_lam")
+
+    model = copy.deepcopy(pool.pretrained)
+    was_training = model.training
+    model.eval()
+    model.requires_grad_(False)
+    names = [n for n, p in model.named_parameters() if is_float(p)]
+    buffer_names = [n for n in pool.float_keys() if n not in set(names)]
+    # (K, *shape) per parameter: AdaMerging needs every τ_{k,l} at once
+    merge = LayerwiseMerge.from_pool(pool, names)
+    L = len(names)
+    lam = torch.full((L, K), init_lam, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([lam], lr=lr)
+    wrapper = _Call(model, logits_fn)
+    gen = torch.Generator().manual_seed(int(seed))
+    orders = [torch.randperm(len(b), generator=gen).tolist() for b in unlabeled]
+    pos = [0] * K
+
+    def merged_params(coef: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"model." + n: t for n, t in merge.merged(coef).items()}
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            params = merged_params(lam)
+            loss = torch.zeros((), dtype=torch.float32)
+            for k in range(K):
+                batches = unlabeled[k]
+                if pos[k] >= len(batches):
+                    orders[k] = torch.randperm(len(batches), generator=gen).tolist()
+                    pos[k] = 0
+                batch = batches[orders[k][pos[k]]]
+                pos[k] += 1
+                logits = torch.func.functional_call(wrapper, params, (k, batch), strict=False)
+                loss = loss + entropy(logits).float()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                lam.clamp_(0.0, 1.0)
+
+    coef = lam.detach().clone()
+    with torch.no_grad():
+        final = merged_params(coef)
+        for n in names:
+            model.get_parameter(n).copy_(final["model." + n])
+        if buffer_names:
+            sd = model.state_dict()
+            total: dict[str, torch.Tensor] = {}
+            for k in range(K):
+                for n, t in pool.task_vector(k, buffer_names).items():
+                    total[n] = t.clone() if n not in total else total[n] + t
+            base_sd = pool.pretrained_state()
+            for n, t in total.items():
+                sd[n].copy_(base_sd[n] + init_lam * t)
+    model.requires_grad_(True)
+    for n, p in pool.pretrained.named_parameters():  # keep the pretrained model's requires_grad flags
+        model.get_parameter(n).requires_grad_(p.requires_grad)
+    model.train(was_training)
+    return (model, coef) if return_coefficients else model

@@ -1,0 +1,31 @@
+"""Entropy losses on logits (AdaMerging's surrogate and its anti-collapse companion), said once."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["entropy", "marginal_entropy_gap", "per_sample_entropy"]
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy (nats) of softmax(logits) over the last dim, averaged over all other dims."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating Tensor, got {type(logits).__name__}"
+                        + (f" of dtype {logits.dtype}" if isinstance(logits, torch.Tensor) else ""))
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (..., C) with C >= 1, got {tuple(logits.shape)}")
+    return per_sample_entropy(logits).mean()
+
+
+def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(...) Shannon entropy (nats) of softmax(logits) per row, in fp32 or wider (its mean is ``entropy``)."""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def marginal_entropy_gap(logits: torch.Tensor) -> torch.Tensor:
+    """log C − H(mean_i softmax(logits_i)): 0 when the batch's predictions cover the classes evenly,
+    log C when every sample predicts the same class (the collapse entropy minimisation drifts to)."""
+    p = torch.softmax(logits.float(), dim=-1).mean(0)
+    return math.log(logits.shape[-1]) + (p * torch.log(p.clamp_min(1e-12))).sum()

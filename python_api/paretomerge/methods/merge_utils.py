@@ -1,0 +1,85 @@
+"""Pure tensor helpers shared by the merge methods (PEFT's ``merge_utils`` in spirit): no model logic.
+
+* ``apply_delta``: a deep copy of the pretrained model with θ0 + δ written in.
+* ``LayerwiseMerge``: θ_l = θ0_l + Σ_k λ_{l,k} τ_{k,l} from stacked task vectors and a coefficient
+  matrix λ (AdaMerging's merged weights; the Pareto trainer's joint AdaMerging uses the same object).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..pools import ModelPool
+
+__all__ = ["LayerwiseMerge", "acc_dtype", "apply_delta", "check_number", "check_pool"]
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype sums of task vectors accumulate in: float64 for float64 tensors, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def check_pool(pool) -> None:
+    if not isinstance(pool, ModelPool):
+        raise TypeError(f"pool must be a ModelPool, got {type(pool).__name__}")
+
+
+def check_number(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+    x = float(x)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+@torch.no_grad()
+def apply_delta(pool: ModelPool, delta: dict[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of the pretrained model with θ0 + delta written into its floating tensors."""
+    model = copy.deepcopy(pool.pretrained)
+    sd = model.state_dict()
+    base = pool.pretrained_state()
+    for name, d in delta.items():
+        sd[name].copy_((base[name].to(d.dtype) + d).to(sd[name].dtype))
+    return model
+
+
+
+
+class LayerwiseMerge:
+    """θ_l = θ0_l + Σ_k λ_{l,k} τ_{k,l} for the named tensors l, differentiable w.r.t. λ (L, K).
+
+    names: the L tensor names (in λ's row order); base[n] θ0 (any shape); tau[n] the K task vectors
+    of tensor n stacked (K, *shape). ``merged(lam)`` returns {name: merged tensor}.
+    """
+
+    def __init__(self, names: Sequence[str], base: Mapping[str, torch.Tensor],
+                 tau: Mapping[str, torch.Tensor]) -> None:
+        self.names = list(names)
+        self.base = {n: base[n] for n in self.names}
+        self.tau = {n: tau[n] for n in self.names}
+        self.K = next(iter(self.tau.values())).shape[0] if self.tau else 0
+
+    @classmethod
+    def from_pool(cls, pool: ModelPool, names: Sequence[str], device=None) -> "LayerwiseMerge":
+        """Stack the K task vectors of ``names`` from ``pool`` (one task at a time)."""
+        stacked: dict[str, list] = {n: [] for n in names}
+        for k in range(len(pool)):
+            tv = pool.task_vector(k, names)
+            for n in names:
+                stacked[n].append(tv[n])
+            del tv
+        pre = pool.pretrained_state()
+        return cls(names, {n: pre[n].detach().to(device) for n in names},
+                   {n: torch.stack(v).to(device) for n, v in stacked.items()})
+
+    def merged(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, n in enumerate(self.names):
+            tau = self.tau[n]
+            c = lam[i].to(tau.dtype).view(self.K, *([1] * (tau.dim() - 1)))
+            out[n] = self.base[n] + (c * tau).sum(0)
+        return out

@@ -1,0 +1,188 @@
+"""Where a fine-tuned model's weights come from: name -> tensor, loaded on demand.
+
+Sources are lazy where the format allows: safetensors files (single or
+sharded) are read tensor by tensor with ``safe_open``, torch checkpoints are
+memory-mapped, whole-model loaders (pickled open_clip encoders, Hugging Face
+directories with renamed keys) load one model at a time and keep only the
+last one.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from ..io import PathLike
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight sources: name -> tensor, loaded on demand
+# ---------------------------------------------------------------------------------------------------------------
+class Source:
+    """Where one fine-tuned model's weights come from."""
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def get(self, names: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop anything cached."""
+
+
+class ModuleSource(Source):
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def _sd(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict(keep_vars=False)
+
+    def keys(self):
+        return list(self._sd().keys())
+
+    def shapes(self):
+        return {k: tuple(v.shape) for k, v in self._sd().items()}
+
+    def get(self, names=None):
+        sd = self._sd()
+        if names is None:
+            return {k: v.detach() for k, v in sd.items()}
+        return {n: sd[n].detach() for n in names}
+
+
+class StateDictSource(Source):
+    """A state dict already in memory (or memory-mapped)."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor]) -> None:
+        self.sd = dict(sd)
+
+    def keys(self):
+        return list(self.sd.keys())
+
+    def shapes(self):
+        return {k: tuple(v.shape) for k, v in self.sd.items()}
+
+    def get(self, names=None):
+        if names is None:
+            return dict(self.sd)
+        return {n: self.sd[n] for n in names}
+
+
+class SafetensorsSource(Source):
+    """Safetensors file(s) read lazily with ``safe_open`` (only the requested tensors are read).
+    Several files (a sharded checkpoint) act as one state dict."""
+
+    def __init__(self, paths: Union[Path, Sequence[Path]]) -> None:
+        from safetensors import safe_open
+
+        self.paths = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+        self._file: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for path in self.paths:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    self._file[k] = path
+                    self._shapes[k] = tuple(f.get_slice(k).get_shape())
+
+    def keys(self):
+        return list(self._shapes)
+
+    def shapes(self):
+        return dict(self._shapes)
+
+    def get(self, names=None):
+        from safetensors import safe_open
+
+        names = list(self._shapes) if names is None else list(names)
+        out: dict[str, torch.Tensor] = {}
+        for path in self.paths:
+            want = [n for n in names if self._file[n] == path]
+            if want:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    out.update({n: f.get_tensor(n) for n in want})
+        return {n: out[n] for n in names}
+
+
+class LoaderSource(Source):
+    """Weights obtained by calling ``load()`` (a whole model). Only the most recently loaded state
+    dict of all loader sources is kept (one full fine-tuned model in memory at most)."""
+
+    _last: list = [None, None]  # [source, state dict], shared by every loader source
+
+    def __init__(self, load: Callable[[], Mapping[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]]) -> None:
+        self.load = load
+        self._shapes = shapes
+
+    def keys(self):
+        return list(self._shapes)
+
+    def shapes(self):
+        return dict(self._shapes)
+
+    def get(self, names=None):
+        last = LoaderSource._last
+        if last[0] is self:
+            sd = last[1]
+        else:
+            last[0] = last[1] = None  # free the previous model before loading the next
+            sd = dict(self.load())
+            last[0], last[1] = self, sd
+        if names is None:
+            return dict(sd)
+        return {n: sd[n] for n in names}
+
+    def release(self):
+        if LoaderSource._last[0] is self:
+            LoaderSource._last[0] = LoaderSource._last[1] = None
+
+
+def file_source(path: PathLike) -> Source:
+    from ..io import is_safetensors, load_state_dict, unwrap_state_dict
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such weights file: {str(p)!r}")
+    if is_safetensors(p):
+        return SafetensorsSource(p)
+    try:  # memory-mapped: tensors are paged in when used
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        return StateDictSource(unwrap_state_dict(obj, p))
+    except (RuntimeError, pickle.UnpicklingError):
+        # legacy (non-zip) format cannot be memory-mapped (or not a plain state dict: load_state_dict says
+        # why): load it when needed, one model at a time
+        sd = load_state_dict(p)
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        del sd
+        return LoaderSource(lambda: load_state_dict(p), shapes)
+
+
+def hf_safetensors_source(d: Path, ref_shapes: Mapping[str, tuple[int, ...]]) -> Optional[Source]:
+    """A lazy source over a HF directory's safetensors (single or sharded) when their keys and shapes are
+    exactly those of the model's state dict; else None (renamed or tied keys: load through transformers)."""
+    import json
+
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            return None
+        paths = [d / f for f in files]
+    elif (d / "model.safetensors").is_file():
+        paths = [d / "model.safetensors"]
+    else:
+        return None
+    if not all(p.is_file() for p in paths):
+        return None
+    try:
+        src = SafetensorsSource(paths)
+    except Exception:  # unreadable: let transformers report it
+        return None
+    return src if src.shapes() == dict(ref_shapes) else None
