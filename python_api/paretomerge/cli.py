@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,9 +23,24 @@ def _parse_pref(text: str) -> list[float]:
         vals = [float(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--pref must be comma-separated numbers, got {text!r}") from None
-    if not vals or any(v < 0 for v in vals) or abs(sum(vals) - 1.0) > 1e-3:
-        raise argparse.ArgumentTypeError(f"--pref must be K non-negative numbers summing to 1, got {text!r}")
+    if not vals or any(not math.isfinite(v) or v < 0 for v in vals) or abs(sum(vals) - 1.0) > 1e-3:
+        raise argparse.ArgumentTypeError(f"--pref must be K finite non-negative numbers summing to 1, got {text!r}")
     return vals
+
+
+def _output_file(text: str) -> str:
+    """An output file path: not a directory (existing, or written with a trailing slash)."""
+    if text.endswith(("/", "\\")) or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"--out must be a file path (e.g. model.safetensors), got the directory "
+                                         f"{text!r}")
+    return text
+
+
+def _output_dir(text: str) -> str:
+    """An output directory path: not an existing file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"--out must be a directory, but {text!r} is an existing file")
+    return text
 
 
 # ----------------------------------------------------------------------------- demo
@@ -115,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "models (digits, rot90, mirror, invert), merge them with task arithmetic, "
                                    "TIES, AdaMerging and Pareto Merging (data-free and unlabeled), evaluate "
                                    "under equal / priority / one-hot preferences; write report.json and plots.")
-    d.add_argument("--out", default="pmdemo", help="output directory (default: %(default)s)")
+    d.add_argument("--out", default="pmdemo", type=_output_dir, help="output directory (default: %(default)s)")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default: %(default)s)")
     d.add_argument("--steps", type=int, default=None, help="Pareto Merging training steps (default: 200)")
     d.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
@@ -140,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Pareto layer and save a state dict with the original architecture's keys.")
     e.add_argument("--checkpoint", required=True, help="checkpoint written by merge/demo (pareto_merged.pt)")
     e.add_argument("--pref", required=True, type=_parse_pref, help="preference, e.g. 0.4,0.2,0.2,0.2 (sums to 1)")
-    e.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
+    e.add_argument("--out", required=True, type=_output_file, help="output .safetensors file (written atomically)")
     e.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint over a preference set, write report.json")
@@ -151,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     ev.add_argument("--priority", type=float, default=0.5, help="γ of the prioritised task (default: %(default)s)")
     ev.add_argument("--resolution", type=int, default=4, help="simplex grid resolution (default: %(default)s)")
-    ev.add_argument("--out", default="paretomerge_eval", help="output directory (default: %(default)s)")
+    ev.add_argument("--out", default="paretomerge_eval", type=_output_dir,
+                    help="output directory (default: %(default)s)")
     ev.set_defaults(func=cmd_eval)
     return p
 
@@ -167,8 +184,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"paretomerge {args.command}: error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError, KeyError) as e:
+        # Expected failures (bad config, missing/corrupt file, bad input): one line, exit 2.
+        # ConfigError and the loaders' errors name the field or file; anything else is a bug and
+        # keeps its traceback.
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"paretomerge {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}",
+              file=sys.stderr)
         return 2
 
 

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 MODES = ("datafree", "unlabeled")
-INCLUDES = ("attention", "attention+mlp", "mlp", "all")
+INCLUDES = ("qkv", "qkv+mlp", "attention", "attention+mlp", "mlp", "all")
 SCALARIZATIONS = ("stch", "linear")
 POOL_FORMATS = ("files", "open_clip", "hf")
 BASE_METHODS = ("task_arithmetic", "ties", "pretrained")
@@ -104,8 +104,10 @@ class TrainerConfig(_Strict):
     """Hyper-parameters of Pareto Merging training (every open choice of the paper is one of these).
 
     mode: "datafree" (weight-space objectives, no data) or "unlabeled" (entropy of each task's head).
-    include: which layers get tensors: "attention" (default), "attention+mlp", "mlp", "all".
-    rank: r of every converted layer; ``rank_mlp`` overrides it for MLP layers (None = same).
+    include: which layers get tensors: "qkv" (default: the attention q/k/v projections, the paper's
+        attention-only variant), "qkv+mlp" (the paper's attention+MLP variant), "attention" (q/k/v and the
+        attention output projection), "attention+mlp", "mlp", "all".
+    rank: r of every converted layer (16, the paper's); ``rank_mlp`` overrides it for MLP layers.
     alpha: Dirichlet concentration of the sampled γ (1 = uniform on the simplex).
     per_sample: unlabeled mode: one γ per sample slot (row j of a (B, K) preference is used by sample j
         of every task's batch, through the op's per-sample path); data-free mode: ``batch_size`` γ's per
@@ -122,12 +124,14 @@ class TrainerConfig(_Strict):
         collapses to one class within 200 steps at lr 3e-3; diversity alone keeps accuracy but gives
         weak preference control; both (the defaults) give the best mean accuracy and control.
     adamerging: unlabeled mode: also learn AdaMerging's layer-wise coefficients λ (one per parameter
-        tensor and task, init ``adamerging_init``, Adam at ``adamerging_lr``, clipped to [0, 1]) jointly
+        tensor and task, init ``adamerging_init``, Adam at ``adamerging_lr``, clamped to [0, 1] inside
+        the merge as in AdaMerging's reference) jointly
         with the tensors: the base weights become θ_0 + Σ_k λ_{l,k} τ_{k,l} (the model passed in is then
         only used for its architecture and converted layers; at the end, and in every checkpoint, the
         learned base is baked into the model's weights). The anchor's deltas stay those of the initial
         base.
-    steps, lr, batch_size (per task, unlabeled mode), weight_decay: Adam's.
+    steps (2000, the paper's), lr, batch_size (per task, unlabeled mode), weight_decay: Adam's.
+    Differences from the paper are listed in one place: docs/design.md, "Deviations from the paper".
     seed: seeds factor init, γ draws and batch order. checkpoint_every / checkpoint_dir: periodic
         atomic checkpoints (0 = none); the last step is always checkpointed when a dir is given.
     progress: tqdm bar showing the current objectives.
@@ -139,8 +143,8 @@ class TrainerConfig(_Strict):
     _prefix: ClassVar[str] = "trainer"
 
     mode: Literal["datafree", "unlabeled"] = "datafree"
-    include: Literal["attention", "attention+mlp", "mlp", "all"] = "attention"
-    rank: PositiveInt = 8
+    include: Literal["qkv", "qkv+mlp", "attention", "attention+mlp", "mlp", "all"] = "qkv"
+    rank: PositiveInt = 16
     rank_mlp: Optional[PositiveInt] = None
     alpha: PositiveFloat = 1.0
     per_sample: bool = False
@@ -155,7 +159,7 @@ class TrainerConfig(_Strict):
     adamerging: bool = False
     adamerging_lr: PositiveFloat = 1e-3
     adamerging_init: float = 0.3
-    steps: PositiveInt = 200
+    steps: PositiveInt = 2000
     lr: PositiveFloat = 1e-2
     weight_decay: NonNegativeFloat = 0.0
     batch_size: PositiveInt = 32
@@ -253,8 +257,15 @@ class BaseConfig(_Strict):
     _prefix: ClassVar[str] = "base"
 
     method: Literal["task_arithmetic", "ties", "pretrained"] = "task_arithmetic"
-    lam: Optional[float] = None   # task arithmetic's λ (default 0.3) / TIES' λ (default 1.0)
+    # task arithmetic's λ (default 0.3; a number, or one per task) / TIES' λ (default 1.0, a number)
+    lam: Optional[Union[float, list[float]]] = None
     k: Annotated[float, Field(gt=0, le=1)] = 0.2  # TIES: fraction of each task vector kept
+
+    @model_validator(mode="after")
+    def _lam_per_task(self) -> "BaseConfig":
+        if isinstance(self.lam, list) and self.method != "task_arithmetic":
+            raise ConfigError("lam", f"a per-task list of λ is only for task_arithmetic, not {self.method!r}")
+        return self
 
 
 class OutputConfig(_Strict):

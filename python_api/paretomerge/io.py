@@ -113,7 +113,10 @@ def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     if is_safetensors(p):
         from safetensors.torch import load_file
 
-        return load_file(str(p), device="cpu")
+        try:
+            return load_file(str(p), device="cpu")
+        except Exception as e:  # header or data corrupt / truncated
+            raise ValueError(f"{str(p)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused: not a plain state dict

@@ -15,6 +15,7 @@ from .config import ConfigError, MergeConfig
 from .evaluation import Report, evaluate_tasks, preference_set
 from .io import load_state_dict, save_model
 from .layers import export
+from .layers.convert import QKV_PRESETS
 from .methods import merge
 from .methods.pareto_merging import ParetoMergingTrainer, load_checkpoint, reconvert
 from .pools import ModelPool
@@ -121,7 +122,8 @@ def model_from_checkpoint(ckpt_path, architecture: Optional[dict] = None) -> tup
         raise ValueError(f"{ckpt_path}: the checkpoint does not say how to build its architecture "
                          f"(meta.architecture); pass one")
     model = build_architecture(arch)
-    reconvert(model, int(ck["num_objectives"]), ck["layers"])
+    qkv = (ck.get("config") or {}).get("include") in QKV_PRESETS
+    reconvert(model, int(ck["num_objectives"]), ck["layers"], attention_out_proj=not qkv)
     model.load_state_dict(ck["model"])
     model.eval()
     return model, ck

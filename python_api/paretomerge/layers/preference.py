@@ -115,8 +115,16 @@ def use_preference(pref: PrefLike, *, normalize: bool = False) -> Iterator[torch
 
 
 def resolve_preference(pref: Optional[PrefLike], device: torch.device) -> torch.Tensor:
-    """The preference a layer should use: its argument if given, else the active one, on ``device``."""
-    p = as_preference(pref) if pref is not None else _STATE.active_on(device)
+    """The preference a layer should use: its argument if given, else the active one, on ``device``.
+
+    Under ``torch.compile`` an explicit tensor ``pref`` is used unchecked (its values would need a
+    data-dependent guard; shapes are still checked by the op): check it once outside the compiled
+    region, or use ``use_preference``, whose values are checked when it is set.
+    """
+    if pref is not None and isinstance(pref, torch.Tensor) and torch.compiler.is_compiling():
+        p = pref if pref.is_floating_point() else pref.double()
+    else:
+        p = as_preference(pref) if pref is not None else _STATE.active_on(device)
     if p is None:
         raise NoPreferenceError(
             "no preference: call the layer with pref=..., or wrap the call in "

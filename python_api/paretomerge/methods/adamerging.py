@@ -38,8 +38,10 @@ def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tenso
     task k, initialised to ``init_lam``, learned with Adam (``lr``, ``steps``) to minimise
     Σ_k entropy(logits_fn(model, k, batch_k)): ``logits_fn`` receives the model with the merged
     parameters swapped in (``torch.func.functional_call``), the task index k and one batch of
-    ``unlabeled[k]`` (batches taken in a seeded random order). After each step λ is clipped to
-    [0, 1] as in the reference implementation. Floating buffers are merged with ``init_lam``
+    ``unlabeled[k]`` (batches taken in a seeded random order). As in the reference implementation,
+    the merge uses clamp(λ, 0, 1) and Adam updates the raw λ (so a coefficient pushed past a bound
+    stops receiving gradient but keeps its raw value); the returned coefficients are the clamped
+    ones. One batch per task per step. Floating buffers are merged with ``init_lam``
     (task arithmetic). The run is deterministic for a given ``seed`` (global RNG untouched).
     """
     check_pool(pool)
@@ -95,10 +97,8 @@ def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tenso
                 loss = loss + entropy(logits).float()
             loss.backward()
             opt.step()
-            with torch.no_grad():
-                lam.clamp_(0.0, 1.0)
 
-    coef = lam.detach().clone()
+    coef = merge.coefficients(lam.detach()).clone()
     with torch.no_grad():
         final = merged_params(coef)
         for n in names:

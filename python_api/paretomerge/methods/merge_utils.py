@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -50,15 +50,20 @@ def apply_delta(pool: ModelPool, delta: dict[str, torch.Tensor]) -> nn.Module:
 
 
 class LayerwiseMerge:
-    """θ_l = θ0_l + Σ_k λ_{l,k} τ_{k,l} for the named tensors l, differentiable w.r.t. λ (L, K).
+    """θ_l = θ0_l + Σ_k clamp(λ_{l,k}, 0, 1) τ_{k,l} for the named tensors l, differentiable w.r.t. λ (L, K).
 
     names: the L tensor names (in λ's row order); base[n] θ0 (any shape); tau[n] the K task vectors
     of tensor n stacked (K, *shape). ``merged(lam)`` returns {name: merged tensor}.
+
+    The coefficients are clamped to [0, 1] inside the merge, and the raw λ the optimiser updates is kept
+    unclamped, as AdaMerging's reference implementation does (``torch.clamp(lambdas_raw, 0, 1)`` in
+    its forward); ``bounds=None`` disables the clamp.
     """
 
     def __init__(self, names: Sequence[str], base: Mapping[str, torch.Tensor],
-                 tau: Mapping[str, torch.Tensor]) -> None:
+                 tau: Mapping[str, torch.Tensor], bounds: Optional[tuple[float, float]] = (0.0, 1.0)) -> None:
         self.names = list(names)
+        self.bounds = bounds
         self.base = {n: base[n] for n in self.names}
         self.tau = {n: tau[n] for n in self.names}
         self.K = next(iter(self.tau.values())).shape[0] if self.tau else 0
@@ -76,7 +81,12 @@ class LayerwiseMerge:
         return cls(names, {n: pre[n].detach().to(device) for n in names},
                    {n: torch.stack(v).to(device) for n, v in stacked.items()})
 
+    def coefficients(self, lam: torch.Tensor) -> torch.Tensor:
+        """The effective coefficients (L, K): λ clamped to ``bounds``."""
+        return lam if self.bounds is None else lam.clamp(*self.bounds)
+
     def merged(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+        lam = self.coefficients(lam)
         out = {}
         for i, n in enumerate(self.names):
             tau = self.tau[n]

@@ -12,12 +12,15 @@ from .merge_utils import acc_dtype, apply_delta, check_number, check_pool
 
 
 def _trim_threshold(tv: dict[str, torch.Tensor], keep: float) -> float:
-    """The magnitude of the n_keep-th largest entry of the flattened task vector, n_keep = max(1, int(keep·d))."""
+    """The magnitude of the n_keep-th largest entry of the flattened task vector, n_keep = int(keep·d)
+    rounded down as PEFT's ``magnitude_prune`` does (0 keeps nothing: the threshold is then +inf)."""
     flat = torch.cat([t.reshape(-1).abs().to(acc_dtype(t)) for t in tv.values()]) if tv else torch.zeros(0)
     d = flat.numel()
     if d == 0:
         return 0.0
-    n_keep = max(1, int(keep * d + 1e-9))
+    n_keep = int(keep * d)
+    if n_keep == 0:
+        return float("inf")
     if n_keep >= d:
         return 0.0  # keep everything (including zeros)
     return float(torch.kthvalue(flat, d - n_keep + 1).values)

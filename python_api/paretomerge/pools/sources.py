@@ -86,10 +86,16 @@ class SafetensorsSource(Source):
         self._file: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         for path in self.paths:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for k in f.keys():
-                    self._file[k] = path
-                    self._shapes[k] = tuple(f.get_slice(k).get_shape())
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for k in f.keys():
+                        self._file[k] = path
+                        self._shapes[k] = tuple(f.get_slice(k).get_shape())
+            except Exception as e:  # missing, truncated or corrupt header
+                if isinstance(e, FileNotFoundError):
+                    raise
+                raise ValueError(f"{str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e})"
+                                 ) from e
 
     def keys(self):
         return list(self._shapes)

@@ -43,10 +43,11 @@ CHECKPOINT_FORMAT = "paretomerge-checkpoint-v1"
 def convert_for_config(model: nn.Module, K: int, cfg: TrainerConfig) -> dict[str, int]:
     """Convert ``model`` in place as ``cfg`` says (rank per layer type); return {layer name: rank}."""
     ranks: dict[str, int] = {}
-    if cfg.include in ("attention", "attention+mlp"):
-        for n in convert(model, K, cfg.rank, include="attention", impl=cfg.impl):
+    if cfg.include in ("attention", "attention+mlp", "qkv", "qkv+mlp"):
+        attn = "qkv" if cfg.include.startswith("qkv") else "attention"
+        for n in convert(model, K, cfg.rank, include=attn, impl=cfg.impl):
             ranks[n] = cfg.rank
-    if cfg.include in ("attention+mlp", "mlp"):
+    if cfg.include in ("attention+mlp", "qkv+mlp", "mlp"):
         r = cfg.rank_mlp or cfg.rank
         for n in convert(model, K, r, include="mlp", impl=cfg.impl):
             ranks[n] = r
@@ -56,10 +57,12 @@ def convert_for_config(model: nn.Module, K: int, cfg: TrainerConfig) -> dict[str
     return ranks
 
 
-def reconvert(model: nn.Module, K: int, layers: Mapping[str, int], impl: str = "auto") -> None:
-    """Convert exactly the named layers with their ranks (rebuilding a checkpoint's architecture)."""
+def reconvert(model: nn.Module, K: int, layers: Mapping[str, int], impl: str = "auto", *,
+              attention_out_proj: bool = True) -> None:
+    """Convert exactly the named layers with their ranks (rebuilding a checkpoint's architecture);
+    ``attention_out_proj`` as the checkpoint's ``include`` implies (False for the "qkv" presets)."""
     for name, r in layers.items():
-        convert(model, K, int(r), include=[name], impl=impl)
+        convert(model, K, int(r), include=[name], impl=impl, attention_out_proj=attention_out_proj)
 
 
 def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
@@ -68,7 +71,14 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
 
 
 def load_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    """A trainer checkpoint (``torch.load(weights_only=True)``); ValueError naming the file if it is not one."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such checkpoint file: {str(path)!r}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a weights-only pickle
+        raise ValueError(f"{path} is not a readable paretomerge checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a paretomerge checkpoint (format {CHECKPOINT_FORMAT!r})")
     return ckpt
@@ -261,9 +271,6 @@ class ParetoMergingTrainer:
                 loss, f = self.loss()
                 loss.backward()
                 self.optimizer.step()
-                if self.lam is not None:
-                    with torch.no_grad():
-                        self.lam.clamp_(0.0, 1.0)  # as AdaMerging's reference implementation
                 self.step += 1
                 rec = {"step": self.step, "loss": float(loss.detach())}
                 rec.update({f"f_{n}": float(v) for n, v in zip(self.task_names, f)})
