@@ -1,6 +1,6 @@
 """CPU timing of one weight_distances forward+backward, naive / torch / cpp.
 
-    PYTHONPATH=. python bench/time_weight_distances_cpu.py [--repeats 7] [--list]
+    PYTHONPATH=. python bench/scripts/time_weight_distances_cpu.py [--repeats 7] [--list]
 
 Best of --repeats runs per impl (after one warm-up; impls interleaved), torch.set_num_threads left at its default.
 """
