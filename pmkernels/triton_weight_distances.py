@@ -10,8 +10,12 @@ chunks; every element of D_k is loaded once and feeds
 
 A list of deltas is handled with one launch per delta (no stacking copy, and
 no pointer-of-pointer loads, which the Triton interpreter cannot do).
-Accumulation is fp32; deltas fp32, bf16 or fp16 (bf16 not under the
-interpreter); fp64 deltas are converted to fp32 first.
+Accumulation is fp32; deltas fp32, bf16 or fp16 (each loaded tile is
+converted to fp32 at once, so bf16 works under the interpreter too); fp64
+deltas are converted to fp32 first, and fp64 factors U, V are used in fp32
+(the result keeps their dtype: use impl="cpp" or "torch" for fp64 accuracy).
+U and V are made contiguous fp32 copies (rank-sized); the deltas are read
+through their strides.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ._dispatch import interpreting, pad_rank
 
 
 @triton.jit
@@ -52,10 +58,6 @@ def _wd_pass_kernel(
     tl.store(SQ + pid, tl.sum(acc_sq, axis=0))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
     """(‖D_k‖² (K,), Y (out, K, r), Z (in, K, r)), Y[:, k] = D_k V, Z[:, k] = D_kᵀ U; float32.
 
@@ -68,9 +70,9 @@ def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
     dev = U.device
     Uf = U.detach().to(torch.float32).contiguous()
     Vf = V.detach().to(torch.float32).contiguous()
-    BLOCK_R = max(16, triton.next_power_of_2(r))
-    BLOCK_M = 32 if _interpreting() else 64
-    BLOCK_N = 32 if _interpreting() else 64
+    BLOCK_R = pad_rank(r)
+    BLOCK_M = 32 if interpreting() else 64
+    BLOCK_N = 32 if interpreting() else 64
     nblocks = triton.cdiv(out, BLOCK_M)
     Y = torch.empty(K, out, r, device=dev, dtype=torch.float32)
     Z = torch.zeros(K, in_, r, device=dev, dtype=torch.float32)
