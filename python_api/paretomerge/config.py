@@ -268,6 +268,7 @@ class BaseConfig(_Strict):
     method: Literal["task_arithmetic", "ties", "pretrained"] = "task_arithmetic"
     lam: Optional[float] = None   # task arithmetic's λ (default 0.3) / TIES' λ (default 1.0)
     k: Annotated[float, Field(gt=0, le=1)] = 0.2  # TIES: fraction of each task vector kept
+    scope: Literal["model", "tensor"] = "model"  # TIES: trim over the whole task vector or per tensor
 
 
 class OutputConfig(_Strict):
