@@ -149,3 +149,7 @@ def _check_local_paths(cfg) -> None:
     for r in refs:
         if isinstance(r, str) and r.startswith(("./", "../", "/", "~")) and not Path(r).expanduser().exists():
             raise SystemExit(f"paretomerge-mergekit: model path {r!r} does not exist (not downloading it)")
+
+
+if __name__ == "__main__":
+    main()
