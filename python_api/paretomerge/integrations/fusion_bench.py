@@ -53,12 +53,13 @@ PRETRAINED = "_pretrained_"
 
 class MappingSource(Source):
     """A lazy ``Mapping[str, Tensor]`` (FusionBench's ``LazyStateDict``) as a weight source: tensors are read
-    when asked for. ``aliases`` maps a tied key missing from the mapping to the key it shares storage with."""
+    when asked for. ``aliases`` maps a tied key to the key it shares storage with (read instead: a
+    ``LazyStateDict`` lists tied copies it does not store)."""
 
     def __init__(self, mapping: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
                  aliases: Mapping[str, str]) -> None:
         self.mapping, self._shapes, self.aliases = mapping, dict(shapes), dict(aliases)
-        missing = [k for k in self._shapes if k not in mapping and self.aliases.get(k) not in mapping]
+        missing = [k for k in self._shapes if self.aliases.get(k, k) not in mapping]
         if missing:
             raise KeyError(f"the lazy state dict has no tensor for {missing[:5]} (nor a tied alias)")
 
@@ -70,7 +71,7 @@ class MappingSource(Source):
 
     def get(self, names=None):
         names = list(self._shapes) if names is None else list(names)
-        return {n: self.mapping[n if n in self.mapping else self.aliases[n]] for n in names}
+        return {n: self.mapping[self.aliases.get(n, n)] for n in names}
 
 
 def _tied_aliases(module: nn.Module) -> dict[str, str]:
@@ -97,16 +98,16 @@ def _materialize(lazy) -> nn.Module:
     if meta is None:
         raise TypeError("the pool returned a lazy state dict without a meta_module: cannot build the model")
     model = copy.deepcopy(meta).to_empty(device=getattr(lazy, "_device", "cpu"))
-    aliases = _tied_aliases(meta)
-    sd = {k: lazy[k] for k in lazy.keys()}
+    if hasattr(model, "tie_weights"):  # to_empty gives tied parameters separate storage: tie them again
+        model.tie_weights()
+    aliases = _tied_aliases(model)
+    sd = {k: lazy[k] for k in lazy.keys() if k not in aliases}  # a tied copy may be listed but not stored
     res = model.load_state_dict(sd, strict=False)
     if res.unexpected_keys:
         raise ValueError(f"the lazy state dict has keys the model does not: {res.unexpected_keys[:5]}")
-    missing = [k for k in res.missing_keys if aliases.get(k) not in sd]
+    missing = [k for k in res.missing_keys if k not in aliases]
     if missing:
         raise ValueError(f"the lazy state dict misses {missing[:5]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
     return model.eval()
 
 
