@@ -12,7 +12,6 @@ import torch.nn as nn
 from _offline import EXAMPLES, UNSHARE, no_network, run_offline  # noqa: F401  (fixture)
 from conftest import Tiny
 
-omegaconf = pytest.importorskip("omegaconf", reason="omegaconf is not installed (comes with pmkernels[fusionbench])")
 fusion_bench = pytest.importorskip("fusion_bench", reason="fusion-bench is not installed: pip install "
                                                           "'pmkernels[fusionbench]' (fusion-bench==0.2.33)")
 from fusion_bench.method import TaskArithmeticAlgorithm, TiesMergingAlgorithm  # noqa: E402

@@ -86,7 +86,7 @@ def ties_deltas(task_vector: Callable[[int], dict[str, torch.Tensor]], K: int, k
             acc[n].add_(torch.where(agree, t, torch.zeros_like(t)))
             cnt[n].add_(agree.to(cnt[n].dtype))
         del tv
-    return {n: lam * acc[n] / cnt[n].clamp_min(1) for n in acc}
+    return {n: acc[n] / cnt[n].clamp_min(1) * lam for n in acc}  # mean, then λ (MergeKit's order)
 
 
 def _check_options(k, lam, scope) -> tuple[float, float]:
