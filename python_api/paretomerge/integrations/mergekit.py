@@ -70,7 +70,7 @@ def base_merge_tensor(base_cfg, pretrained: torch.Tensor, finetuned: Sequence[to
     if base_cfg.method == "pretrained" or not (pretrained.is_floating_point() or pretrained.is_complex()):
         return pretrained
     taus = [t.to(dtype=pretrained.dtype) - pretrained for t in finetuned]
-    if base_cfg.method == "task_arithmetic":
+    if base_cfg.method == "task_arithmetic":  # the sums of methods.task_arithmetic, in its order
         total: dict[str, torch.Tensor] = {}
         for t in taus:
             sum_task_vectors(total, {"t": t})

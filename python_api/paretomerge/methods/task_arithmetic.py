@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..pools import ModelPool
-from .merge_utils import apply_delta, check_number, check_pool, sum_task_vectors
+from .merge_utils import acc_dtype, apply_delta, check_number, check_pool
 
 
 @torch.no_grad()
@@ -15,5 +15,7 @@ def task_arithmetic(pool: ModelPool, lam: float = 0.3) -> nn.Module:
     lam = check_number(lam, "lam")
     total: dict[str, torch.Tensor] = {}
     for k in range(len(pool)):
-        sum_task_vectors(total, pool.task_vector(k))
+        for n, t in pool.task_vector(k).items():
+            t = t.to(acc_dtype(t))
+            total[n] = t.clone() if n not in total else total[n].add_(t)
     return apply_delta(pool, {n: lam * t for n, t in total.items()})

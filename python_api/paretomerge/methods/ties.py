@@ -8,7 +8,8 @@ Scope of the trim (and of the majority sign used where the elected sign is 0):
   the whole flattened task vector, so a layer with small updates may be trimmed away entirely;
 * ``scope="tensor"`` (MergeKit's ``ties``, PEFT's ``ties`` on adapter weights): each parameter tensor is
   trimmed to its own top-k fraction. Equal to MergeKit's ``ties`` (``density`` = k, ``weight`` 1,
-  ``lambda`` = λ) except on exact magnitude ties, which MergeKit breaks by sort order.
+  ``lambda`` = λ) except on exact magnitude ties, which MergeKit breaks by sort order, and on tensors
+  so small that int(k·d) = 0, where MergeKit keeps one entry and PEFT (and this) none.
 """
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ SCOPES = ("model", "tensor")
 
 
 def _trim_threshold(tensors: Sequence[torch.Tensor], keep: float) -> float:
-    """The magnitude of the n_keep-th largest entry of the flattened tensors, n_keep = max(1, int(keep·d))."""
+    """The magnitude of the n_keep-th largest entry of the flattened tensors, n_keep = int(keep·d)
+    rounded down as PEFT's ``magnitude_prune`` does (0 keeps nothing: the threshold is then +inf)."""
     flat = torch.cat([t.reshape(-1).abs().to(acc_dtype(t)) for t in tensors]) if tensors else torch.zeros(0)
     d = flat.numel()
     if d == 0:
         return 0.0
-    n_keep = max(1, int(keep * d + 1e-9))
+    n_keep = int(keep * d)
+    if n_keep == 0:
+        return float("inf")
     if n_keep >= d:
         return 0.0  # keep everything (including zeros)
     return float(torch.kthvalue(flat, d - n_keep + 1).values)
