@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ARCH_KINDS", "BASE_METHODS", "INCLUDES", "MODES", "POOL_FORMATS", "SCALARIZATIONS",
     "BaseConfig", "ConfigError", "MergeConfig", "OutputConfig", "PoolConfig", "TrainerConfig",
-    "from_dict", "load_config",
+    "from_dict", "load_config", "plain_data",
 ]
 
 MODES = ("datafree", "unlabeled")
@@ -81,6 +81,19 @@ def _config_error(e: ValidationError, prefix: str = "") -> ConfigError:
     return ConfigError(".".join(([prefix] if prefix else []) + parts) or "<root>", msg)
 
 
+def plain_data(value: Any) -> Any:
+    """``value`` with every mapping turned into a dict and every non-string sequence into a list, recursively.
+
+    Strict pydantic fields take only ``dict``/``list``; Hydra/OmegaConf hand over ``DictConfig``/``ListConfig``
+    (and callers tuples), which are the same data. Strings, bytes and everything else are returned as is.
+    """
+    if isinstance(value, Mapping):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
+        return [plain_data(v) for v in value]
+    return value
+
+
 class _Strict(BaseModel):
     """Strict types, finite floats, no unknown keys, checked again on assignment."""
 
@@ -90,7 +103,7 @@ class _Strict(BaseModel):
 
     def __init__(self, **data: Any) -> None:
         try:
-            super().__init__(**data)
+            super().__init__(**plain_data(data))
         except ValidationError as e:
             raise _config_error(e, self._prefix) from None
 
@@ -260,6 +273,7 @@ class BaseConfig(_Strict):
     # task arithmetic's λ (default 0.3; a number, or one per task) / TIES' λ (default 1.0, a number)
     lam: Optional[Union[float, list[float]]] = None
     k: Annotated[float, Field(gt=0, le=1)] = 0.2  # TIES: fraction of each task vector kept
+    scope: Literal["model", "tensor"] = "model"  # TIES: trim over the whole task vector or per tensor
 
     @model_validator(mode="after")
     def _lam_per_task(self) -> "BaseConfig":
@@ -328,7 +342,7 @@ def from_dict(data: Any, root: Union[str, Path] = ".") -> MergeConfig:
     if "pool" not in data:
         raise ConfigError("pool", "required")
     try:
-        return MergeConfig.model_validate({**data, "root": str(root)})
+        return MergeConfig.model_validate(plain_data({**data, "root": str(root)}))
     except ValidationError as e:
         raise _config_error(e) from None
 

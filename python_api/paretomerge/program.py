@@ -31,6 +31,7 @@ def base_merge(cfg: MergeConfig, pool: ModelPool) -> nn.Module:
     options = {} if b.lam is None or b.method == "pretrained" else {"lam": b.lam}
     if b.method == "ties":
         options["k"] = b.k
+        options["scope"] = b.scope
     return merge(b.method, pool, **options)
 
 

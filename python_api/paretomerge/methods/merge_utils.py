@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..pools import ModelPool
 
-__all__ = ["LayerwiseMerge", "acc_dtype", "apply_delta", "check_number", "check_pool"]
+__all__ = ["LayerwiseMerge", "acc_dtype", "add_delta", "apply_delta", "check_number", "check_pool", "sum_task_vectors"]
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -43,8 +43,20 @@ def apply_delta(pool: ModelPool, delta: dict[str, torch.Tensor]) -> nn.Module:
     sd = model.state_dict()
     base = pool.pretrained_state()
     for name, d in delta.items():
-        sd[name].copy_((base[name].to(d.dtype) + d).to(sd[name].dtype))
+        sd[name].copy_(add_delta(base[name], d).to(sd[name].dtype))
     return model
+
+
+def add_delta(base: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """θ0 + δ, added in δ's (accumulation) dtype and returned in θ0's: how every merge writes its result."""
+    return (base.to(d.dtype) + d).to(base.dtype)
+
+
+def sum_task_vectors(total: dict[str, torch.Tensor], tv: Mapping[str, torch.Tensor]) -> None:
+    """total += tv per name, in the accumulation dtype (the first task vector of a name is copied)."""
+    for n, t in tv.items():
+        t = t.to(acc_dtype(t))
+        total[n] = t.clone() if n not in total else total[n].add_(t)
 
 
 

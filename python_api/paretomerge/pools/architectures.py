@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch.nn as nn
 
-from ..config import ConfigError, PoolConfig
+from ..config import ConfigError, PoolConfig, plain_data
 
 __all__ = ["build_architecture"]
 
@@ -22,7 +22,7 @@ def build_architecture(arch: Mapping[str, Any]) -> nn.Module:
 
     try:
         spec = TypeAdapter(PoolConfig.model_fields["architecture"].annotation).validate_python(
-            dict(arch) if isinstance(arch, Mapping) else arch)
+            plain_data(arch))
     except ValidationError as e:
         from ..config import _config_error
         raise _config_error(e, "architecture") from None

@@ -210,9 +210,10 @@ class ModelPool:
         """From local Hugging Face model directories (``from_pretrained(dir, local_files_only=True)``).
 
         Only existing local directories are accepted: a hub name is rejected, nothing is downloaded.
-        ``auto_class``: the class whose ``from_pretrained`` builds the model (default
-        ``transformers.AutoModel``; e.g. ``AutoModelForSequenceClassification``). Fine-tuned models
-        are loaded one at a time, when their weights are needed.
+        ``auto_class``: the class whose ``from_pretrained`` builds the model; default: the class named by
+        the pretrained directory's config.json ``architectures`` (e.g. ``LlamaForCausalLM``, so a causal LM
+        keeps its head and its state-dict keys match the saved files, which are then read lazily), else
+        ``transformers.AutoModel``. Fine-tuned models are loaded one at a time, when their weights are needed.
         """
         _check_mapping(finetuned_dirs, "finetuned_dirs")
         dirs = {"pretrained_dir": pretrained_dir, **{f"finetuned_dirs[{t!r}]": d for t, d in finetuned_dirs.items()}}
@@ -226,9 +227,7 @@ class ModelPool:
             if not (p / "config.json").is_file():
                 raise FileNotFoundError(f"{what}: {str(d)!r} has no config.json; not a Hugging Face model directory")
         if auto_class is None:
-            import transformers
-
-            auto_class = transformers.AutoModel
+            auto_class = _hf_architecture_class(Path(pretrained_dir))
 
         def load(d):
             m = auto_class.from_pretrained(str(d), local_files_only=True)
@@ -249,6 +248,21 @@ class ModelPool:
             sources.append(LoaderSource((lambda d=d: {k: v.detach() for k, v in load(d).state_dict().items()}),
                                          shapes))
         return cls(pretrained, list(finetuned_dirs), sources)
+
+
+def _hf_architecture_class(d: Path):
+    """The transformers class config.json's ``architectures`` names (the one the model was saved from),
+    else ``transformers.AutoModel``."""
+    import json
+
+    import transformers
+
+    try:
+        names = json.loads((d / "config.json").read_text()).get("architectures") or []
+    except (ValueError, AttributeError):
+        names = []
+    cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
+    return cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
 
 
 def _check_mapping(m, name: str) -> None:

@@ -1,0 +1,1 @@
+"""Hydra configs for FusionBench: ``hydra.searchpath=[pkg://paretomerge.integrations.fusion_bench_config]``."""
