@@ -344,8 +344,9 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
         (outdir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plots:
             try:
-                from .evaluation.plots import plot_scenarios, plot_tradeoff
+                from .evaluation.plots import plot_fronts, plot_scenarios, plot_tradeoff
                 plot_tradeoff(report, outdir / "tradeoff.png", tasks=(tasks[1], tasks[2]))
+                plot_fronts(report, outdir / "fronts.png", tasks=(tasks[1], tasks[2]))
                 plot_scenarios(report, outdir / "scenarios.png")
             except Exception as e:  # plots are a convenience: never fail the demo on them
                 log(f"plots skipped: {type(e).__name__}: {e}")

@@ -160,17 +160,21 @@ class MapFront:
         return self.solutions[int(np.argmax(norm @ g))]
 
 
+def _check_budget(budget, K: int) -> None:
+    P = num_quadratic_coefficients(K)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < P:
+        raise ValueError(f"map.budget must be an int >= the quadratic surrogate's number of coefficients "
+                         f"P = 1 + K + K(K+1)/2 = {P} for K = {K} (MAP fits each surrogate by least squares), "
+                         f"got {budget!r}")
+
+
 def amortized_front(metric_fn: Callable[[np.ndarray], Sequence[float]], K: int, *, budget: int = 32,
                     low: float = 0.0, high: float = 1.0, sampler: str = "sobol", seed: int = 0,
                     holdout: float = 0.2, n_gen: int = 100, n_partitions: Optional[int] = None) -> MapFront:
     """MAP's steps 1–4 for ``metric_fn(c) -> metrics`` (higher is better) of coefficient vectors c (K,)."""
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be a positive int, got {K!r}")
-    P = num_quadratic_coefficients(K)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < P:
-        raise ValueError(f"map.budget must be an int >= the quadratic surrogate's number of coefficients "
-                         f"P = 1 + K + K(K+1)/2 = {P} for K = {K} (MAP fits each surrogate by least squares), "
-                         f"got {budget!r}")
+    _check_budget(budget, K)
     low, high = check_number(low, "map.low"), check_number(high, "map.high")
     if not low < high:
         raise ValueError(f"map.low must be < map.high, got {low} and {high}")
@@ -219,20 +223,17 @@ class MAP:
         self.pool = pool
         self.tasks = list(pool.task_names)
         self.val = _check_val(val, self.tasks)
+        _check_budget(budget, len(pool))
+        if sampler not in SAMPLERS:
+            raise ValueError(f"map.sampler must be one of {SAMPLERS}, got {sampler!r}")
         if logits_fn is None:
             if pool.heads is None:
                 raise ValueError("map.logits_fn: give logits_fn(model, k, x) or a pool with heads")
             heads = pool.heads
             logits_fn = lambda model, k, x: heads[self.tasks[k]](model(x))  # noqa: E731
         self.logits_fn = logits_fn
-        P = num_quadratic_coefficients(len(pool))
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < P:
-            raise ValueError(f"map.budget must be an int >= the quadratic surrogate's number of coefficients "
-                             f"P = {P} for K = {len(pool)}, got {budget!r}")
         self.options = dict(budget=budget, low=low, high=high, sampler=sampler, seed=seed, holdout=holdout,
                             n_gen=n_gen)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"map.sampler must be one of {SAMPLERS}, got {sampler!r}")
         self._tv: Optional[TaskVectors] = None
         self.front: Optional[MapFront] = None
 
