@@ -117,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the end-to-end digits demo (CPU, a few minutes)",
                        description="Pretrain a small open_clip ViT on scikit-learn digits, fine-tune 4 task "
                                    "models (digits, rot90, mirror, invert), merge them with task arithmetic, "
-                                   "TIES, AdaMerging and Pareto Merging (data-free and unlabeled), evaluate "
-                                   "under equal / priority / one-hot preferences; write report.json and plots.")
+                                   "TIES, AdaMerging, Pareto Merging (data-free and unlabeled), MAP and task "
+                                   "arithmetic with preference, evaluate "
+                                   "under equal / priority / one-hot preferences; write report.json (with a cost "
+                                   "table) and plots.")
     d.add_argument("--out", default="pmdemo", help="output directory (default: %(default)s)")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default: %(default)s)")
     d.add_argument("--steps", type=int, default=None, help="Pareto Merging training steps (default: 200)")

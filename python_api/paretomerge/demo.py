@@ -13,7 +13,13 @@
    per task and never merged).
 3. Merging: task arithmetic, TIES, AdaMerging, Pareto Merging data-free and
    Pareto Merging with unlabeled data (the base merge of both is task
-   arithmetic unless ``base=`` says otherwise).
+   arithmetic unless ``base=`` says otherwise); then the preference-aware
+   baselines MAP (``map_budget`` evaluations on a labelled validation split)
+   and task arithmetic with preference (one merge per γ), and with
+   ``ablations=True`` (``paretomerge demo --ablations``) Pareto Merging
+   (data-free) with other scalarisations / structures / ranks and AdaMerging
+   with preference (one training per γ). The report holds a cost table
+   (``Report.cost``; docs/baselines.md).
 4. Evaluation on every task's held-out data under ``equal``, each
    ``priority:<task>`` and each ``onehot:<task>`` preference (plus the
    fine-tuned models, ``finetuned:<task>``): a table, ``report.json``, plots,
@@ -415,7 +421,8 @@ def run_ablations(cfg: DemoConfig, pool, tasks, scen, merged, report, metrics, l
         model = copy.deepcopy(merged[cfg.base])
         fields = dict(mode="datafree", steps=cfg.pareto_steps, rank=cfg.pareto_rank, include=cfg.pareto_include,
                       lr=cfg.pareto_lr, batch_size=cfg.pareto_batch, mu=cfg.pareto_mu, alpha=cfg.pareto_alpha,
-                      reg_frobenius=cfg.pareto_reg_frobenius, seed=cfg.seed, progress=False)
+                      per_sample=cfg.pareto_per_sample, reg_frobenius=cfg.pareto_reg_frobenius, seed=cfg.seed,
+                      progress=False)
         fields[key] = value
         trainer = ParetoMergingTrainer(model, pool, TrainerConfig(**fields), task_names=tasks)
         t0 = time.perf_counter()
