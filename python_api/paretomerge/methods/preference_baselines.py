@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..pools import ModelPool
 from .adamerging import adamerging
-from .merge_utils import LayerwiseMerge, check_number, check_pool
+from .merge_utils import LayerwiseMerge, acc_dtype, apply_delta, check_number, check_pool
 
 __all__ = ["TaskVectors", "adamerging_preference", "preference_coefficients", "ta_preference", "weighted_merge"]
 
@@ -86,8 +86,6 @@ class TaskVectors:
 @torch.no_grad()
 def weighted_merge(pool: ModelPool, coefficients: Sequence[float]) -> nn.Module:
     """θ0 + Σ_k c_k τ_k (a new module); task vectors streamed one at a time, summed in float32/64."""
-    from .merge_utils import acc_dtype, apply_delta
-
     check_pool(pool)
     if isinstance(coefficients, str) or len(coefficients) != len(pool):
         raise ValueError(f"coefficients must be K = {len(pool)} numbers, got {coefficients!r}")
