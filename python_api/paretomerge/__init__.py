@@ -49,3 +49,9 @@ __all__ = [
     "set_preference", "simplex_grid", "stch", "task_arithmetic", "ties_merging", "train_pareto_merging",
     "use_preference",
 ]
+
+# the paper's baselines (MAP, TA / AdaMerging with preference) and the structure variants
+from .methods import MAP, adamerging_preference, ta_preference  # noqa: E402
+from .methods.pareto_merging import STRUCTURES, apply_structure  # noqa: E402
+
+__all__ += ["MAP", "STRUCTURES", "adamerging_preference", "apply_structure", "ta_preference"]

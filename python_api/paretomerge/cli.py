@@ -53,6 +53,8 @@ def cmd_demo(args) -> int:
         cfg.pareto_steps = args.steps
     if args.per_sample:
         cfg.pareto_per_sample = True
+    if args.ablations:
+        cfg.ablations = True
     t0 = time.perf_counter()
     summary = run_demo(args.out, cfg, log=(lambda *a: None) if args.quiet else print)
     print(summary["report"].markdown(3))
@@ -65,6 +67,8 @@ def cmd_demo(args) -> int:
                   f"{'ok' if r['ok'] else 'NOT HIGHER'}")
     print("hypervolume: " + ", ".join(f"{k}={v:.4f}" for k, v in summary["report"].hypervolumes().items()
                                        if not k.startswith("finetuned")))
+    print("cost (params stored, models trained/merged, full-model evaluations, seconds):")
+    print(summary["report"].cost_markdown())
     print(f"wall time {time.perf_counter() - t0:.1f}s; report: {Path(args.out) / 'report.json'}")
     return 0 if ok_all else 1
 
@@ -129,13 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the end-to-end digits demo (CPU, a few minutes)",
                        description="Pretrain a small open_clip ViT on scikit-learn digits, fine-tune 4 task "
                                    "models (digits, rot90, mirror, invert), merge them with task arithmetic, "
-                                   "TIES, AdaMerging and Pareto Merging (data-free and unlabeled), evaluate "
-                                   "under equal / priority / one-hot preferences; write report.json and plots.")
+                                   "TIES, AdaMerging, Pareto Merging (data-free and unlabeled), MAP and task "
+                                   "arithmetic with preference, evaluate "
+                                   "under equal / priority / one-hot preferences; write report.json (with a cost "
+                                   "table) and plots.")
     d.add_argument("--out", default="pmdemo", type=_output_dir, help="output directory (default: %(default)s)")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default: %(default)s)")
     d.add_argument("--steps", type=int, default=None, help="Pareto Merging training steps (default: 200)")
     d.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     d.add_argument("--per-sample", action="store_true", help="one preference per sample while training")
+    d.add_argument("--ablations", action="store_true",
+                   help="also run the ablations: Pareto Merging (data-free) with linear / Tchebycheff "
+                        "scalarisation, lora_sum / diag structures, ranks 4 / 16, and AdaMerging with preference")
     d.add_argument("--quiet", action="store_true", help="no progress output")
     d.set_defaults(func=cmd_demo)
 

@@ -35,14 +35,15 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequenc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
-    "ARCH_KINDS", "BASE_METHODS", "INCLUDES", "MODES", "POOL_FORMATS", "SCALARIZATIONS",
+    "ARCH_KINDS", "BASE_METHODS", "INCLUDES", "MODES", "POOL_FORMATS", "SCALARIZATIONS", "STRUCTURES",
     "BaseConfig", "ConfigError", "MergeConfig", "OutputConfig", "PoolConfig", "TrainerConfig",
     "from_dict", "load_config", "plain_data",
 ]
 
 MODES = ("datafree", "unlabeled")
 INCLUDES = ("qkv", "qkv+mlp", "attention", "attention+mlp", "mlp", "all")
-SCALARIZATIONS = ("stch", "linear")
+SCALARIZATIONS = ("stch", "tch", "linear")
+STRUCTURES = ("tensor", "lora_sum", "diag")
 POOL_FORMATS = ("files", "open_clip", "hf")
 BASE_METHODS = ("task_arithmetic", "ties", "pretrained")
 ARCH_KINDS = ("open_clip_vision", "open_clip", "hf")
@@ -125,7 +126,12 @@ class TrainerConfig(_Strict):
     per_sample: unlabeled mode: one γ per sample slot (row j of a (B, K) preference is used by sample j
         of every task's batch, through the op's per-sample path); data-free mode: ``batch_size`` γ's per
         step, objective averaged.
-    scalarization: "stch" (smooth Tchebycheff, default) or "linear"; mu: STCH smoothing.
+    scalarization: "stch" (smooth Tchebycheff, default), "tch" (Tchebycheff, hard max) or "linear";
+        mu: STCH smoothing.
+    structure: the preference-conditioned update as a constrained core G of the same op (see
+        methods/pareto_merging/structures.py): "tensor" (free G ∈ R^{r×r×K}, default), "lora_sum"
+        (Σ_k γ_k U_k G_kk V_kᵀ: block-diagonal G_k, rank divisible by K) or "diag" (Panacea-style
+        U diag(σ + γ-part) Vᵀ, rank ≥ K).
     ideal: ideal point z (K floats) in the (normalised) objective space; None = 0.
     normalize: "init" divides f_k by its value at the base merge (default) or "none".
     reg_frobenius / reg_orthogonal: weights of the factor regulariser (see objectives.factor_regularizer).
@@ -161,7 +167,8 @@ class TrainerConfig(_Strict):
     rank_mlp: Optional[PositiveInt] = None
     alpha: PositiveFloat = 1.0
     per_sample: bool = False
-    scalarization: Literal["stch", "linear"] = "stch"
+    scalarization: Literal["stch", "tch", "linear"] = "stch"
+    structure: Literal["tensor", "lora_sum", "diag"] = "tensor"
     mu: PositiveFloat = 0.05
     ideal: Optional[list[float]] = None
     normalize: Literal["init", "none"] = "init"

@@ -13,7 +13,13 @@
    per task and never merged).
 3. Merging: task arithmetic, TIES, AdaMerging, Pareto Merging data-free and
    Pareto Merging with unlabeled data (the base merge of both is task
-   arithmetic unless ``base=`` says otherwise).
+   arithmetic unless ``base=`` says otherwise); then the preference-aware
+   baselines MAP (``map_budget`` evaluations on a labelled validation split)
+   and task arithmetic with preference (one merge per γ), and with
+   ``ablations=True`` (``paretomerge demo --ablations``) Pareto Merging
+   (data-free) with other scalarisations / structures / ranks and AdaMerging
+   with preference (one training per γ). The report holds a cost table
+   (``Report.cost``; docs/baselines.md).
 4. Evaluation on every task's held-out data under ``equal``, each
    ``priority:<task>`` and each ``onehot:<task>`` preference (plus the
    fine-tuned models, ``finetuned:<task>``): a table, ``report.json``, plots,
@@ -96,7 +102,19 @@ class DemoConfig:
     pareto_reg_frobenius: float = 0.0
     priority: float = 0.5          # γ_k of the prioritised task in priority:<task>
     grid_resolution: int = 0       # > 0 also evaluates Pareto Merging on a simplex grid (for the front)
-    methods: tuple = ("task_arithmetic", "ties", "adamerging", "pareto_merging_datafree", "pareto_merging_unlabeled")
+    methods: tuple = ("task_arithmetic", "ties", "adamerging", "pareto_merging_datafree", "pareto_merging_unlabeled",
+                      "map", "ta_preference")
+    # baselines (run after the methods above, so their numbers do not depend on these)
+    map_budget: int = 32           # MAP's full-model evaluations (≥ 1 + K + K(K+1)/2 = 15 for K = 4)
+    map_val_size: int = 64         # labelled validation images per task for MAP (the train split's last ones)
+    map_low: float = 0.0           # MAP's coefficient box [low, high]^K
+    map_high: float = 1.0
+    map_generations: int = 100     # NSGA-III generations on the surrogates
+    # --ablations: Pareto Merging (data-free) with one setting changed at a time, and AdaMerging+pref
+    ablations: bool = False
+    ablation_scalarizations: tuple = ("linear", "tch")
+    ablation_structures: tuple = ("lora_sum", "diag")
+    ablation_ranks: tuple = (4, 16)
     progress: bool = False
     write_pool: bool = True
     plots: bool = True
@@ -227,8 +245,14 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
     def logits_fn(model, k, x):
         return heads[tasks[k]](model(x))
 
-    def metrics(model, pref=None):
-        return evaluate_tasks(model, heads, test, pref)
+    eval_time: dict[str, float] = {}
+
+    def metrics(model, pref=None, method=None):
+        t0 = time.perf_counter()
+        out = evaluate_tasks(model, heads, test, pref)
+        if method is not None:
+            eval_time[method] = eval_time.get(method, 0.0) + time.perf_counter() - t0
+        return out
 
     report = Report(tasks)
     for t in tasks:
@@ -257,7 +281,7 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
             init_lam=cfg.ta_lam))
     for name in ("task_arithmetic", "ties", "adamerging"):
         if name in want:
-            report.add(name, None, None, metrics(merged[name]))
+            report.add(name, None, None, metrics(merged[name], method=name))
 
     scen = _scenarios(tasks, cfg.priority)
     if cfg.grid_resolution:
@@ -280,21 +304,62 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
         trainer = ParetoMergingTrainer(model, pool, tcfg, logits_fn=logits_fn,
                                        unlabeled=[unlabeled[t] for t in tasks], task_names=tasks,
                                        meta={"architecture": architecture(cfg), "base": cfg.base})
+        if trainer.datafree is not None and "op_warmup" not in timings:
+            # The data-free op's first call in a process loads (or JIT-builds) its C++ extension; do it
+            # outside the timed training so the cost table shows training, not a one-off load (no RNG used).
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                trainer.datafree(torch.full((len(tasks),), 1.0 / len(tasks), device=dev))
+            timings["op_warmup"] = time.perf_counter() - t0
         timed(name, trainer.train)
         pareto_models[name] = model
         for scenario, pref in scen:
-            report.add(name, scenario, list(pref), metrics(model, torch.tensor(pref)), base=cfg.base)
+            report.add(name, scenario, list(pref), metrics(model, torch.tensor(pref), method=name), base=cfg.base)
+
+    # ------------------------------------------------------------ baselines, ablations and the cost table
+    K = len(tasks)
+    model_params = sum(p.numel() for p in pool.pretrained.parameters())
+    per_pref_store = (K + 1) * model_params  # θ0 + K task vectors: what a one-merge-per-γ method keeps
+    for name in ("task_arithmetic", "ties", "adamerging"):
+        if name in want:
+            report.add_cost(name, params_stored=model_params, models_trained=int(name == "adamerging"),
+                            models_merged=1, evaluations=0,
+                            train_time_s=timings[name] if name == "adamerging" else None,
+                            eval_time_s=eval_time.get(name))
+    for name, model in pareto_models.items():
+        _pareto_cost(report, name, model, K, timings, eval_time)
+    map_info = None
+    if "map" in want:
+        map_info = run_map(cfg, pool, data, tasks, scen, report, metrics, logits_fn, timings, per_pref_store, eval_time, log)
+    if "ta_preference" in want:
+        from .methods import ta_preference
+        merge_time = 0.0
+        for scenario, pref in scen:
+            t0 = time.perf_counter()
+            m = ta_preference(pool, pref, lam=cfg.ta_lam)
+            merge_time += time.perf_counter() - t0
+            report.add("ta_preference", scenario, list(pref), metrics(m, method="ta_preference"))
+        timings["ta_preference"] = merge_time
+        report.add_cost("ta_preference", params_stored=per_pref_store, models_trained=0, models_merged=len(scen),
+                        evaluations=0, new_pref_time_s=merge_time / len(scen),
+                        eval_time_s=eval_time.get("ta_preference"))
+    if cfg.ablations:
+        run_ablations(cfg, pool, tasks, scen, merged, report, metrics, logits_fn, unlabeled, timings,
+                      per_pref_store, eval_time, outdir, log)
 
     checks = preference_control(report, tasks, list(pareto_models))
     timings["total"] = time.perf_counter() - t_start
     summary = {"config": _jsonable(dataclasses.asdict(cfg)), "timings_s": timings, "preference_control": checks}
+    if map_info is not None:
+        summary["map"] = map_info
     if outdir is not None:
         report.save(outdir / "report.json")
         (outdir / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plots:
             try:
-                from .evaluation.plots import plot_scenarios, plot_tradeoff
+                from .evaluation.plots import plot_fronts, plot_scenarios, plot_tradeoff
                 plot_tradeoff(report, outdir / "tradeoff.png", tasks=(tasks[1], tasks[2]))
+                plot_fronts(report, outdir / "fronts.png", tasks=(tasks[1], tasks[2]))
                 plot_scenarios(report, outdir / "scenarios.png")
             except Exception as e:  # plots are a convenience: never fail the demo on them
                 log(f"plots skipped: {type(e).__name__}: {e}")
@@ -302,6 +367,93 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
             write_pool(outdir, pool, heads, cfg, data)
     summary["report"] = report
     return summary
+
+
+def _pareto_cost(report, name: str, model: nn.Module, K: int, timings: dict, eval_time: dict) -> None:
+    """A Pareto Merging row of the cost table: a new γ costs one export (no training)."""
+    from .layers import export
+
+    t0 = time.perf_counter()
+    export(model, torch.full((K,), 1.0 / K))
+    report.add_cost(name, params_stored=sum(p.numel() for p in model.parameters()), models_trained=1,
+                    models_merged=1, evaluations=0, train_time_s=timings[name],
+                    new_pref_time_s=time.perf_counter() - t0, eval_time_s=eval_time.get(name))
+
+
+def run_map(cfg: DemoConfig, pool, data: dict, tasks, scen, report, metrics, logits_fn, timings, per_pref_store,
+            eval_time, log) -> dict:
+    """MAP on the pool: labelled validation split from the train split's last ``map_val_size`` images
+    (the fine-tuned models saw them; the demo's test split stays untouched), then one model per γ."""
+    from .methods import MAP
+
+    dev = torch.device(cfg.device)
+    xva, yva = data["train"][0][-cfg.map_val_size:], data["train"][1][-cfg.map_val_size:]
+    val = {t: (task_inputs(t, xva).to(dev), yva.to(dev)) for t in tasks}
+    t0 = time.perf_counter()
+    mp = MAP(pool, val, logits_fn=logits_fn, budget=cfg.map_budget, low=cfg.map_low, high=cfg.map_high,
+             seed=cfg.seed, n_gen=cfg.map_generations)
+    front = mp.fit()
+    timings["map"] = time.perf_counter() - t0
+    r2 = ", ".join("-" if v is None else f"{v:.3f}" for v in front.r2_holdout)
+    log(f"map: {timings['map']:.1f}s ({front.evaluations} evaluations {front.eval_time_s:.1f}s, "
+        f"{len(front.solutions)} non-dominated solutions, held-out R² per task {r2})")
+    serve = 0.0
+    for scenario, pref in scen:
+        t1 = time.perf_counter()
+        model = mp.model(pref)
+        serve += time.perf_counter() - t1
+        report.add("map", scenario, list(pref), metrics(model, method="map"))
+    report.add_cost("map", params_stored=per_pref_store + front.solutions.size, models_trained=0,
+                    models_merged=front.evaluations + len(scen), evaluations=front.evaluations,
+                    train_time_s=timings["map"], new_pref_time_s=serve / len(scen),
+                    eval_time_s=eval_time.get("map"))
+    return {"r2_holdout": front.r2_holdout, "solutions": int(len(front.solutions)),
+            "evaluations": front.evaluations, "eval_time_s": front.eval_time_s, "search_time_s": front.search_time_s}
+
+
+def run_ablations(cfg: DemoConfig, pool, tasks, scen, merged, report, metrics, logits_fn, unlabeled, timings,
+                  per_pref_store, eval_time, outdir, log) -> None:
+    """Pareto Merging (data-free) with one of scalarisation / structure / rank changed, and AdaMerging
+    with preference (one AdaMerging training per γ)."""
+    from .config import TrainerConfig
+    from .methods import adamerging_preference
+    from .methods.pareto_merging import ParetoMergingTrainer
+    from .methods.pareto_merging.structures import trainable_count
+
+    variants = ([("scalarization", v) for v in cfg.ablation_scalarizations]
+                + [("structure", v) for v in cfg.ablation_structures]
+                + [("rank", int(v)) for v in cfg.ablation_ranks])
+    for key, value in variants:
+        name = f"pareto_merging_datafree[{key}={value}]"
+        model = copy.deepcopy(merged[cfg.base])
+        fields = dict(mode="datafree", steps=cfg.pareto_steps, rank=cfg.pareto_rank, include=cfg.pareto_include,
+                      lr=cfg.pareto_lr, batch_size=cfg.pareto_batch, mu=cfg.pareto_mu, alpha=cfg.pareto_alpha,
+                      per_sample=cfg.pareto_per_sample, reg_frobenius=cfg.pareto_reg_frobenius, seed=cfg.seed,
+                      progress=False)
+        fields[key] = value
+        trainer = ParetoMergingTrainer(model, pool, TrainerConfig(**fields), task_names=tasks)
+        t0 = time.perf_counter()
+        trainer.train()
+        timings[name] = time.perf_counter() - t0
+        log(f"{name}: {timings[name]:.1f}s ({trainable_count(model, trainer.cfg.structure):,} trainable factor "
+            f"entries)")
+        for scenario, pref in scen:
+            report.add(name, scenario, list(pref), metrics(model, torch.tensor(pref), method=name), base=cfg.base)
+        _pareto_cost(report, name, model, len(tasks), timings, eval_time)
+    batches = [[unlabeled[t][i:i + cfg.pareto_batch] for i in range(0, len(unlabeled[t]), cfg.pareto_batch)]
+               for t in tasks]
+    train_time = 0.0
+    for scenario, pref in scen:
+        t0 = time.perf_counter()
+        m = adamerging_preference(pool, pref, logits_fn, batches, steps=cfg.adamerging_steps, seed=cfg.seed,
+                                  init_lam=cfg.ta_lam)
+        train_time += time.perf_counter() - t0
+        report.add("adamerging_preference", scenario, list(pref), metrics(m, method="adamerging_preference"))
+    timings["adamerging_preference"] = train_time
+    log(f"adamerging_preference: {train_time:.1f}s ({len(scen)} trainings)")
+    report.add_cost("adamerging_preference", params_stored=per_pref_store, models_trained=len(scen),
+                    models_merged=len(scen), evaluations=0, train_time_s=train_time,
+                    new_pref_time_s=train_time / len(scen), eval_time_s=eval_time.get("adamerging_preference"))
 
 
 def _jsonable(x):

@@ -3,6 +3,8 @@
 * ``plot_tradeoff``: the 2-task trade-off of every method. Methods with a
   series of preference points (Pareto Merging over its grid) are connected
   curves ordered by the preference; single-point methods are markers.
+* ``plot_fronts``: every method's points on two tasks and its non-dominated front (in those two
+  tasks) as a staircase, all methods on one figure.
 * ``plot_scenarios``: per-task bar charts, one panel per scenario (equal,
   priority:<task>, …); preference-free methods (scenario null) appear in
   every panel as references.
@@ -19,7 +21,7 @@ from .report import Report
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["plot_scenarios", "plot_tradeoff"]
+__all__ = ["plot_fronts", "plot_scenarios", "plot_tradeoff"]
 
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h"]
 
@@ -127,6 +129,49 @@ def plot_tradeoff(report: Report, path: PathLike, tasks: Optional[tuple[str, str
         title += (f"\n(curves: preferences with 0 weight on {', '.join(report.tasks[i] for i in others)}; "
                   f"faint: other grid points)")
     ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    _save(fig, path)
+
+
+def plot_fronts(report: Report, path: PathLike, tasks: Optional[tuple[str, str]] = None) -> None:
+    """Every method's result points on two tasks (default: the first two) and its 2-task non-dominated
+    front as a staircase line; fine-tuned models as grey crosses. One figure, one colour per method."""
+    from .front import non_dominated
+
+    if not isinstance(report, Report):
+        raise TypeError(f"report must be a Report, got {type(report).__name__}")
+    tasks = tuple(tasks) if tasks is not None else tuple(report.tasks[:2])
+    if len(tasks) != 2 or tasks[0] == tasks[1] or any(t not in report.tasks for t in tasks):
+        raise ValueError(f"tasks must be two different task names of the report {report.tasks}, got {tasks!r}")
+    fig = _figure(figsize=(7.2, 5.4))
+    ax = fig.subplots()
+    cmap = _cmap()
+    ci = 0
+    for method in report.methods():
+        pts = report.points(method, tasks)
+        if not len(pts):
+            continue
+        if method.startswith("finetuned:"):
+            ax.scatter(pts[:, 0], pts[:, 1], marker="x", s=60, color="0.35", zorder=3)
+            continue
+        color, marker = cmap(ci % 10), _MARKERS[ci % len(_MARKERS)]
+        ci += 1
+        ax.scatter(pts[:, 0], pts[:, 1], marker=marker, s=28, color=color, alpha=0.75, edgecolor="black",
+                   linewidth=0.3, label=_pretty(method), zorder=3)
+        front = pts[non_dominated(pts)]
+        front = front[np.argsort(front[:, 0])]
+        if len(front) >= 2:
+            # staircase: the boundary of the region the front dominates (down, then right, per point)
+            xs, ys = [front[0, 0]], [front[0, 1]]
+            for x, y in front[1:]:
+                xs += [xs[-1], x]
+                ys += [y, y]
+            ax.plot(xs, ys, "-", color=color, linewidth=1.4, zorder=2)
+    ax.set_xlabel(f"{tasks[0]} (metric, higher is better)")
+    ax.set_ylabel(f"{tasks[1]} (metric, higher is better)")
+    ax.set_title(f"Every method's points and non-dominated front on {tasks[0]} × {tasks[1]}")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)

@@ -6,11 +6,23 @@ All metrics are "higher is better" (accuracies). Report JSON schema::
      "results": [{"method": str, "scenario": str | null, "pref": [float] | null,
                   "metrics": {task: float}}],
      "hypervolume": {method: float},   # over that method's result points, ref point 0
-     "base_methods": {method: str}}    # optional: the base merge of each Pareto method
+     "base_methods": {method: str},    # optional: the base merge of each Pareto method
+     "cost": {method: {field: float | int | null}}}  # optional: the cost table (COST_FIELDS)
 
 Method names: ``finetuned:<task>``, ``task_arithmetic``, ``ties``, ``adamerging``,
-``pareto_merging_datafree``, ``pareto_merging_unlabeled``. Scenarios: ``equal``,
+``pareto_merging_datafree``, ``pareto_merging_unlabeled``, ``map``, ``ta_preference``,
+``adamerging_preference`` (ablations: ``pareto_merging_datafree[<key>=<value>]``). Scenarios: ``equal``,
 ``priority:<task>``, ``onehot:<task>``, ``grid`` or null.
+
+The cost table (the paper's Table 1, one row per method; null = does not apply):
+
+* ``params_stored``: parameters kept to produce the model for any γ (merged model; θ0 + K task
+  vectors for the per-γ baselines; base + factors for Pareto Merging);
+* ``models_trained`` / ``models_merged``: training runs / weight-space merges the run performed;
+* ``evaluations``: full-model evaluations on labelled data the method itself needs (MAP's budget);
+* ``train_time_s``: the one-off cost before serving (training; MAP's evaluations + fits + NSGA-III);
+* ``new_pref_time_s``: time to produce the model for one new γ (mean over the run's γ's);
+* ``eval_time_s``: time spent evaluating the method's rows of this report.
 """
 from __future__ import annotations
 
@@ -24,7 +36,10 @@ import torch
 from ..io import PathLike
 from .front import hypervolume
 
-__all__ = ["Report"]
+__all__ = ["COST_FIELDS", "Report"]
+
+COST_FIELDS = ("params_stored", "models_trained", "models_merged", "evaluations", "train_time_s",
+               "new_pref_time_s", "eval_time_s")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Report
@@ -50,6 +65,7 @@ class Report:
         self.tasks: list[str] = list(tasks)
         self.results: list[dict] = []
         self.base_methods: dict[str, str] = {}  # Pareto method -> the base merge it was trained on
+        self.cost: dict[str, dict] = {}  # method -> {COST_FIELDS: number or None}
         self._hv_cache: Optional[tuple] = None  # (results snapshot, {method: hv}): exact HV is costly for K >= 6
 
     def __len__(self) -> int:
@@ -83,6 +99,37 @@ class Report:
         m = {t: _finite(metrics[t], f"metrics[{t!r}]") for t in self.tasks if t in metrics}
         self.results.append({"method": method, "scenario": scenario, "pref": pref, "metrics": m})
 
+    def add_cost(self, method: str, **fields) -> None:
+        """Record (or update) ``method``'s row of the cost table; fields from ``COST_FIELDS``, values
+        finite numbers or None (does not apply)."""
+        if not isinstance(method, str) or not method:
+            raise ValueError(f"method must be a non-empty str, got {method!r}")
+        unknown = [k for k in fields if k not in COST_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown cost field(s) {unknown}; fields are {list(COST_FIELDS)}")
+        row = self.cost.setdefault(method, {k: None for k in COST_FIELDS})
+        for k, v in fields.items():
+            row[k] = None if v is None else (int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                             else _finite(v, f"cost[{method!r}][{k!r}]"))
+
+    def cost_markdown(self) -> str:
+        """The cost table (one row per method with a cost entry) with each method's hypervolume."""
+        hv = self.hypervolumes()
+        head = ["method", *COST_FIELDS, "hypervolume"]
+        lines = ["| " + " | ".join(head) + " |", "|---|" + "|".join(["---:"] * (len(head) - 1)) + "|"]
+
+        def cell(v):
+            if v is None:
+                return "-"
+            if isinstance(v, int):
+                return f"{v:,}"
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+        for m, row in self.cost.items():
+            lines.append("| " + " | ".join([m.replace("|", "\\|"), *(cell(row.get(k)) for k in COST_FIELDS),
+                                            "-" if m not in hv else f"{hv[m]:.4f}"]) + " |")
+        return "\n".join(lines) + "\n"
+
     def methods(self) -> list[str]:
         """Method names in order of first appearance."""
         return list(dict.fromkeys(r["method"] for r in self.results))
@@ -110,7 +157,8 @@ class Report:
                              "pref": None if r["pref"] is None else list(r["pref"]),
                              "metrics": dict(r["metrics"])} for r in self.results],
                 "hypervolume": self.hypervolumes(),
-                **({"base_methods": dict(self.base_methods)} if self.base_methods else {})}
+                **({"base_methods": dict(self.base_methods)} if self.base_methods else {}),
+                **({"cost": {m: dict(r) for m, r in self.cost.items()}} if self.cost else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Report":
@@ -124,6 +172,10 @@ class Report:
                 raise ValueError(f"report results[{i}] must have keys method, scenario, pref, metrics; got {r!r}")
             rep.add(r["method"], r["scenario"], r["pref"], r["metrics"])
         rep.base_methods.update(d.get("base_methods") or {})
+        for m, row in (d.get("cost") or {}).items():
+            if not isinstance(row, Mapping):
+                raise ValueError(f"report cost[{m!r}] must be a mapping of cost fields, got {row!r}")
+            rep.add_cost(m, **row)
         return rep
 
     def save(self, path: PathLike) -> None:

@@ -1,4 +1,5 @@
-"""Merge methods: task arithmetic, TIES, AdaMerging (base merges) and Pareto Merging.
+"""Merge methods: task arithmetic, TIES, AdaMerging (base merges), the preference-aware baselines
+(TA / AdaMerging with preference, MAP) and Pareto Merging.
 
 ``MERGE_METHODS`` is the one map from a method's name (as configs, the CLI, the demo and reports
 spell it) to its implementation: ``merge(name, pool, **options)`` runs it. Pure tensor helpers live
@@ -17,6 +18,8 @@ from .losses import entropy
 from .merge_utils import LayerwiseMerge, check_pool
 from .task_arithmetic import task_arithmetic
 from .ties import ties_merging
+from .map import MAP, map_merge
+from .preference_baselines import TaskVectors, adamerging_preference, ta_preference, weighted_merge
 
 
 def pretrained(pool: ModelPool) -> nn.Module:
@@ -30,6 +33,10 @@ MERGE_METHODS: dict[str, Callable[..., nn.Module]] = {
     "ties": ties_merging,
     "adamerging": adamerging,
     "pretrained": pretrained,
+    # one model per preference γ (``pref=`` option): see preference_baselines.py and map.py
+    "ta_preference": ta_preference,
+    "adamerging_preference": adamerging_preference,
+    "map": map_merge,
 }
 
 
@@ -41,4 +48,5 @@ def merge(method: str, pool: ModelPool, **options: Any) -> nn.Module:
 
 
 __all__ = ["LayerwiseMerge", "MERGE_METHODS", "adamerging", "entropy", "merge", "pretrained", "task_arithmetic",
-           "ties_merging"]
+           "ties_merging", "MAP", "TaskVectors", "adamerging_preference", "map_merge", "ta_preference",
+           "weighted_merge"]

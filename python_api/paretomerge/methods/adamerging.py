@@ -6,7 +6,7 @@ differentiates through them).
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,8 @@ class _Call(nn.Module):
 
 def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tensor], torch.Tensor],
                unlabeled: Sequence[Sequence[torch.Tensor]], *, steps: int = 100, lr: float = 1e-3,
-               init_lam: float = 0.3, seed: int = 0, return_coefficients: bool = False
+               init_lam: float = 0.3, seed: int = 0, return_coefficients: bool = False,
+               task_weights: Optional[Sequence[float]] = None
                ) -> Union[nn.Module, tuple[nn.Module, torch.Tensor]]:
     """Layer-wise AdaMerging (a new module; with ``return_coefficients`` also λ (L, K)).
 
@@ -41,7 +42,9 @@ def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tenso
     ``unlabeled[k]`` (batches taken in a seeded random order). As in the reference implementation,
     the merge uses clamp(λ, 0, 1) and Adam updates the raw λ (so a coefficient pushed past a bound
     stops receiving gradient but keeps its raw value); the returned coefficients are the clamped
-    ones. One batch per task per step. Floating buffers are merged with ``init_lam``
+    ones. One batch per task per step. ``task_weights`` (K non-negative numbers; None = all 1)
+    weight each task's entropy, Σ_k w_k entropy_k (AdaMerging with preference; a task of weight 0 is
+    not run). Floating buffers are merged with ``init_lam``
     (task arithmetic). The run is deterministic for a given ``seed`` (global RNG untouched).
     """
     check_pool(pool)
@@ -60,6 +63,12 @@ def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tenso
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     lr = check_number(lr, "lr")
     init_lam = check_number(init_lam, "init_lam")
+    if task_weights is not None:
+        if isinstance(task_weights, (str, torch.Tensor)) or len(task_weights) != K:
+            raise ValueError(f"task_weights must be K = {K} numbers, got {task_weights!r}")
+        task_weights = [check_number(w, f"task_weights[{k}]") for k, w in enumerate(task_weights)]
+        if any(w < 0 for w in task_weights) or not any(task_weights):
+            raise ValueError(f"task_weights must be non-negative and not all 0, got {task_weights}")
 
     model = copy.deepcopy(pool.pretrained)
     was_training = model.training
@@ -93,8 +102,11 @@ def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tenso
                     pos[k] = 0
                 batch = batches[orders[k][pos[k]]]
                 pos[k] += 1
+                if task_weights is not None and task_weights[k] == 0:
+                    continue
                 logits = torch.func.functional_call(wrapper, params, (k, batch), strict=False)
-                loss = loss + entropy(logits).float()
+                h = entropy(logits).float()
+                loss = loss + (h if task_weights is None else task_weights[k] * h)
             loss.backward()
             opt.step()
 

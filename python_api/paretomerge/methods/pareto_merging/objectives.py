@@ -28,8 +28,9 @@ Scalarisation (:func:`scalarize`): smooth Tchebycheff
 
       STCH_μ(f | γ) = μ · log Σ_k exp(γ_k (f_k − z_k) / μ)
 
-(→ max_k γ_k (f_k − z_k) as μ → 0; ≥ it always, by at most μ log K), or
-linear Σ_k γ_k (f_k − z_k). The ideal point z defaults to 0 (both
+(→ max_k γ_k (f_k − z_k) as μ → 0; ≥ it always, by at most μ log K),
+Tchebycheff (hard max) max_k γ_k (f_k − z_k), or linear Σ_k γ_k (f_k − z_k)
+(``TrainerConfig.scalarization``: "stch" | "tch" | "linear"). The ideal point z defaults to 0 (both
 objective families are ≥ 0 and reach 0 only at their own optimum).
 
 Normalisation (:class:`Normalizer`): tasks' objectives live on different
@@ -52,7 +53,7 @@ from pmkernels import check_pref_values
 from ...layers import factored_weights, use_preference
 from ..losses import entropy, marginal_entropy_gap, per_sample_entropy
 
-SCALARIZATIONS = ("stch", "linear")
+SCALARIZATIONS = ("stch", "tch", "linear")
 
 
 # ----------------------------------------------------------------------------- scalarisation
@@ -74,11 +75,19 @@ def linear_scalarization(f: torch.Tensor, pref: torch.Tensor, ideal: Optional[to
     return (pref * (f - z)).sum(-1)
 
 
+def tch(f: torch.Tensor, pref: torch.Tensor, ideal: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tchebycheff max_k γ_k (f_k − z_k) (hard max: its gradient flows to the worst weighted task only)."""
+    z = 0.0 if ideal is None else ideal
+    return (pref * (f - z)).amax(-1)
+
+
 def scalarize(f: torch.Tensor, pref: torch.Tensor, method: str = "stch", *, mu: float = 0.1,
               ideal: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Scalarise objectives f (..., K) under preference(s) pref (..., K): "stch" or "linear"."""
+    """Scalarise objectives f (..., K) under preference(s) pref (..., K): "stch", "tch" or "linear"."""
     if method == "stch":
         return stch(f, pref, mu, ideal)
+    if method == "tch":
+        return tch(f, pref, ideal)
     if method == "linear":
         return linear_scalarization(f, pref, ideal)
     raise ValueError(f"scalarization must be one of {SCALARIZATIONS}, got {method!r}")

@@ -36,6 +36,7 @@ from ...io import atomic_write
 from ...layers import convert, factored_weights, pareto_layers, pareto_parameters
 from ..merge_utils import LayerwiseMerge
 from .objectives import DataFreeObjective, Normalizer, entropy_objectives, factor_regularizer, scalarize
+from .structures import apply_structure
 
 CHECKPOINT_FORMAT = "paretomerge-checkpoint-v1"
 
@@ -162,6 +163,8 @@ class ParetoMergingTrainer:
             self._setup_adamerging(pool)
             groups.append({"params": [self.lam], "lr": cfg.adamerging_lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # structure variants: constrained cores G (projection + masked gradients; "tensor" leaves G free)
+        self.structure = apply_structure(model, cfg.structure, self.optimizer)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict] = []
