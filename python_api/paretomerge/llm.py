@@ -84,6 +84,22 @@ def generate(model: nn.Module, input_ids: torch.Tensor, prefs: PrefLike, *,
 
 
 # ----------------------------------------------------------------------------- export
+def _saveable(plain: nn.Module) -> nn.Module:
+    """A plain exported copy ready for ``save_pretrained``. A model loaded from a GGUF file keeps its
+    ``hf_quantizer`` although its weights were dequantized into ordinary float tensors (transformers'
+    legacy GGUF loader), and ``save_pretrained`` refuses it: with every weight a float tensor the copy is
+    a plain model, so its quantization record is dropped (from the copy only)."""
+    quantizer = getattr(plain, "hf_quantizer", None)
+    if quantizer is None:
+        return plain
+    packed = [n for n, p in plain.named_parameters() if not p.is_floating_point()]
+    if packed:
+        raise ValueError(f"model: quantized weights ({packed[0]!r}, ...) cannot be exported; load the model "
+                         f"dequantized (float weights)")
+    quantizer.remove_quantization_config(plain)
+    return plain
+
+
 def export_hf(model: nn.Module, pref: PrefLike, out_dir: PathLike, *, overwrite: bool = False) -> Path:
     """Bake γ (K,) into a plain copy of ``model`` and ``save_pretrained`` it (safetensors) to ``out_dir``.
 
@@ -93,7 +109,7 @@ def export_hf(model: nn.Module, pref: PrefLike, out_dir: PathLike, *, overwrite:
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"model must be a Hugging Face PreTrainedModel (with save_pretrained), got "
                         f"{type(model).__name__}")
-    plain = export(model, pref)
+    plain = _saveable(export(model, pref))
     with atomic_directory(out_dir, overwrite=overwrite, name="out_dir") as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
     return Path(out_dir)
@@ -163,7 +179,7 @@ def export_peft(model: nn.Module, prefs: Union[Mapping[str, PrefLike], Sequence[
     odd = {n: r for n, r in ranks.items() if r != r0}
     target = Path(out_dir)
     with atomic_directory(target, overwrite=overwrite, name="out_dir") as tmp:
-        base = base_model(model)
+        base = _saveable(base_model(model))
         base.save_pretrained(tmp / "base", safe_serialization=True)
         base_path = str((target / "base").resolve())
         base.name_or_path = base_path  # what PEFT records as base_model_name_or_path
