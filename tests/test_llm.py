@@ -391,3 +391,36 @@ def test_cli_generate_and_export_formats(tmp_path, capsys):
     assert err.strip().splitlines()[-1].startswith("paretomerge export: error: --format hf writes one model")
     assert main(["generate", "--checkpoint", str(ckpt), "--prompts", str(prompts), "--pref", "0.2,0.3,0.5"]) == 2
     assert "K = 2" in capsys.readouterr().err
+
+
+def test_merge_config_with_hf_causal_lm_pool_then_generate(tmp_path, capsys):
+    import yaml
+
+    from paretomerge.cli import main
+    from paretomerge.config import ConfigError, from_dict
+
+    pre = tiny_lm("gpt2")
+    pre.save_pretrained(tmp_path / "pre")
+    _save_tiny_tokenizer(tmp_path / "pre")
+    for t in ("a", "b"):
+        ft = tiny_lm("gpt2")
+        with torch.no_grad():
+            for n, p in ft.named_parameters():
+                if n.endswith(("c_attn.weight", "c_fc.weight")):
+                    p.add_(0.05 * torch.randn_like(p))
+        ft.save_pretrained(tmp_path / t)
+    cfg = {"pool": {"format": "hf", "auto_class": "AutoModelForCausalLM", "pretrained": "pre",
+                    "finetuned": {"a": "a", "b": "b"}},
+           "base": {"method": "task_arithmetic", "lam": 0.5}, "mode": "datafree",
+           "trainer": {"steps": 2, "rank": 2, "include": "attention+mlp", "objective_impl": "torch"},
+           "output": {"dir": "out"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["merge", "--config", str(tmp_path / "c.yaml")]) == 0
+    ckpt = tmp_path / "out" / "pareto_merged.pt"
+    capsys.readouterr()
+    (tmp_path / "p.txt").write_text("w4 w5 w6\n")
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompts", str(tmp_path / "p.txt"), "--pref", "0.5,0.5",
+                 "--max-new-tokens", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["prompt"] == "w4 w5 w6"
+    with pytest.raises(ConfigError, match="auto_class"):
+        from_dict({**cfg, "pool": {**cfg["pool"], "format": "open_clip"}})
