@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 import paretomerge as pm  # noqa: E402
 from paretomerge import llm  # noqa: E402
 from paretomerge.layers import ParetoConv1D, ParetoLinear, transposed_keys  # noqa: E402
+import pmkernels  # noqa: E402
 from pmkernels import reference_pareto_linear  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
@@ -424,3 +425,17 @@ def test_merge_config_with_hf_causal_lm_pool_then_generate(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[0])["prompt"] == "w4 w5 w6"
     with pytest.raises(ConfigError, match="auto_class"):
         from_dict({**cfg, "pool": {**cfg["pool"], "format": "open_clip"}})
+
+
+def test_generate_per_row_through_triton_kernels_under_interpreter():
+    """The fused kernels on the decode shapes (x (B, 1, in), Conv1D's transposed weight view), per-sample γ."""
+    pytest.importorskip("triton")
+    if not pmkernels.triton_available():
+        pytest.skip("pmkernels' Triton kernels are not importable here")
+    m = converted("gpt2", include="llm-attention")
+    ids, mask = left_padded()
+    kw = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": PAD}
+    want = llm.generate(m, ids, PREFS, attention_mask=mask, **kw)
+    pm.set_impl(m, "triton")
+    got = llm.generate(m, ids, PREFS, attention_mask=mask, **kw)
+    assert torch.equal(got, want)
