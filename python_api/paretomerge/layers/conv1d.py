@@ -13,8 +13,6 @@ fine-tuned (in, out) tensors the same way.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
