@@ -238,6 +238,8 @@ def test_decode_step_compiles_without_graph_breaks():
         # fullgraph: any graph break raises. The eager backend: dynamo's capture is the question, not codegen.
         compiled = torch.compile(layer, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+        whole = torch._dynamo.explain(m)(ids, attention_mask=mask)  # the whole converted LM: one graph
+        assert whole.graph_break_count == 0 and whole.graph_count == 1, whole.break_reasons
 
 
 # ----------------------------------------------------------------------------- export
