@@ -9,7 +9,8 @@
 Subpackages: ``layers`` (Pareto modules, convert/export, preference), ``pools`` (model pools and
 their sources), ``methods`` (task arithmetic, TIES, AdaMerging, Pareto Merging; ``MERGE_METHODS``),
 ``evaluation`` (fronts, hypervolume, reports, plots); ``config`` (pydantic models), ``program``
-(merge / eval / export runs), ``cli``, ``demo``. Every name below is importable from the top level.
+(merge / eval / export / generate runs), ``llm`` (causal LMs: per-request generate, export to Hugging
+Face and PEFT), ``cli``, ``demo``. Every name below is importable from the top level.
 """
 from .config import ConfigError, MergeConfig, TrainerConfig, load_config
 from .evaluation import Report, accuracy, evaluate_tasks, hypervolume, non_dominated, preference_set, simplex_grid
@@ -19,6 +20,7 @@ from .layers import (
     ATTENTION_MLP,
     MLP,
     NoPreferenceError,
+    ParetoConv1D,
     ParetoLinear,
     ParetoMultiheadAttention,
     as_preference,
@@ -48,6 +50,7 @@ __all__ = [
     "pareto_parameters", "preference_set", "save_model", "save_state_dict", "scalarize", "set_impl",
     "set_preference", "simplex_grid", "stch", "task_arithmetic", "ties_merging", "train_pareto_merging",
     "use_preference",
+    "ParetoConv1D",
 ]
 
 # the paper's baselines (MAP, TA / AdaMerging with preference) and the structure variants

@@ -2,7 +2,8 @@
 
     paretomerge demo   [--out DIR] [--device cpu|cuda] [--steps N]
     paretomerge merge  --config FILE.yaml
-    paretomerge export --checkpoint CKPT --pref 0.4,0.2,0.2,0.2 --out model.safetensors
+    paretomerge export --checkpoint CKPT --pref 0.4,0.2,0.2,0.2 --out model.safetensors [--format hf|peft]
+    paretomerge generate --checkpoint CKPT --pref 0.7,0.3 [--pref 0.2,0.8] [--prompts FILE]
     paretomerge eval   --checkpoint CKPT --config FILE.yaml [--prefs equal,priority,onehot] [--out DIR]
     paretomerge validate FILE.yaml [...]
 """
@@ -12,6 +13,7 @@ import argparse
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,8 +33,7 @@ def _parse_pref(text: str) -> list[float]:
 def _output_file(text: str) -> str:
     """An output file path: not a directory (existing, or written with a trailing slash)."""
     if text.endswith(("/", "\\")) or Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"--out must be a file path (e.g. model.safetensors), got the directory "
-                                         f"{text!r}")
+        raise ValueError(f"--out must be a file path (e.g. model.safetensors), got the directory {text!r}")
     return text
 
 
@@ -41,6 +42,18 @@ def _output_dir(text: str) -> str:
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"--out must be a directory, but {text!r} is an existing file")
     return text
+
+
+class _InputError(Exception):
+    """A bad argument of generate / export --format hf|peft: reported in one line, exit status 2."""
+
+
+@contextmanager
+def _input_errors():
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise _InputError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- demo
@@ -99,10 +112,39 @@ def cmd_validate(args) -> int:
 
 # ----------------------------------------------------------------------------- export / eval
 def cmd_export(args) -> int:
-    from .program import export_checkpoint
+    from .program import export_checkpoint, export_checkpoint_dir
 
-    export_checkpoint(args.checkpoint, args.pref, args.out)
+    if args.format == "safetensors":
+        _output_file(args.out)
+        if len(args.pref) != 1:
+            raise ValueError(f"--format safetensors writes one model: give one --pref, got {len(args.pref)}")
+        export_checkpoint(args.checkpoint, args.pref[0], args.out)
+    else:
+        with _input_errors():
+            export_checkpoint_dir(args.checkpoint, args.pref, args.out, args.format, overwrite=args.overwrite)
     print(f"wrote {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate (causal LMs)
+def cmd_generate(args) -> int:
+    import json
+
+    from .program import generate_from_checkpoint
+
+    if args.prompts in (None, "-"):
+        text = sys.stdin.read()
+    else:
+        if not Path(args.prompts).is_file():
+            raise FileNotFoundError(f"--prompts: no such file: {args.prompts!r}")
+        text = Path(args.prompts).read_text()
+    prompts = [line for line in text.splitlines() if line.strip()]
+    with _input_errors():
+        rows = generate_from_checkpoint(args.checkpoint, prompts, args.pref, tokenizer_dir=args.tokenizer,
+                                        max_new_tokens=args.max_new_tokens, sample=args.sample,
+                                        temperature=args.temperature, seed=args.seed)
+    for r in rows:
+        print(json.dumps(r, ensure_ascii=False))
     return 0
 
 
@@ -164,9 +206,31 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load a Pareto Merging checkpoint, bake W(γ) = W + U M(γ) Vᵀ into every "
                                    "Pareto layer and save a state dict with the original architecture's keys.")
     e.add_argument("--checkpoint", required=True, help="checkpoint written by merge/demo (pareto_merged.pt)")
-    e.add_argument("--pref", required=True, type=_parse_pref, help="preference, e.g. 0.4,0.2,0.2,0.2 (sums to 1)")
-    e.add_argument("--out", required=True, type=_output_file, help="output .safetensors file (written atomically)")
+    e.add_argument("--pref", required=True, type=_parse_pref, action="append",
+                   help="preference, e.g. 0.4,0.2,0.2,0.2 (sums to 1); repeat it with --format peft for one "
+                        "adapter per preference")
+    e.add_argument("--out", required=True, help="output .safetensors file, or directory for --format hf/peft "
+                                                "(written atomically)")
+    e.add_argument("--format", default="safetensors", choices=["safetensors", "hf", "peft"],
+                   help="safetensors: one state dict; hf: a save_pretrained directory (causal LMs); peft: "
+                        "OUT/base (the base merge) + OUT/adapters/pref_<i> LoRA adapters (default: %(default)s)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     e.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="generate text from a causal-LM checkpoint, one preference per row",
+                       description="Every prompt (one per line of --prompts, or of stdin) under every --pref, "
+                                   "in one batch with one γ per row (KV cache, left padding); prints one JSON "
+                                   "line per (prompt, pref): {prompt, pref, completion}.")
+    g.add_argument("--checkpoint", required=True, help="Pareto Merging checkpoint of a Hugging Face causal LM")
+    g.add_argument("--pref", required=True, type=_parse_pref, action="append",
+                   help="preference, e.g. 0.5,0.5; repeat for several in one batch")
+    g.add_argument("--prompts", default=None, help="text file, one prompt per line (default: stdin)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's model dir)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    g.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint over a preference set, write report.json")
     ev.add_argument("--checkpoint", required=True, help="Pareto Merging checkpoint")
@@ -193,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, OSError, KeyError) as e:
+    except (ConfigError, ValueError, OSError, KeyError, _InputError) as e:
         # Expected failures (bad config, missing/corrupt file, bad input): one line, exit 2.
         # ConfigError and the loaders' errors name the field or file; anything else is a bug and
         # keeps its traceback.

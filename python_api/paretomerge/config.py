@@ -221,6 +221,7 @@ class PoolConfig(_Strict):
     finetuned: Annotated[dict[str, Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     heads: Optional[dict[str, Annotated[str, Field(min_length=1)]]] = None
     trusted: bool = False
+    auto_class: Optional[str] = None  # format hf: the transformers auto class (e.g. AutoModelForCausalLM)
 
     @model_validator(mode="after")
     def _cross_field(self) -> "PoolConfig":
@@ -231,6 +232,8 @@ class PoolConfig(_Strict):
             raise ConfigError("architecture", "required for format 'files' (how to build the model)")
         if self.format != "files" and self.architecture is not None:
             raise ConfigError("architecture", f"only used with format 'files', not {self.format!r}")
+        if self.auto_class is not None and self.format != "hf":
+            raise ConfigError("auto_class", f"only used with format 'hf', not {self.format!r}")
         return self
 
 

@@ -10,16 +10,18 @@ independent contiguous copies, which safetensors requires.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Iterator, Mapping, Union
 
 import torch
 import torch.nn as nn
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["atomic_write", "is_safetensors", "load_state_dict", "save_model", "save_state_dict", "unwrap_state_dict"]
+__all__ = ["atomic_directory", "atomic_write", "is_safetensors", "load_state_dict", "save_model", "save_state_dict", "unwrap_state_dict"]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
@@ -134,3 +136,32 @@ def unwrap_state_dict(obj: Any, path: PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{str(path)!r} does not hold a state dict (a mapping of name -> Tensor)")
     return dict(obj)
+
+
+@contextmanager
+def atomic_directory(path: PathLike, *, overwrite: bool = False, name: str = "out") -> Iterator[Path]:
+    """Write a directory atomically: yields a fresh temporary directory beside ``path``, renamed to
+    ``path`` when the block ends without an exception (removed otherwise, so nothing is half written).
+
+    An existing ``path`` is refused (FileExistsError naming ``name``) unless ``overwrite``; then it is
+    replaced only after the new tree is complete.
+    """
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{name}: {str(target)!r} already exists; pass overwrite=True (--overwrite) to "
+                              f"replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, 0o777 & ~_umask())
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "x")
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)

@@ -21,8 +21,8 @@ from .methods.pareto_merging import ParetoMergingTrainer, load_checkpoint, recon
 from .pools import ModelPool
 from .pools.architectures import build_architecture
 
-__all__ = ["base_merge", "evaluate_checkpoint", "export_checkpoint", "load_pool", "load_tensors",
-           "model_from_checkpoint", "run_merge"]
+__all__ = ["base_merge", "evaluate_checkpoint", "export_checkpoint", "export_checkpoint_dir", "generate_from_checkpoint",
+           "load_pool", "load_tensors", "model_from_checkpoint", "run_merge"]
 
 
 def base_merge(cfg: MergeConfig, pool: ModelPool) -> nn.Module:
@@ -74,7 +74,7 @@ def load_pool(cfg: MergeConfig):
     if p.format == "open_clip":
         return ModelPool.from_open_clip_checkpoints(pre, fts, heads_paths or None, trusted=p.trusted)
     heads = {t: _head_from_state(load_state_dict(f)) for t, f in heads_paths.items()} or None
-    pool = ModelPool.from_hf_dirs(pre, fts)
+    pool = ModelPool.from_hf_dirs(pre, fts, auto_class=_hf_auto_class(p.auto_class))
     if heads:
         pool.heads = heads
     return pool
@@ -105,7 +105,11 @@ def run_merge(cfg) -> Path:
         data = load_tensors(cfg, cfg.unlabeled, "unlabeled")
         unlabeled = [data[t]["inputs"] for t in pool.task_names]
     arch = cfg.pool.architecture
-    meta = {"architecture": None if arch is None else arch.model_dump(), "base": cfg.base.method}
+    arch = None if arch is None else arch.model_dump()
+    if cfg.pool.format == "hf":  # rebuilt from the pretrained directory's config.json
+        arch = {"kind": "hf", "dir": str(cfg.path(cfg.pool.pretrained).resolve()),
+                "auto_class": cfg.pool.auto_class or "AutoModel"}
+    meta = {"architecture": arch, "base": cfg.base.method}
     trainer = ParetoMergingTrainer(model, pool, tcfg, logits_fn=logits_fn_of(pool) if unlabeled else None,
                                    unlabeled=unlabeled, meta=meta)
     resume = out / "checkpoints" / "last.pt"
@@ -158,3 +162,77 @@ def evaluate_checkpoint(ckpt_path, cfg, specs: Sequence[str], priority: float = 
         m = evaluate_tasks(model, pool.heads, {t: (data[t]["inputs"], data[t]["labels"]) for t in tasks}, pref)
         rep.add(f"pareto_merging_{ck['config']['mode']}", scenario, pref, m, base=(ck.get("meta") or {}).get("base"))
     return rep
+
+
+# ----------------------------------------------------------------------------- causal LMs (paretomerge.llm)
+def _hf_auto_class(name: Optional[str]):
+    if name is None:
+        return None
+    import transformers
+
+    auto = getattr(transformers, name, None)
+    if auto is None or not hasattr(auto, "from_pretrained"):
+        raise ConfigError("pool.auto_class", f"{name!r} is not a transformers auto class")
+    return auto
+
+
+def _check_prefs(prefs: Sequence[Sequence[float]], ck: Mapping) -> None:
+    K = int(ck["num_objectives"])
+    for p in prefs:
+        if len(p) != K:
+            raise ValueError(f"--pref has {len(p)} entries but the checkpoint has K = {K} tasks {ck['task_names']}")
+
+
+def export_checkpoint_dir(ckpt_path, prefs: Sequence[Sequence[float]], out_dir, fmt: str,
+                          overwrite: bool = False) -> Path:
+    """Export a causal-LM checkpoint as a Hugging Face directory (``fmt`` "hf", one γ) or as the base merge
+    plus one PEFT LoRA adapter per γ ("peft"); see ``paretomerge.llm``."""
+    from .llm import export_hf, export_peft
+
+    if fmt not in ("hf", "peft"):
+        raise ValueError(f"--format must be 'hf', 'peft' or 'safetensors', got {fmt!r}")
+    model, ck = model_from_checkpoint(ckpt_path)
+    _check_prefs(prefs, ck)
+    if fmt == "hf":
+        if len(prefs) != 1:
+            raise ValueError(f"--format hf writes one model: give one --pref, got {len(prefs)}")
+        return export_hf(model, prefs[0], out_dir, overwrite=overwrite)
+    return export_peft(model, list(prefs), out_dir, overwrite=overwrite, task_names=ck["task_names"])
+
+
+@torch.no_grad()
+def generate_from_checkpoint(ckpt_path, prompts: Sequence[str], prefs: Sequence[Sequence[float]], *,
+                             tokenizer_dir=None, max_new_tokens: int = 32, sample: bool = False,
+                             temperature: float = 1.0, seed: int = 0) -> list[dict]:
+    """Every prompt under every preference, in one left-padded batch with one γ per row.
+
+    The tokenizer comes from ``tokenizer_dir`` or the checkpoint's architecture directory.
+    Returns [{"prompt", "pref", "completion"}] in prompt-major order.
+    """
+    from transformers import AutoTokenizer
+
+    from .llm import check_hf_dir, generate
+
+    if not prompts:
+        raise ValueError("no prompts given (--prompts FILE, or lines on stdin)")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    model, ck = model_from_checkpoint(ckpt_path)
+    _check_prefs(prefs, ck)
+    tok_dir = tokenizer_dir or ((ck.get("meta") or {}).get("architecture") or {}).get("dir")
+    if tok_dir is None:
+        raise ValueError("--tokenizer is required: the checkpoint names no Hugging Face directory")
+    tok = AutoTokenizer.from_pretrained(str(check_hf_dir(tok_dir, "--tokenizer")), local_files_only=True)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    rows = [(t, list(p)) for t in prompts for p in prefs]
+    enc = tok([t for t, _ in rows], return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    kw = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
+    out = generate(model, enc["input_ids"], torch.tensor([p for _, p in rows], dtype=torch.float64),
+                   attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens,
+                   pad_token_id=tok.pad_token_id, **kw)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [{"prompt": t, "pref": p, "completion": tok.decode(n, skip_special_tokens=True)}
+            for (t, p), n in zip(rows, new)]

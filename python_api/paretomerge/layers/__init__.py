@@ -3,6 +3,8 @@ from .attention import ParetoMultiheadAttention
 from .convert import (
     ATTENTION,
     ATTENTION_MLP,
+    LLM_ATTENTION,
+    LLM_MLP,
     MLP,
     PRESETS,
     convert,
@@ -11,7 +13,9 @@ from .convert import (
     pareto_layers,
     pareto_parameters,
     set_impl,
+    transposed_keys,
 )
+from .conv1d import ParetoConv1D
 from .linear import ParetoLinear
 from .preference import (
     NoPreferenceError,
@@ -27,4 +31,5 @@ __all__ = [
     "ATTENTION", "ATTENTION_MLP", "MLP", "PRESETS", "NoPreferenceError", "ParetoLinear", "ParetoMultiheadAttention",
     "PrefLike", "as_preference", "convert", "export", "factored_weights", "get_preference", "pareto_layers",
     "pareto_parameters", "set_impl", "set_preference", "single_preference", "use_preference",
+    "LLM_ATTENTION", "LLM_MLP", "ParetoConv1D", "transposed_keys",
 ]

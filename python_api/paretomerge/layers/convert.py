@@ -1,12 +1,14 @@
 """One-call conversion of a model's layers to Pareto layers, and export back.
 
-``convert`` swaps matching ``nn.Linear`` / ``nn.MultiheadAttention`` modules
-in place; ``export`` returns a plain copy with W(γ) baked into every Pareto
+``convert`` swaps matching ``nn.Linear`` / ``nn.MultiheadAttention`` / GPT-2
+``Conv1D`` modules in place (a weight tied to another module's, e.g. an
+``lm_head`` tied to the embeddings, is left alone); ``export`` returns a plain copy with W(γ) baked into every Pareto
 layer, loadable by the original architecture's code.
 """
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Iterator, Optional, Sequence, Union
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .attention import ParetoMultiheadAttention
+from .conv1d import ParetoConv1D, is_conv1d
 from .linear import ParetoLinear
 from .preference import PrefLike, single_preference
 
@@ -28,9 +31,14 @@ ATTENTION_OUT: tuple[str, ...] = ("*out_proj*", "*attention.output*", "*o_proj*"
 PRESETS = {"attention": ATTENTION, "mlp": MLP, "attention+mlp": ATTENTION_MLP, "all": ("*",),
            "qkv": ATTENTION, "qkv+mlp": ATTENTION_MLP}
 QKV_PRESETS = ("qkv", "qkv+mlp")
+# Causal LMs: Llama / Mistral / Qwen2 (q_proj … down_proj) and GPT-2 (Conv1D c_attn, attn.c_proj, c_fc,
+# mlp.c_proj). Never lm_head or embeddings.
+LLM_ATTENTION: tuple[str, ...] = ("*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj", "*.attn.c_attn", "*.attn.c_proj")
+LLM_MLP: tuple[str, ...] = ("*.gate_proj", "*.up_proj", "*.down_proj", "*.mlp.c_fc", "*.mlp.c_proj")
+PRESETS.update({"llm-attention": LLM_ATTENTION, "llm-mlp": LLM_MLP, "llm-all": LLM_ATTENTION + LLM_MLP})
 
 Patterns = Union[None, str, Sequence[str]]
-PARETO_TYPES = (ParetoLinear, ParetoMultiheadAttention)
+PARETO_TYPES = (ParetoLinear, ParetoMultiheadAttention)  # ParetoConv1D is a ParetoLinear
 
 
 def _patterns(arg: Patterns, name: str) -> Optional[tuple[str, ...]]:
@@ -77,9 +85,11 @@ def convert(
     """Swap matching layers of ``model`` for Pareto layers, in place; return the converted names.
 
     include / exclude: fnmatch patterns on qualified module names, or a preset
-    ("attention", "mlp", "attention+mlp", "qkv", "qkv+mlp", "all"); include=None
-    means every ``nn.Linear`` and ``nn.MultiheadAttention``. An attention
-    module is converted whole (its ``out_proj`` comes with it) unless
+    ("attention", "mlp", "attention+mlp", "qkv", "qkv+mlp", "all", "llm-attention",
+    "llm-mlp", "llm-all"); include=None means every ``nn.Linear``,
+    ``nn.MultiheadAttention`` and GPT-2 ``Conv1D``. Layers whose weight is tied to
+    another module's (an ``lm_head`` sharing the embeddings) are never converted.
+    An attention module is converted whole (its ``out_proj`` comes with it) unless
     ``attention_out_proj`` is False; the "qkv" presets leave attention output
     projections alone (attention_out_proj defaults to False for them, True
     otherwise, and their names are excluded). batch_dim: where
@@ -94,28 +104,34 @@ def convert(
         exc = (exc or ()) + ATTENTION_OUT
     converted: list[str] = []
     skip_prefixes: list[str] = []
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for name, mod in list(model.named_modules()):
         if not name or any(name.startswith(p) for p in skip_prefixes):
             continue
         if isinstance(mod, PARETO_TYPES):
             skip_prefixes.append(name + ".")
             continue
-        if not isinstance(mod, (nn.Linear, nn.MultiheadAttention)):
+        if not isinstance(mod, (nn.Linear, nn.MultiheadAttention)) and not is_conv1d(mod):
             continue
         if (inc is not None and not _matches(name, inc)) or _matches(name, exc):
             continue
+        if isinstance(getattr(mod, "weight", None), nn.Parameter) and uses[id(mod.weight)] > 1:
+            continue  # tied weight: a low-rank update would untie it
         if isinstance(mod, nn.MultiheadAttention):
             new: nn.Module = ParetoMultiheadAttention.from_mha(mod, num_objectives, rank, impl=impl,
                                                               adapt_out_proj=attention_out_proj)
             skip_prefixes.append(name + ".")
         else:
             bd = _infer_batch_dim(model, name) if batch_dim is None else batch_dim
-            new = ParetoLinear.from_linear(mod, num_objectives, rank, impl=impl, batch_dim=bd)
+            if isinstance(mod, nn.Linear):
+                new = ParetoLinear.from_linear(mod, num_objectives, rank, impl=impl, batch_dim=bd)
+            else:
+                new = ParetoConv1D.from_conv1d(mod, num_objectives, rank, impl=impl, batch_dim=bd)
         _set_submodule(model, name, new)
         converted.append(name)
     if not converted:
-        raise ValueError(f"convert: no nn.Linear or nn.MultiheadAttention matched include={include!r}, "
-                         f"exclude={exclude!r}")
+        raise ValueError(f"convert: no nn.Linear, nn.MultiheadAttention or Conv1D matched include={include!r}, "
+                         f"exclude={exclude!r} (tied weights are never converted)")
     return converted
 
 
@@ -136,6 +152,13 @@ def factored_weights(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Param
     A ``ParetoMultiheadAttention`` contributes two: its packed ``in_proj`` (3E, E) and ``out_proj``.
     """
     return [slot for name, layer in pareto_layers(model) for slot in layer.factored_weights(f"{name}." if name else "")]
+
+
+def transposed_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of factored weights stored transposed, (in, out), e.g. GPT-2 ``Conv1D``: a tensor
+    under such a key (a fine-tuned model's) is compared with U M(γ) Vᵀ after ``.t()``."""
+    return {key for name, layer in pareto_layers(model) if getattr(layer, "stored_transposed", False)
+            for key, *_ in layer.factored_weights(f"{name}." if name else "")}
 
 
 def pareto_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

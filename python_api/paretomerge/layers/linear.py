@@ -57,6 +57,8 @@ class ParetoLinear(nn.Module):
     batch elsewhere); None uses the active preference (``use_preference``).
     """
 
+    stored_transposed = False  # the state-dict tensor is weight (out, in) as the factors use it
+
     def __init__(
         self,
         in_features: int,
@@ -117,7 +119,7 @@ class ParetoLinear(nn.Module):
         check_batch(x, p, self.batch_dim, "ParetoLinear")
         if p.dim() == 2 and self.batch_dim != 0:
             x = x.movedim(self.batch_dim, 0)
-        y = pmkernels.pareto_linear(x, self.weight, self.bias, self.U, self.G, self.V, p,
+        y = pmkernels.pareto_linear(x, self._weight_out_in(), self.bias, self.U, self.G, self.V, p,
                                     impl=self.impl, check_values=False)
         if p.dim() == 2 and self.batch_dim != 0:
             y = y.movedim(0, self.batch_dim)
@@ -129,7 +131,7 @@ class ParetoLinear(nn.Module):
         return self._merged_weight(single_preference(pref))
 
     def _merged_weight(self, p: torch.Tensor) -> torch.Tensor:
-        return pmkernels.merged_weight(self.weight, self.U, self.G, self.V, p.to(self.weight.device),
+        return pmkernels.merged_weight(self._weight_out_in(), self.U, self.G, self.V, p.to(self.weight.device),
                                        check_values=False)
 
     @torch.no_grad()
@@ -147,8 +149,16 @@ class ParetoLinear(nn.Module):
         return lin
 
     def factored_weights(self, prefix: str = ""):
-        """(state-dict key, U, G, V, base weight) of each weight this layer factors: one here."""
-        yield prefix + "weight", self.U, self.G, self.V, self.weight
+        """(state-dict key, U, G, V, base weight (out, in)) of each weight this layer factors: one here.
+
+        The base weight is given in the factors' (out, in) orientation; a layer that stores it
+        transposed (``ParetoConv1D``) yields a view and sets ``stored_transposed``.
+        """
+        yield prefix + "weight", self.U, self.G, self.V, self._weight_out_in()
+
+    def _weight_out_in(self) -> torch.Tensor:
+        """The base weight in the (out, in) orientation the factors use (a view, never a copy)."""
+        return self.weight
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

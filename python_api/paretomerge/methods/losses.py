@@ -5,7 +5,7 @@ import math
 
 import torch
 
-__all__ = ["entropy", "marginal_entropy_gap", "per_sample_entropy"]
+__all__ = ["entropy", "marginal_entropy_gap", "masked_entropy", "per_sample_entropy"]
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -22,6 +22,21 @@ def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
     """(...) Shannon entropy (nats) of softmax(logits) per row, in fp32 or wider (its mean is ``entropy``)."""
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def masked_entropy(logits: torch.Tensor, mask: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """Mean entropy of softmax(logits) (B, L, C) over the positions where mask (B, L) is true (a causal LM's
+    next-token entropy, padding left out): a scalar, or (B,) per sample (its own positions' mean;
+    a row with no position gives 0)."""
+    if mask.shape != logits.shape[:-1]:
+        raise ValueError(f"mask must have shape {tuple(logits.shape[:-1])} (logits without the class dim), got "
+                         f"{tuple(mask.shape)}")
+    h = per_sample_entropy(logits)
+    w = mask.to(h.dtype)
+    dims = tuple(range(1, h.dim()))
+    if per_sample:
+        return (h * w).sum(dims) / w.sum(dims).clamp_min(1)
+    return (h * w).sum() / w.sum().clamp_min(1)
 
 
 def marginal_entropy_gap(logits: torch.Tensor) -> torch.Tensor:

@@ -50,8 +50,8 @@ import torch.nn as nn
 import pmkernels
 from pmkernels import check_pref_values
 
-from ...layers import factored_weights, use_preference
-from ..losses import entropy, marginal_entropy_gap, per_sample_entropy
+from ...layers import factored_weights, transposed_keys, use_preference
+from ..losses import entropy, marginal_entropy_gap, masked_entropy, per_sample_entropy
 
 SCALARIZATIONS = ("stch", "tch", "linear")
 
@@ -151,6 +151,7 @@ class DataFreeObjective(nn.Module):
         self.K = len(finetuned)
         self.impl = impl
         self.terms: list[_LayerTerm] = []
+        transposed = transposed_keys(model)  # GPT-2 Conv1D: stored (in, out), the factors are (out, in)
         for key, U, G, V, W in slots:
             if G.shape[-1] != self.K:
                 raise ValueError(f"layer {key}: G has K = {G.shape[-1]} objectives but {self.K} fine-tuned "
@@ -160,7 +161,7 @@ class DataFreeObjective(nn.Module):
                 if key not in sd:
                     raise KeyError(f"fine-tuned model {k} has no tensor {key!r} (needed for the data-free "
                                    f"objective of a converted layer)")
-                wk = sd[key]
+                wk = sd[key].t() if key in transposed else sd[key]
                 if wk.shape != W.shape:
                     raise ValueError(f"fine-tuned model {k}: {key} has shape {tuple(wk.shape)}, the base has "
                                      f"{tuple(W.shape)}")
@@ -206,6 +207,10 @@ def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[
     (B, K), entry (j, k) the entropy of task k's sample j under γ_j, so row j
     is an objective vector for γ_j.
 
+    logits_fn may also return (logits (B, L, C), mask (B, L)): a causal LM's next-token predictions and the
+    positions that count (padding masked; ``paretomerge.llm.causal_lm_logits_fn``); f_k is then the mean
+    entropy over the masked positions (per sample: over each sample's own).
+
     diversity > 0 adds diversity · (log C − H(p̄)) to f_k, p̄ the batch's mean prediction (the
     information-maximisation term of SHOT/IM): a free low-rank update otherwise minimises entropy by
     predicting one class for every input. It is a batch statistic: with per-sample preferences it is
@@ -215,8 +220,8 @@ def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[
         with use_preference(pref):
             out = []
             for k, x in enumerate(batches):
-                logits = logits_fn(model, k, x)
-                f = entropy(logits)
+                logits, mask = _logits_mask(logits_fn(model, k, x), diversity)
+                f = entropy(logits) if mask is None else masked_entropy(logits, mask)
                 if diversity:
                     f = f + diversity * marginal_entropy_gap(logits)
                 out.append(f)
@@ -228,12 +233,23 @@ def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[
             raise ValueError(f"per-sample preferences: batch of task {k} has {x.shape[0]} samples, pref has "
                              f"{B} rows")
         with use_preference(pref):
-            logits = logits_fn(model, k, x)
-        col = per_sample_entropy(logits)
+            logits, mask = _logits_mask(logits_fn(model, k, x), diversity)
+        col = per_sample_entropy(logits) if mask is None else masked_entropy(logits, mask, per_sample=True)
         if diversity:
             col = col + diversity * marginal_entropy_gap(logits)
         cols.append(col)
     return torch.stack(cols, dim=1)
+
+
+def _logits_mask(out, diversity: float):
+    """A logits_fn's result as (logits, mask or None)."""
+    if isinstance(out, tuple):
+        logits, mask = out
+        if diversity:
+            raise ValueError("diversity applies to (N, C) classifier logits, not to masked token logits; set "
+                             "diversity: 0 for causal LMs")
+        return logits, mask
+    return out, None
 
 
 # ----------------------------------------------------------------------------- regularisation
