@@ -147,11 +147,11 @@ def _pool(K=3, shape=(6, 5), seed=0):
 def test_ties_keeps_what_peft_magnitude_prune_keeps():
     # PEFT's magnitude_prune keeps int(density * numel) entries: 28 of 100 at density 0.29
     t = torch.arange(1, 101, dtype=torch.float32)
-    th = _trim_threshold({"w": t}, 0.29)
+    th = _trim_threshold([t], 0.29)
     assert int((t.abs() >= th).sum()) == 28 == int(0.29 * 100)
     peft_utils = pytest.importorskip("peft.utils.merge_utils")
     tv = torch.randn(10, 10, generator=torch.Generator().manual_seed(1))
-    ours = torch.where(tv.abs() >= _trim_threshold({"w": tv}, 0.29), tv, torch.zeros_like(tv))
+    ours = torch.where(tv.abs() >= _trim_threshold([tv], 0.29), tv, torch.zeros_like(tv))
     assert torch.equal(ours, peft_utils.magnitude_based_pruning(tv, 0.29))
     pool = _pool()
     assert isinstance(ties_merging(pool, k=0.001), nn.Module)  # keeps nothing: the pretrained model
