@@ -73,7 +73,51 @@ def _job(job: str, rank: int, world: int, tmp: Path) -> object:
         t0 = time.monotonic()
         _build(steps=2, dist=dist)
         return f"no error after {time.monotonic() - t0:.1f}s"
+    if job == "fsdp2":
+        return _fsdp2_step(dist)
     raise ValueError(job)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import paretomerge as pm
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+    pm.convert(model.model, K, 2, include=None, impl="torch")
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith((".U", ".G", ".V")))
+    return model
+
+
+def _llama_loss(model) -> torch.Tensor:
+    import paretomerge as pm
+
+    ids = torch.arange(24).reshape(2, 12) % 32
+    with pm.use_preference([0.5, 0.3, 0.2]):
+        return model(input_ids=ids, labels=ids).loss
+
+
+def _fsdp2_step(dist) -> dict:
+    """FSDP2 on the converted tiny Llama's decoder blocks (frozen base weights sharded); same input on
+    every rank, so the averaged gradients equal the single-process ones."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _tiny_llama()
+    with torch.no_grad():  # U starts at 0: give it values so every factor gets a gradient
+        for n, p in model.named_parameters():
+            if n.endswith(".U"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"]
+    loss = _llama_loss(model)
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss": float(loss.detach()), "grads": grads, "sharded": len(sharded)}
 
 
 def _worker(rank: int, world: int, port: int, jobs: list, tmp: str) -> None:
@@ -117,9 +161,9 @@ def _spawn(jobs: list, world: int, tmp: Path, deadline_s: float = DEADLINE_S) ->
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """One 2-process group runs the data-free, unlabeled and mismatch jobs (process start-up is the cost)."""
+    """One 2-process group runs the data-free, unlabeled, FSDP2 and mismatch jobs (process start-up is the cost)."""
     tmp = tmp_path_factory.mktemp("two_ranks")
-    return tmp, _spawn(["datafree", "unlabeled", "mismatch"], 2, tmp)
+    return tmp, _spawn(["datafree", "unlabeled", "fsdp2", "mismatch"], 2, tmp)
 
 
 def _ok(results: list) -> list:
@@ -223,6 +267,24 @@ def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
     res = _spawn(["dead"], 2, tmp_path, deadline_s=60)["dead"]
     assert res[1] is None  # it died
     assert isinstance(res[0], dict) and "error" in res[0], res[0]
+
+
+def test_fsdp2_on_a_tiny_llama_gives_the_single_process_gradients(two_ranks):
+    pytest.importorskip("transformers")
+    res = _ok(two_ranks[1]["fsdp2"])
+    model = _tiny_llama()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".U"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    loss = _llama_loss(model)
+    loss.backward()
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for r in res:
+        assert r["sharded"] > 0 and r["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+        assert r["grads"].keys() == ref.keys() and any(k.endswith(".G") for k in ref)
+        for k in ref:
+            torch.testing.assert_close(r["grads"][k], ref[k], atol=1e-6, rtol=1e-4, msg=k)
 
 
 def test_cli_nproc_2_runs_torchrun_and_resumes_at_1(tmp_path):
