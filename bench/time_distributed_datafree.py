@@ -5,9 +5,10 @@
 
 The pool: a stack of ``--layers`` square Linear layers (all converted), K fine-tuned copies. Each measurement
 trains ``--steps`` steps after 3 warm-up steps and reports the mean step time; the best of ``--repeats``
-measurements is kept (1 process and N processes are interleaved). In the N-process run, the time spent in
-the all-reduce of f (including waiting for the slowest rank) is measured inside the step, and the
-collective alone is timed with 200 back-to-back all-reduces of the same K+1 floats.
+measurements is kept (1 process is measured before and after the N-process run). In the N-process run, the
+time spent in all-reduces (f's, and the one non-finite check at the end of each measurement; waiting for
+the slowest rank included) is measured inside the steps, and the collective alone is timed with 200
+back-to-back all-reduces of the same K+1 floats.
 """
 from __future__ import annotations
 
@@ -39,10 +40,12 @@ def build(args, dist=None) -> ParetoMergingTrainer:
     return ParetoMergingTrainer(model, None, cfg, finetuned=fts, dist=dist)
 
 
-def time_steps(t: ParetoMergingTrainer, steps: int, barrier=None) -> float:
+def time_steps(t: ParetoMergingTrainer, steps: int, barrier=None, on_start=None) -> float:
     t.train(steps=t.step + 3)  # warm-up
     if barrier:
         barrier()
+    if on_start:
+        on_start()
     t0 = time.perf_counter()
     t.train(steps=t.step + steps)
     return (time.perf_counter() - t0) / steps
@@ -69,8 +72,7 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
     results = []
     for _ in range(args.repeats):
         pmdist.dist.all_reduce = timed_all_reduce
-        spent[0] = 0.0
-        step = time_steps(t, args.steps, ctx.barrier)
+        step = time_steps(t, args.steps, ctx.barrier, on_start=lambda: spent.__setitem__(0, 0.0))
         pmdist.dist.all_reduce = real
         results.append({"step_s": step, "allreduce_in_step_s": spent[0] / args.steps})
     x = torch.zeros(args.K + 1)
@@ -106,6 +108,7 @@ def main() -> None:
     mp.start_processes(worker, args=(args.nproc, port, args, str(out)), nprocs=args.nproc, start_method="spawn")
     r = json.loads(out.read_text())
     out.unlink()
+    one = min([one] + [time_steps(single, args.steps) for _ in range(args.repeats)])  # 1 process again, after
     params = sum(p.numel() for p in single.params)
     print(f"pool: {args.layers} Linear {args.width}x{args.width} layers, K={args.K}, r={args.rank}, "
           f"{params} trained parameters, deltas {args.layers * args.K * args.width ** 2 * 4 / 2 ** 20:.0f} MiB fp32")
