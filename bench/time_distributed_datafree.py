@@ -114,8 +114,8 @@ def main() -> None:
     print(f"pool: {args.layers} Linear {args.width}x{args.width} layers, K={args.K}, r={args.rank}, "
           f"{params} trained parameters, deltas {args.layers * args.K * args.width ** 2 * 4 / 2 ** 20:.0f} MiB fp32")
     cpu = max(x["cpu_s"] for x in ranks)
-    print(f"| processes | step wall (ms) | speed-up (wall) | CPU ms/step of the busiest process | speed-up (CPU) | "
-          f"all-reduce in step (ms, share) | all-reduce alone (ms) | bytes/step |")
+    print("| processes | step wall (ms) | speed-up (wall) | CPU ms/step of the busiest process | speed-up (CPU) | "
+          "all-reduce in step (ms, share) | all-reduce alone (ms) | bytes/step |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| 1 | {one[0] * 1e3:.2f} | 1.00 | {one[1] * 1e3:.2f} | 1.00 | – | – | 0 |")
     print(f"| {args.nproc} | {r['step_s'] * 1e3:.2f} | {one[0] / r['step_s']:.2f} | {cpu * 1e3:.2f} | "

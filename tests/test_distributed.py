@@ -20,8 +20,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from paretomerge import TrainerConfig
-from paretomerge.distributed import DistContext, DistributedSetupError, init_from_env, shard_layers
-from paretomerge.methods.pareto_merging import ParetoMergingTrainer, RunMismatchError, load_checkpoint
+from paretomerge.distributed import DistributedSetupError, init_from_env, shard_layers
+from paretomerge.methods.pareto_merging import ParetoMergingTrainer, load_checkpoint
 
 from conftest import Tiny
 
