@@ -1,7 +1,7 @@
 """The ``paretomerge`` command line.
 
     paretomerge demo   [--out DIR] [--device cpu|cuda] [--steps N]
-    paretomerge merge  --config FILE.yaml
+    paretomerge merge  --config FILE.yaml [--fresh] [--nproc N]     (or: torchrun --nproc-per-node N -m paretomerge merge ...)
     paretomerge export --checkpoint CKPT --pref 0.4,0.2,0.2,0.2 --out model.safetensors [--format hf|peft]
     paretomerge generate --checkpoint CKPT --pref 0.7,0.3 [--pref 0.2,0.8] [--prompts FILE]
     paretomerge eval   --checkpoint CKPT --config FILE.yaml [--prefs equal,priority,onehot] [--out DIR]
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -87,18 +88,50 @@ def cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------- merge
+def _launch_workers(args) -> int:
+    """``--nproc N``: run this command on N local processes through torchrun's launcher."""
+    from torch.distributed.run import main as torchrun
+
+    argv = ["--standalone", "--nproc-per-node", str(args.nproc), "-m", "paretomerge"]
+    argv += (["--threads", str(args.threads)] if args.threads else [])
+    argv += ["merge", "--config", str(args.config), "--dist-timeout", str(args.dist_timeout)]
+    argv += ["--fresh"] if args.fresh else []
+    try:
+        torchrun(argv)
+    except Exception as e:  # torchrun's ChildFailedError: the workers printed their own errors
+        print(f"paretomerge merge: error: {args.nproc} processes launched, some failed "
+              f"({type(e).__name__}; see their messages above)", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_merge(args) -> int:
     from .config import load_config
+    from .distributed import init_from_env
     from .program import evaluate_checkpoint, run_merge
 
+    if args.nproc < 1:
+        print(f"paretomerge merge: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
     cfg = load_config(args.config)
-    ckpt = run_merge(cfg)
-    print(f"trained Pareto Merging checkpoint: {ckpt}")
-    if cfg.eval_data:
-        rep = evaluate_checkpoint(ckpt, cfg, ["equal", "priority", "onehot"])
-        rep.save(ckpt.parent / "report.json")
-        print(rep.markdown(3))
-    return 0
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+        return _launch_workers(args)
+    dist = init_from_env(args.dist_timeout)
+    try:
+        ckpt = run_merge(cfg, fresh=args.fresh, dist=dist)
+        if dist is not None and not dist.is_main:
+            return 0
+        print(f"trained Pareto Merging checkpoint: {ckpt}")
+        if cfg.eval_data:
+            rep = evaluate_checkpoint(ckpt, cfg, ["equal", "priority", "onehot"])
+            rep.save(ckpt.parent / "report.json")
+            print(rep.markdown(3))
+        return 0
+    finally:
+        if dist is not None:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
 
 def cmd_validate(args) -> int:
@@ -196,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUTPUT/pareto_merged.pt and, with eval_data, OUTPUT/report.json. "
                                    "See examples/merge_demo.yaml.")
     m.add_argument("--config", required=True, help="YAML config (paths relative to the file)")
+    m.add_argument("--fresh", action="store_true",
+                   help="delete OUTPUT/checkpoints of an earlier run first instead of resuming (a checkpoint of "
+                        "a different config or pool is refused without this)")
+    m.add_argument("--nproc", type=int, default=1,
+                   help="train on N local processes (torch.distributed via torchrun; gloo on CPU, nccl on GPU): "
+                        "data-free shards the layers, unlabeled shards each batch (default: %(default)s)")
+    m.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a process waits for the others in a collective before failing "
+                        "(default: %(default)s)")
     m.set_defaults(func=cmd_merge)
 
     v = sub.add_parser("validate", help="validate YAML configs without running them")
@@ -250,6 +292,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .config import ConfigError
+    from .distributed import DistributedSetupError
+    from .methods.pareto_merging import NonFiniteTrainingError, RunMismatchError
+    from .program import OutputLockedError
 
     if args.threads is not None:
         if args.threads < 1:
@@ -257,13 +302,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, OSError, KeyError, _InputError) as e:
-        # Expected failures (bad config, missing/corrupt file, bad input): one line, exit 2.
-        # ConfigError and the loaders' errors name the field or file; anything else is a bug and
+    except (ConfigError, ValueError, OSError, KeyError, _InputError, NonFiniteTrainingError, RunMismatchError,
+            OutputLockedError, DistributedSetupError) as e:
+        # Expected failures (bad config, missing/corrupt file, bad input, a run that cannot go on): one line,
+        # exit 2. ConfigError and the loaders' errors name the field or file; anything else is a bug and
         # keeps its traceback.
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"paretomerge {args.command}: error: {msg.splitlines()[0] if msg else type(e).__name__}",
-              file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
+        print(f"paretomerge {args.command}: error{'' if rank is None else f' (rank {rank})'}: "
+              f"{msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2
 
 

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["atomic_directory", "atomic_write", "is_safetensors", "load_state_dict", "save_model", "save_state_dict", "unwrap_state_dict"]
+__all__ = ["atomic_directory", "atomic_write", "is_safetensors", "load_state_dict", "remove_stale_temp_files",
+           "save_model", "save_state_dict", "unwrap_state_dict"]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
@@ -65,6 +66,26 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> None:
         except OSError:
             pass
         raise
+
+
+def remove_stale_temp_files(directory: PathLike, names: Callable[[str], bool]) -> list[Path]:
+    """Delete the temp files ``atomic_write`` left in ``directory`` (after a kill) for targets whose name
+    ``names(name)`` accepts; return what was removed. Only call it while no writer can be active there
+    (e.g. holding the output directory's lock)."""
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for f in d.iterdir():
+        # ".{target}.{8 random chars}.tmp", as tempfile.mkstemp(prefix=f".{target}.", suffix=".tmp") makes
+        n = f.name
+        if not (n.startswith(".") and n.endswith(".tmp")) or not f.is_file():
+            continue
+        target, sep, rand = n[1:-4].rpartition(".")
+        if sep and len(rand) == 8 and names(target):
+            f.unlink()
+            removed.append(f)
+    return removed
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] | None = None

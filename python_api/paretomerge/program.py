@@ -5,24 +5,28 @@
 from __future__ import annotations
 
 import copy
+import re
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .config import ConfigError, MergeConfig
+from .distributed import DistContext
 from .evaluation import Report, evaluate_tasks, preference_set
-from .io import load_state_dict, save_model
+from .io import load_state_dict, remove_stale_temp_files, save_model
 from .layers import export
 from .layers.convert import QKV_PRESETS
 from .methods import merge
-from .methods.pareto_merging import ParetoMergingTrainer, load_checkpoint, reconvert
+from .methods.pareto_merging import ParetoMergingTrainer, RunMismatchError, load_checkpoint, reconvert
 from .pools import ModelPool
 from .pools.architectures import build_architecture
 
-__all__ = ["base_merge", "evaluate_checkpoint", "export_checkpoint", "export_checkpoint_dir", "generate_from_checkpoint",
-           "load_pool", "load_tensors", "model_from_checkpoint", "run_merge"]
+__all__ = ["OutputLockedError", "base_merge", "evaluate_checkpoint", "export_checkpoint", "export_checkpoint_dir",
+           "generate_from_checkpoint", "load_pool", "load_tensors", "model_from_checkpoint", "output_lock",
+           "run_identity", "run_merge"]
 
 
 def base_merge(cfg: MergeConfig, pool: ModelPool) -> nn.Module:
@@ -92,10 +96,85 @@ def load_tensors(cfg: MergeConfig, mapping: Mapping[str, str], fieldname: str, k
     return out
 
 
-def run_merge(cfg) -> Path:
-    """Base merge + Pareto Merging training as ``cfg`` (a validated MergeConfig) says; returns the checkpoint."""
-    out = cfg.path(cfg.output.dir)
+LOCK_FILE = ".paretomerge.lock"
+_RUN_OUTPUT = re.compile(r"pareto_merged\.pt|report\.json|last\.pt|step\d{6}\.pt")  # the files a merge run writes
+
+
+class OutputLockedError(RuntimeError):
+    """Another run holds the output directory."""
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output directory ``out`` (``filelock``; fails at once if taken)."""
+    from filelock import FileLock, Timeout
+
     out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputLockedError(f"output directory {str(out)!r} is in use by another paretomerge run (it holds "
+                                f"{str(out / LOCK_FILE)!r}); wait for it to finish or choose another "
+                                f"output.dir") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _file_identity(p: Path) -> list:
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def run_identity(cfg: MergeConfig) -> dict:
+    """What defines a merge run besides the trainer config: the base merge and the input files (resolved
+    path, size, mtime) of the pool and the unlabeled data."""
+    p = cfg.pool
+    files = {"pool.pretrained": p.pretrained, **{f"pool.finetuned.{t}": f for t, f in p.finetuned.items()},
+             **{f"pool.heads.{t}": f for t, f in (p.heads or {}).items()},
+             **{f"unlabeled.{t}": f for t, f in ((cfg.unlabeled or {}) if cfg.mode == "unlabeled" else {}).items()}}
+    return {"base": cfg.base.model_dump(), "pool_format": p.format,
+            "files": {k: _file_identity(_need_file(cfg, f, k)) for k, f in files.items()}}
+
+
+def _prepare_output(out: Path, fresh: bool) -> None:
+    """With the lock held: remove temp files a killed run left; with ``fresh``, the old checkpoints."""
+    ck = out / "checkpoints"
+    for d in (out, ck):
+        remove_stale_temp_files(d, lambda name: bool(_RUN_OUTPUT.fullmatch(name)))
+    if fresh and ck.is_dir():
+        for f in ck.iterdir():
+            if _RUN_OUTPUT.fullmatch(f.name) and f.is_file():
+                f.unlink()
+
+
+def run_merge(cfg, fresh: bool = False, dist: Optional[DistContext] = None) -> Path:
+    """Base merge + Pareto Merging training as ``cfg`` (a validated MergeConfig) says; returns the checkpoint.
+
+    Holds an exclusive lock on the output directory for the run (``OutputLockedError`` if another run has
+    it). Resumes from OUTPUT/checkpoints/last.pt when it belongs to this run (``RunMismatchError``
+    otherwise); ``fresh=True`` deletes the old checkpoints first. ``dist``: run as one rank of a process
+    group (every rank calls this; rank 0 takes the lock and alone writes files).
+    """
+    out = cfg.path(cfg.output.dir)
+    with ExitStack() as held:
+        error = None
+        if dist is None or dist.is_main:
+            try:
+                held.enter_context(output_lock(out))
+                _prepare_output(out, fresh)
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                error = e
+        if dist is not None:
+            dist.raise_if_any(error)  # the other ranks fail with rank 0's error instead of waiting for it
+        elif error is not None:
+            raise error
+        return _run_merge_locked(cfg, out, dist)
+
+
+def _run_merge_locked(cfg, out: Path, dist: Optional[DistContext]) -> Path:
     pool = load_pool(cfg)
     model = base_merge(cfg, pool)
     tcfg = copy.deepcopy(cfg.trainer)
@@ -111,9 +190,12 @@ def run_merge(cfg) -> Path:
                 "auto_class": cfg.pool.auto_class or "AutoModel"}
     meta = {"architecture": arch, "base": cfg.base.method}
     trainer = ParetoMergingTrainer(model, pool, tcfg, logits_fn=logits_fn_of(pool) if unlabeled else None,
-                                   unlabeled=unlabeled, meta=meta)
+                                   unlabeled=unlabeled, meta=meta, identity=run_identity(cfg), dist=dist)
     resume = out / "checkpoints" / "last.pt"
-    trainer.train(resume=resume if resume.exists() else None)
+    try:
+        trainer.train(resume=resume if resume.exists() else None)
+    except RunMismatchError as e:
+        raise RunMismatchError(f"{resume}: {e} (rerun with --fresh, or choose another output.dir)") from None
     final = out / "pareto_merged.pt"
     trainer.save_checkpoint(final)
     return final

@@ -42,7 +42,7 @@ trades relative improvements, which is what a user's preference means.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Collection, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -140,12 +140,14 @@ class DataFreeObjective(nn.Module):
     (frozen) base weights, and kept in ``delta_dtype`` (default: the
     weight's dtype). Call ``objective(pref)`` with pref (K,) → (K,).
     ``impl`` is passed to ``weight_distances`` ("auto"/"torch"/"naive").
+    ``keys``: only these factored weights (a rank's shard in distributed training; ``finetuned`` then
+    needs only their tensors); None = all.
     """
 
     def __init__(self, model: nn.Module, finetuned: Sequence[Mapping[str, torch.Tensor]], *, impl: str = "auto",
-                 delta_dtype: Optional[torch.dtype] = None) -> None:
+                 delta_dtype: Optional[torch.dtype] = None, keys: Optional[Collection[str]] = None) -> None:
         super().__init__()
-        slots = factored_weights(model)
+        slots = [s for s in factored_weights(model) if keys is None or s[0] in keys]
         if not slots:
             raise ValueError("DataFreeObjective: the model has no Pareto layers (convert it first)")
         self.K = len(finetuned)
@@ -253,15 +255,18 @@ def _logits_mask(out, diversity: float):
 
 
 # ----------------------------------------------------------------------------- regularisation
-def factor_regularizer(model: nn.Module, frobenius: float = 0.0, orthogonal: float = 0.0) -> torch.Tensor:
+def factor_regularizer(model: nn.Module, frobenius: float = 0.0, orthogonal: float = 0.0,
+                       keys: Optional[Collection[str]] = None) -> torch.Tensor:
     """frobenius · Σ (‖U‖² + ‖G‖² + ‖V‖²) + orthogonal · Σ (‖UᵀU − diag(UᵀU)‖² + ‖VᵀV − I‖²).
 
     The orthogonality term of U only penalises off-diagonal Gram entries
     (U starts at 0, so pushing UᵀU to I would force an update at init);
-    V is pushed to orthonormal columns. Sums run over every factored weight.
+    V is pushed to orthonormal columns. Sums run over every factored weight (or those named in ``keys``).
     """
     total = None
-    for _, U, G, V, _W in factored_weights(model):
+    for key, U, G, V, _W in factored_weights(model):
+        if keys is not None and key not in keys:
+            continue
         term = U.new_zeros(())
         if frobenius:
             term = term + frobenius * (U.pow(2).sum() + G.pow(2).sum() + V.pow(2).sum())

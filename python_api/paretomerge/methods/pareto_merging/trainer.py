@@ -21,9 +21,23 @@ written atomically (temp file + ``os.replace``) and hold the full converted
 model state, the optimizer state, the generator's and torch's RNG states,
 the normalisation scales and the step; ``train(resume=path)`` continues
 bit-for-bit where the checkpoint stopped.
+
+Safety: a checkpoint records the run's identity (:meth:`ParetoMergingTrainer.run_identity`: the
+config minus progress/checkpoint/impl fields, K, task names, converted layers and ranks, ``meta`` and
+the caller's ``identity``, e.g. the pool's files) and its hash; resuming a checkpoint of another run is a
+:class:`RunMismatchError` naming the differing fields. A non-finite loss or parameter stops training with
+a :class:`NonFiniteTrainingError` before anything is written.
+
+Distributed (``dist=`` a :class:`paretomerge.distributed.DistContext`, see docs/distributed.md): in
+the data-free mode the converted weights are sharded over ranks, each rank holds only its shard's
+deltas and steps only its shard's parameters; in the unlabeled mode each rank takes a 1/world_size
+slice of every batch and gradients are averaged. Checkpoints are world-size independent (rank 0
+gathers the shards and alone writes them).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -32,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from ...config import TrainerConfig
+from ...distributed import DistContext, average_gradients, mean_across_ranks, shard_layers, sum_across_ranks
 from ...io import atomic_write
 from ...layers import convert, factored_weights, pareto_layers, pareto_parameters
 from ..merge_utils import LayerwiseMerge
@@ -39,6 +54,41 @@ from .objectives import DataFreeObjective, Normalizer, entropy_objectives, facto
 from .structures import apply_structure
 
 CHECKPOINT_FORMAT = "paretomerge-checkpoint-v1"
+
+# TrainerConfig fields that say how far or how a run goes, not what it computes: changing them keeps
+# a checkpoint resumable (steps extends a run; impl/objective_impl choose kernels for the same maths).
+NOT_RUN_DEFINING = ("steps", "checkpoint_every", "checkpoint_dir", "progress", "impl", "objective_impl")
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """The loss or a trained parameter became NaN/Inf; training stopped before writing anything."""
+
+
+class RunMismatchError(ValueError):
+    """A checkpoint (or another rank) belongs to a different run: its identity differs from this run's."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def identity_hash(identity: Mapping) -> str:
+    """sha256 of the identity's canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def identity_differences(old: Mapping, new: Mapping, limit: int = 6) -> str:
+    """'field: old -> new' for the first ``limit`` differing dotted fields."""
+    a, b = _flatten(json.loads(json.dumps(old, default=str))), _flatten(json.loads(json.dumps(new, default=str)))
+    diffs = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    more = f" (and {len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
 
 
 def convert_for_config(model: nn.Module, K: int, cfg: TrainerConfig) -> dict[str, int]:
@@ -102,14 +152,19 @@ class ParetoMergingTrainer:
         with ``finetuned=`` a list of K state dicts.
     logits_fn(model, k, x) -> logits, and unlabeled[k] (inputs of task k: a tensor or a list of
         batches): needed in mode "unlabeled".
-    meta: anything JSON-like to store in checkpoints (e.g. how to rebuild the architecture).
+    meta: anything JSON-like to store in checkpoints (e.g. how to rebuild the architecture); part of
+        the run's identity.
+    identity: anything JSON-like that further defines the run (e.g. the pool's file names, sizes and
+        mtimes; ``program.run_merge`` passes them); part of the run's identity.
+    dist: a ``DistContext`` for multi-process training (None or world size 1 = one process).
     """
 
     def __init__(self, model: nn.Module, pool=None, config: Optional[TrainerConfig] = None, *,
                  finetuned: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
                  logits_fn: Optional[Callable] = None,
                  unlabeled: Optional[Sequence[Union[torch.Tensor, Sequence[torch.Tensor]]]] = None,
-                 task_names: Optional[Sequence[str]] = None, meta: Optional[dict] = None) -> None:
+                 task_names: Optional[Sequence[str]] = None, meta: Optional[dict] = None,
+                 identity: Optional[dict] = None, dist: Optional[DistContext] = None) -> None:
         self.cfg = (config or TrainerConfig()).validate()
         cfg = self.cfg
         if pool is None and finetuned is None and cfg.mode == "datafree":
@@ -134,6 +189,24 @@ class ParetoMergingTrainer:
             p.requires_grad_(True)
         self.device = self.params[0].device
         self.meta = dict(meta or {})
+        self.identity = dict(identity or {})
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
+        # Sharded data-free: the factored weights (state-dict keys) this rank owns; None = all of them.
+        self.shard_keys: Optional[set[str]] = None
+        if self.dist is not None and cfg.mode == "datafree":
+            slots = factored_weights(model)
+            owner = shard_layers([W.numel() for *_, W in slots], self.dist.world_size)
+            self.shard_keys = {s[0] for s, o in zip(slots, owner) if o == self.dist.rank}
+        if self.dist is not None and cfg.mode == "unlabeled":
+            if cfg.per_sample:
+                raise ValueError("trainer.per_sample: not supported with several processes in mode 'unlabeled'")
+            if cfg.batch_size % self.dist.world_size:
+                raise ValueError(f"trainer.batch_size ({cfg.batch_size}, the global batch per task) must be a "
+                                 f"multiple of the number of processes ({self.dist.world_size})")
+        own = {id(p) for key, U, G, V, _ in factored_weights(model)
+               if self.shard_keys is None or key in self.shard_keys for p in (U, G, V)}
+        self._own_named = [(n, p) for n, p in model.named_parameters() if id(p) in own]
+        self._nonfinite: Optional[str] = None  # a parameter found non-finite after a step (distributed: deferred)
 
         self.datafree: Optional[DataFreeObjective] = None
         if (cfg.mode == "datafree" or cfg.anchor) and pool is None and finetuned is None:
@@ -144,9 +217,10 @@ class ParetoMergingTrainer:
         if cfg.mode == "datafree" or cfg.anchor:
             if finetuned is None:
                 # Only the converted layers' weights: with a file-backed pool the K models are never all in memory.
-                keys = [key for key, *_ in factored_weights(model)]
+                keys = [key for key, *_ in factored_weights(model)
+                        if self.shard_keys is None or key in self.shard_keys]
                 finetuned = [pool.finetuned_state(k, keys) for k in range(self.K)]
-            self.datafree = DataFreeObjective(model, finetuned, impl=cfg.objective_impl)
+            self.datafree = DataFreeObjective(model, finetuned, impl=cfg.objective_impl, keys=self.shard_keys)
         if cfg.mode == "unlabeled":
             if logits_fn is None or unlabeled is None:
                 raise ValueError("mode 'unlabeled' needs logits_fn= and unlabeled= (inputs of every task)")
@@ -168,6 +242,26 @@ class ParetoMergingTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict] = []
+        if self.dist is not None:
+            self._check_same_run_on_every_rank()
+
+    # ------------------------------------------------------------------ identity
+    def run_identity(self) -> dict:
+        """Everything that defines the run (JSON-like); a checkpoint resumes only into an equal identity."""
+        return {"trainer": {k: v for k, v in self.cfg.model_dump().items() if k not in NOT_RUN_DEFINING},
+                "num_objectives": self.K, "task_names": list(self.task_names), "layers": dict(self.layers),
+                "meta": self.meta, "identity": self.identity}
+
+    def run_hash(self) -> str:
+        return identity_hash(self.run_identity())
+
+    def _check_same_run_on_every_rank(self) -> None:
+        mine = self.run_identity()
+        idents = self.dist.all_objects(mine)
+        bad = [r for r, i in enumerate(idents) if identity_hash(i) != identity_hash(idents[0])]
+        if bad:
+            raise RunMismatchError(f"the processes disagree on the run (config, pool or model): rank {bad[0]} "
+                                   f"differs from rank 0 in {identity_differences(idents[0], idents[bad[0]])}")
 
     # ------------------------------------------------------------------ joint AdaMerging
     def _setup_adamerging(self, pool) -> None:
@@ -207,6 +301,9 @@ class ParetoMergingTrainer:
         out = []
         for x in self.unlabeled:
             idx = torch.randint(0, x.shape[0], (self.cfg.batch_size,), generator=self.generator)
+            if self.dist is not None:
+                # Every rank draws the same global batch and keeps its strided slice (as DistributedSampler).
+                idx = idx[self.dist.rank::self.dist.world_size]
             out.append(x[idx].to(self.device))
         return out
 
@@ -227,10 +324,14 @@ class ParetoMergingTrainer:
     def _fit_normalizer(self) -> None:
         if bool(self.normalizer.initialized):
             return
+        norms = None
         if self.datafree is not None:
-            self.anchor_normalizer.fit(self.datafree.delta_norms())
+            norms = self.datafree.delta_norms()
+            if self.shard_keys is not None:
+                norms = sum_across_ranks(norms)
+            self.anchor_normalizer.fit(norms)
         if self.cfg.mode == "datafree":
-            f0 = self.datafree.delta_norms()  # U M Vᵀ = 0 at init: f_k = Σ ‖D_k‖²
+            f0 = norms  # U M Vᵀ = 0 at init: f_k = Σ ‖D_k‖²
         else:
             # The base merge's objectives on the first (up to) 256 inputs of each task: no RNG used.
             uniform = torch.full((self.K,), 1.0 / self.K, device=self.device)
@@ -246,14 +347,46 @@ class ParetoMergingTrainer:
         else:
             pref = self._sample_pref(None)
         batches = None if cfg.mode == "datafree" else self._batches()
-        f = self.normalizer(self.objectives(pref, batches))
+        raw = self.objectives(pref, batches)
+        reg = None
+        if cfg.reg_frobenius or cfg.reg_orthogonal:
+            reg = factor_regularizer(self.model, cfg.reg_frobenius, cfg.reg_orthogonal, keys=self.shard_keys)
+        if self.shard_keys is not None:
+            # Partial f (and regulariser) of this rank's layers -> the full ones, in one all-reduce.
+            parts = torch.cat([raw.reshape(-1)] + ([reg.reshape(1)] if reg is not None else []))
+            total = sum_across_ranks(parts)
+            raw, reg = total[:raw.numel()].view_as(raw), (total[-1] if reg is not None else None)
+        elif self.dist is not None:
+            raw = mean_across_ranks(raw, self.dist.world_size)  # per-shard mean entropies -> the batch's
+        f = self.normalizer(raw)
         if cfg.mode == "unlabeled" and cfg.anchor:
             f = f + cfg.anchor * self.anchor_normalizer(self._datafree(pref))
         scal = scalarize(f, pref, cfg.scalarization, mu=cfg.mu, ideal=self.ideal)
         loss = scal.mean()
-        if cfg.reg_frobenius or cfg.reg_orthogonal:
-            loss = loss + factor_regularizer(self.model, cfg.reg_frobenius, cfg.reg_orthogonal)
+        if reg is not None:
+            loss = loss + reg
         return loss, (f.detach() if f.dim() == 1 else f.detach().mean(0))
+
+    # ------------------------------------------------------------------ non-finite guard
+    def _first_nonfinite_parameter(self) -> Optional[str]:
+        params = [p for _, p in self._own_named] + ([self.lam] if self.lam is not None else [])
+        if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one sync per step
+            return None
+        return next((n for n, p in self._own_named if not bool(torch.isfinite(p).all())), "adamerging_lambda")
+
+    def _raise_nonfinite(self, what: str, step: int) -> None:
+        where = f" (parameter {self._nonfinite!r})" if self._nonfinite else ""
+        raise NonFiniteTrainingError(
+            f"training stopped at step {step}: {what}{where}; no checkpoint was written for it. "
+            f"Lower trainer.lr, or check the pool's weights and the data for NaN/Inf")
+
+    def _check_parameters_finite(self) -> None:
+        """Collective in distributed runs: every rank raises if a parameter is non-finite on some rank."""
+        bad = self._nonfinite is not None
+        if self.dist is not None:
+            bad = self.dist.any_flag(bad)
+        if bad:
+            self._raise_nonfinite("a trained parameter is NaN/Inf", self.step)
 
     # ------------------------------------------------------------------ loop
     def train(self, resume: Union[None, str, Path] = None, steps: Optional[int] = None) -> nn.Module:
@@ -265,15 +398,23 @@ class ParetoMergingTrainer:
         was_training = self.model.training
         self.model.eval()  # no dropout: deterministic objectives
         bar = None
-        if self.cfg.progress:
+        if self.cfg.progress and (self.dist is None or self.dist.is_main):
             from tqdm.auto import tqdm
             bar = tqdm(total=total, initial=self.step, desc=f"pareto-merging ({self.cfg.mode})", leave=False)
         try:
             while self.step < total:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, f = self.loss()
+                if not bool(torch.isfinite(loss)):
+                    self._raise_nonfinite(f"the loss is {float(loss.detach())}", self.step + 1)
                 loss.backward()
+                if self.dist is not None and self.shard_keys is None:
+                    average_gradients(self.params + ([self.lam] if self.lam is not None else []),
+                                      self.dist.world_size)
                 self.optimizer.step()
+                self._nonfinite = self._nonfinite or self._first_nonfinite_parameter()
+                if self._nonfinite is not None and self.dist is None:
+                    self._raise_nonfinite("a trained parameter is NaN/Inf", self.step + 1)
                 self.step += 1
                 rec = {"step": self.step, "loss": float(loss.detach())}
                 rec.update({f"f_{n}": float(v) for n, v in zip(self.task_names, f)})
@@ -285,6 +426,8 @@ class ParetoMergingTrainer:
                 if self.cfg.checkpoint_dir and ((self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every
                                                  == 0) or self.step == total):
                     self._checkpoint(Path(self.cfg.checkpoint_dir))
+            if self.dist is not None:
+                self._check_parameters_finite()
         finally:
             if bar is not None:
                 bar.close()
@@ -304,6 +447,8 @@ class ParetoMergingTrainer:
             "normalizer": {k: v.clone() for k, v in self.normalizer.state_dict().items()},
             "anchor_normalizer": {k: v.clone() for k, v in self.anchor_normalizer.state_dict().items()},
             "config": self.cfg.model_dump(),
+            "run_identity": self.run_identity(),
+            "run_hash": self.run_hash(),
             "layers": dict(self.layers),
             "num_objectives": self.K,
             "task_names": list(self.task_names),
@@ -312,15 +457,60 @@ class ParetoMergingTrainer:
         }
 
     def save_checkpoint(self, path: Union[str, Path]) -> None:
-        atomic_torch_save(self.state(), path)
+        """Write the full state atomically (distributed: collective; rank 0 writes, then all wait)."""
+        self._write_checkpoint(lambda: atomic_torch_save(self.state(), path))
 
     def _checkpoint(self, directory: Path) -> None:
         """stepNNNNNN.pt, and last.pt as a byte copy of it (the state is serialised once)."""
         path = directory / f"step{self.step:06d}.pt"
-        self.save_checkpoint(path)
-        atomic_write(directory / "last.pt", lambda tmp: shutil.copyfile(path, tmp))
+
+        def write() -> None:
+            atomic_torch_save(self.state(), path)
+            atomic_write(directory / "last.pt", lambda tmp: shutil.copyfile(path, tmp))
+
+        self._write_checkpoint(write)
+
+    def _write_checkpoint(self, write: Callable[[], None]) -> None:
+        if self.dist is not None:
+            self._check_parameters_finite()
+        elif self._nonfinite is not None:
+            self._raise_nonfinite("a trained parameter is NaN/Inf", self.step)
+        if self.shard_keys is not None:
+            self._gather_shards_on_main()
+        if self.dist is None or self.dist.is_main:
+            write()
+        if self.dist is not None:
+            self.dist.barrier()  # nobody goes on (or exits) before the file is in place
+
+    @torch.no_grad()
+    def _gather_shards_on_main(self) -> None:
+        """Collective: rank 0's model and optimizer get every rank's own parameters and their Adam state, so
+        its ``state()`` is exactly the single-process state (world-size independent)."""
+        own = {id(p) for _, p in self._own_named}
+        payload = {i: (p.detach().cpu(), {k: (v.detach().cpu() if torch.is_tensor(v) else v)
+                                          for k, v in self.optimizer.state.get(p, {}).items()})
+                   for i, p in enumerate(self.params) if id(p) in own}
+        gathered = self.dist.gather_to_main(payload)
+        if gathered is None:
+            return
+        for r, part in enumerate(gathered):
+            if r == self.dist.rank:
+                continue
+            for i, (value, opt_state) in part.items():
+                p = self.params[i]
+                p.copy_(value.to(p.device))
+                self.optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() else v)
+                                           for k, v in opt_state.items()}
 
     def load_state(self, ckpt: Mapping) -> None:
+        """Restore a checkpoint of this run (RunMismatchError when it belongs to another run)."""
+        if "run_identity" not in ckpt:
+            raise RunMismatchError("the checkpoint records no run identity (written by an older paretomerge): "
+                                   "cannot tell whether it belongs to this run; start fresh")
+        if identity_hash(ckpt["run_identity"]) != self.run_hash():
+            raise RunMismatchError("the checkpoint belongs to a different run: "
+                                   + identity_differences(ckpt["run_identity"], self.run_identity())
+                                   + " (checkpoint -> this run); start fresh to discard it")
         if dict(ckpt["layers"]) != self.layers:
             raise ValueError(f"checkpoint layers {ckpt['layers']} do not match the model's {self.layers}")
         self.model.load_state_dict(ckpt["model"])
