@@ -1,5 +1,5 @@
 """pmkernels benchmark suites (pytest-benchmark) and their report: ``python -m bench.report``.
 
 A regular package so that bench/conftest.py is imported as ``bench.conftest`` and never shadows
-tests/conftest.py (whose test modules do ``from conftest import ...``) when both are collected.
+tests/conftest.py when both are collected.
 """

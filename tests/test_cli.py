@@ -11,24 +11,11 @@ import paretomerge as pm
 from paretomerge.cli import build_parser, main
 from paretomerge.config import ConfigError, TrainerConfig, from_dict, load_config
 from paretomerge.pools.architectures import build_architecture
+
+from helpers import ARCH, good_config as _good, mutate as _mutate
 from paretomerge.methods.pareto_merging import ParetoMergingTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCH = {"kind": "open_clip_vision", "embed_dim": 8,
-        "vision_cfg": {"layers": 1, "width": 16, "head_width": 8, "patch_size": 4, "image_size": 8}}
-
-
-def _good() -> dict:
-    return {
-        "pool": {"format": "files", "architecture": copy.deepcopy(ARCH), "pretrained": "p.safetensors",
-                 "finetuned": {"a": "a.safetensors", "b": "b.safetensors"},
-                 "heads": {"a": "ha.safetensors", "b": "hb.safetensors"}},
-        "base": {"method": "task_arithmetic", "lam": 0.3},
-        "mode": "unlabeled",
-        "unlabeled": {"a": "ua.safetensors", "b": "ub.safetensors"},
-        "trainer": {"steps": 3, "rank": 2},
-        "output": {"dir": "out"},
-    }
 
 
 def test_shipped_configs_validate():
@@ -43,19 +30,6 @@ def test_good_config_builds():
     cfg = from_dict(_good(), root="/tmp")
     assert cfg.trainer.mode == "unlabeled" and cfg.trainer.rank == 2
     assert cfg.path("x") == Path("/tmp/x")
-
-
-def _mutate(path: str, value):
-    d = _good()
-    keys = path.split(".")
-    node = d
-    for k in keys[:-1]:
-        node = node[k]
-    if value is KeyError:
-        del node[keys[-1]]
-    else:
-        node[keys[-1]] = value
-    return d
 
 
 @pytest.mark.parametrize("path,value,field", [

@@ -17,7 +17,7 @@ from paretomerge.methods.ties import _trim_threshold
 from paretomerge.pools import ModelPool
 from paretomerge.pools.architectures import build_architecture
 
-from test_cli import _good, _mutate
+from helpers import good_config as _good, mutate as _mutate
 
 
 # ----------------------------------------------------------------------------- config strictness

@@ -23,7 +23,7 @@ from paretomerge import TrainerConfig
 from paretomerge.distributed import DistributedSetupError, init_from_env, shard_layers
 from paretomerge.methods.pareto_merging import ParetoMergingTrainer, load_checkpoint
 
-from conftest import Tiny
+from helpers import Tiny
 
 K = 3
 DEADLINE_S = 90.0

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import paretomerge as pm
-from _offline import no_network  # noqa: F401  (fixture)
-from conftest import Tiny
+from helpers import Tiny
 from paretomerge.integrations.factors import ParetoFactors, save_factors, weight_stats
 from paretomerge.methods.ties import ties_tensor
 

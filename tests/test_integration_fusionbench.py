@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _offline import EXAMPLES, UNSHARE, no_network, run_offline  # noqa: F401  (fixture)
-from conftest import Tiny
+from helpers import EXAMPLES, run_offline
+from helpers import Tiny
 
 fusion_bench = pytest.importorskip("fusion_bench", reason="fusion-bench is not installed: pip install "
                                                           "'pmkernels[fusionbench]' (fusion-bench==0.2.33)")

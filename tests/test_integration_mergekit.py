@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from _offline import EXAMPLES, no_network, run_offline  # noqa: F401  (fixture)
+from helpers import EXAMPLES, run_offline
 
 pytest.importorskip("transformers")
 pytest.importorskip("mergekit", reason="mergekit is not installed: pip install 'pmkernels[mergekit]' (mergekit==0.1.5)")

@@ -8,7 +8,7 @@ import torch.nn as nn
 import paretomerge as pm
 from pmkernels import reference_pareto_linear
 
-from conftest import random_pref, rel_err
+from helpers import random_pref, rel_err
 
 K, R = 3, 4
 

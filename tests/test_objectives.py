@@ -19,7 +19,7 @@ from paretomerge.methods.pareto_merging.objectives import (
     stch,
 )
 
-from conftest import Tiny  # noqa: E402
+from helpers import Tiny  # noqa: E402
 
 K = 3
 

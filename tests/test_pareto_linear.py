@@ -8,7 +8,7 @@ import pmkernels
 from pmkernels import pareto_linear, reference_pareto_linear
 
 from pmkernels.testing import assert_close_terms, term_scales
-from conftest import make_problem, random_pref, rel_err
+from helpers import make_problem, random_pref, rel_err
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 IMPLS = ["torch", "naive"]

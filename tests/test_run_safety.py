@@ -18,7 +18,7 @@ from paretomerge.methods.pareto_merging import (NonFiniteTrainingError, ParetoMe
 from paretomerge.program import LOCK_FILE, output_lock
 
 from _pool_files import write_config, write_pool
-from conftest import Tiny
+from helpers import Tiny
 
 
 def _error_lines(capsys) -> list[str]:

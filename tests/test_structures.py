@@ -14,7 +14,7 @@ from paretomerge.methods.pareto_merging import (ParetoMergingTrainer, apply_stru
                                                 trainable_count)
 from paretomerge.methods.pareto_merging.structures import constraint_for
 
-from conftest import Tiny  # noqa: E402
+from helpers import Tiny  # noqa: E402
 
 K = 3
 

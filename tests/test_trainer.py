@@ -11,7 +11,7 @@ import paretomerge as pm
 from paretomerge import TrainerConfig
 from paretomerge.methods.pareto_merging import ParetoMergingTrainer, load_checkpoint
 
-from conftest import Tiny  # noqa: E402
+from helpers import Tiny  # noqa: E402
 
 K = 3
 

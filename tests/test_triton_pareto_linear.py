@@ -14,7 +14,7 @@ import torch
 import pmkernels
 from pmkernels import reference_pareto_linear
 from pmkernels.testing import assert_close_terms, term_scales
-from conftest import HAS_CUDA, make_problem, poisoned, random_pref, rel_err
+from helpers import HAS_CUDA, make_problem, poisoned, random_pref, rel_err
 
 tpl = pytest.importorskip("pmkernels.triton_pareto_linear", reason="triton is not importable here")
 triton_pareto_linear = tpl.triton_pareto_linear

@@ -10,7 +10,7 @@ import pmkernels
 from pmkernels.weight_distances import cpp_available, resolve_wd_impl, weight_distances
 
 from pmkernels.testing import assert_close_terms, term_scales
-from conftest import HAS_CUDA, random_pref, rel_err
+from helpers import HAS_CUDA, random_pref, rel_err
 
 SHAPES = [  # (out, in, r, K)
     (23, 19, 3, 4),
