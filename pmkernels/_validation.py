@@ -8,11 +8,13 @@ set) pass ``check_values=False`` on the hot path.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 PREF_SUM_TOL = 1e-3
+
+Deltas = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -138,3 +140,42 @@ def check_same_dtype(named: list[tuple[str, torch.Tensor]]) -> None:
             raise TypeError(
                 f"all floating inputs must share one dtype: {first_name} is {first.dtype} but {name} is {t.dtype}"
             )
+
+
+def _delta_list(deltas: Deltas, K: int, out_features: int, in_features: int) -> list[torch.Tensor]:
+    """The deltas as a list of K (out, in) floating tensors, from a (K, out, in) tensor or a sequence."""
+    if isinstance(deltas, torch.Tensor):
+        if deltas.dim() != 3 or deltas.shape != (K, out_features, in_features):
+            raise ValueError(
+                f"deltas must have shape (K, out, in) = ({K}, {out_features}, {in_features}), "
+                f"got {tuple(deltas.shape)}"
+            )
+        return list(deltas.unbind(0))
+    if not isinstance(deltas, (list, tuple)):
+        raise TypeError(f"deltas must be a (K, out, in) tensor or a sequence of K (out, in) tensors, "
+                        f"got {type(deltas).__name__}")
+    if len(deltas) != K:
+        raise ValueError(f"deltas must hold K = {K} tensors (one per objective), got {len(deltas)}")
+    for k, d in enumerate(deltas):
+        _check_tensor(f"deltas[{k}]", d)
+        if d.shape != (out_features, in_features):
+            raise ValueError(f"deltas[{k}] must have shape (out, in) = ({out_features}, {in_features}), "
+                             f"got {tuple(d.shape)}")
+    return list(deltas)
+
+
+def check_weight_distances(
+    U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor, deltas: Deltas
+) -> list[torch.Tensor]:
+    """Validate the arguments of ``weight_distances``; return the deltas as a list of (out, in) tensors."""
+    _check_tensor("U", U)
+    _check_tensor("V", V)
+    if U.dim() != 2 or V.dim() != 2:
+        raise ValueError(f"U must be (out, r) and V (in, r), got {tuple(U.shape)} and {tuple(V.shape)}")
+    _, K = check_low_rank(U, G, V, U.shape[0], V.shape[0])
+    check_pref_shape(pref, K)
+    ds = _delta_list(deltas, K, U.shape[0], V.shape[0])
+    check_same_device([("U", U), ("G", G), ("V", V), ("pref", pref)] + [(f"deltas[{k}]", d) for k, d in enumerate(ds)])
+    check_same_dtype([("U", U), ("G", G), ("V", V)])
+    check_same_dtype([(f"deltas[{k}]", d) for k, d in enumerate(ds)])
+    return ds

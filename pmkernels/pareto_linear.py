@@ -6,47 +6,29 @@ for the fused kernels). Validation happens here, once, before any compute.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from . import reference
+from ._dispatch import register_op, resolve_impl as _resolve, triton_importable
 from ._validation import check_pareto_linear, check_pref_values
 
 IMPLS = ("auto", "triton", "torch", "naive")
+register_op("pareto_linear", IMPLS, triton_module="triton_pareto_linear")
 
 
 def triton_available() -> bool:
-    """True when the fused Triton kernels can be imported."""
-    try:
-        from . import triton_pareto_linear  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the fused Triton kernels of ``pareto_linear`` can be imported."""
+    return triton_importable("triton_pareto_linear")
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """Map ``impl`` to a concrete implementation for tensors on ``device``."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if impl == "triton":
-        if not triton_available():
-            raise NotImplementedError(
-                "impl='triton' needs the fused Triton kernels (pmkernels.triton_pareto_linear), "
-                "which could not be imported here; use impl='torch'"
-            )
-        if device.type != "cuda" and not _interpreting():
-            raise ValueError(
-                f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got tensors on {device}"
-            )
-    return impl
+    """Map ``impl`` to a concrete ``pareto_linear`` implementation for tensors on ``device``.
+
+    "auto" is "triton" on CUDA when the kernels import, else "torch" (rules: ``pmkernels._dispatch``).
+    """
+    return _resolve("pareto_linear", impl, device)
 
 
 def pareto_linear(

@@ -72,6 +72,8 @@ from typing import Optional
 
 import torch
 
+from ._dispatch import interpreting, pad_rank
+
 try:
     import triton
     import triton.language as tl
@@ -80,16 +82,11 @@ except Exception as e:  # pragma: no cover - depends on the install
 
 __all__ = ["triton_pareto_linear"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreting()  # fixed at import: it picks the launchers (autotuned or one fixed config)
 # "triton": all-Triton GEMM with fused epilogue; "cublas": torch.mm base + Triton epilogue pass.
 _BASE_GEMM = os.environ.get("PMKERNELS_BASE_GEMM", "triton")
 # Big dots on fp32 inputs: tf32 on CUDA, exact fp32 under the interpreter (numpy has no tf32).
 _DOT_PRECISION = "ieee" if _INTERPRET else "tf32"
-
-
-def _pad_r(r: int) -> int:
-    """r padded to a power of two >= 16 (tl.dot needs every dim >= 16)."""
-    return max(16, triton.next_power_of_2(r))
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +355,7 @@ def _shrink(a: torch.Tensor, p: torch.Tensor, h: torch.Tensor, g: torch.Tensor, 
         h.stride(0), h.stride(1), h.stride(2), g.stride(0), g.stride(1),
         z.stride(0), t.stride(0),
         0 if N <= 64 else 1,
-        BLOCK_R=_pad_r(r), PRECISION=_DOT_PRECISION, **_SHRINK_FIXED,
+        BLOCK_R=pad_rank(r), PRECISION=_DOT_PRECISION, **_SHRINK_FIXED,
     )
     return z, t
 
@@ -425,7 +422,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[
         u.stride(0) if lora else 0, u.stride(1) if lora else 0,
         0 if M <= 64 else 1,
         HAS_LORA=lora, HAS_BIAS=bias is not None, ADD_C=add_c,
-        BLOCK_R=_pad_r(R), PRECISION=_DOT_PRECISION, **_GEMM_FIXED,
+        BLOCK_R=pad_rank(R), PRECISION=_DOT_PRECISION, **_GEMM_FIXED,
     )
     if splits > 1:
         res = c.sum(0, dtype=torch.float32)
@@ -447,7 +444,7 @@ def _core_grad(w: torch.Tensor, z: torch.Tensor, P: int, L: int, out: Optional[t
         out = torch.empty((P, splits, r, r), device=w.device, dtype=torch.float32)
     if P == 0 or L == 0:
         return out.new_zeros((P, r, r))
-    R = _pad_r(r)
+    R = pad_rank(r)
     _core_grad_kernel[(P, splits)](
         w, z, out, L, r, chunk, w.stride(0), z.stride(0), out.stride(0), out.stride(1),
         BLOCK_L=16 if _INTERPRET else 32, BLOCK_R=R, num_warps=8 if R >= 64 else 4,

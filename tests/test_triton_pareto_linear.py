@@ -191,7 +191,8 @@ def test_autotune_config_buckets():
     assert (len(small), len(large), len(thin)) == tuple(map(len, (tpl._GEMM_SMALL_M, tpl._GEMM_LARGE_M, tpl._GEMM_THIN_N)))
     assert tpl._prune_shrink(tpl._SHRINK_CONFIGS, {"N": 16, "R": 16})
     assert all(c.kwargs["BLOCK_N"] <= 64 for c in tpl._prune_shrink(tpl._SHRINK_CONFIGS, {"N": 8192, "R": 128}))
-    assert [tpl._pad_r(r) for r in (1, 3, 16, 17, 128)] == [16, 16, 16, 32, 128]
+    from pmkernels._dispatch import pad_rank
+    assert [pad_rank(r) for r in (1, 3, 16, 17, 128)] == [16, 16, 16, 32, 128]
 
 
 # ----------------------------------------------------------------------------- kernels, poisoned outputs

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pmkernels
-from pmkernels.weight_distances import cpp_available, weight_distances
+from pmkernels.weight_distances import cpp_available, resolve_wd_impl, weight_distances
 
 from conftest import HAS_CUDA, random_pref, rel_err
 
@@ -60,12 +60,7 @@ def make_wd(out=23, in_=19, r=3, K=4, dtype=torch.float64, delta_dtype=None, dev
     return U, G, V, pref, D
 
 
-def reference(U, G, V, pref, deltas):
-    """float64 ground truth: ΔW built explicitly, f_k = ‖ΔW − D_k‖²."""
-    d = torch.float64
-    M = torch.einsum("k,ijk->ij", pref.to(d), G.to(d))
-    dW = U.to(d) @ M @ V.to(d).t()
-    return torch.stack([(dW - Dk.to(d)).pow(2).sum() for Dk in deltas])
+reference = pmkernels.reference_weight_distances
 
 
 def _grads(fn, U, G, V, pref, deltas, w):
@@ -166,8 +161,6 @@ def test_empty_layer(impl):
 
 
 def test_auto_picks_cpp_on_cpu():
-    from pmkernels.weight_distances import resolve_wd_impl
-
     expected = "cpp" if _cpp_ok() else "torch"
     assert resolve_wd_impl("auto", torch.device("cpu")) == expected
     U, G, V, pref, D = [t.float() for t in make_wd(23, 19, 3, 4)]
@@ -249,7 +242,32 @@ def test_bad_impl(good):
 
 
 def test_impl_device_mismatch():
-    from pmkernels.weight_distances import resolve_wd_impl
-
     with pytest.raises(ValueError, match="impl='cpp' needs CPU tensors"):
         resolve_wd_impl("cpp", torch.device("cuda"))
+
+
+# ---------------------------------------------------------------- torch.library integration
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)])
+def test_projections_opcheck(backend):
+    from pmkernels import fused_weight_distances  # noqa: F401  (registers the op)
+
+    U, G, V, pref, D = [t.float() for t in make_wd(23, 19, 3, 4)]
+    torch.library.opcheck(torch.ops.pmkernels.weight_distances_projections.default,
+                          (U.requires_grad_(), V.requires_grad_(), list(D), backend))
+
+
+@pytest.mark.parametrize("impl", [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)])
+def test_torch_compile_fullgraph(impl):
+    # The fused path is a custom op with autograd + fake rules: torch.compile traces it with no graph break.
+    U, G, V, pref, D = [t.float() for t in make_wd(23, 19, 3, 4)]
+    w = torch.randn(4)
+
+    def f(u, g, v, p):
+        return weight_distances(u, g, v, p, D, impl=impl, check_values=False)
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    f_c, g_c = _grads(lambda u, g, v, p, _d: cf(u, g, v, p), U, G, V, pref, D, w)
+    f_e, g_e = _grads(lambda *a: _run(impl, *a), U, G, V, pref, D, w)
+    assert rel_err(f_c, f_e) < 1e-6
+    for name, a, b in zip("UGVp", g_c, g_e):
+        assert rel_err(a, b) < 1e-6, name
