@@ -167,3 +167,25 @@ def test_corrupt_adapter_file(adapter_pool, tmp_path):
     (bad / "adapter_config.json").write_text("{not json")
     with pytest.raises((ValueError, FileNotFoundError), match="adapter"):
         ModelPool.from_peft_adapters(base, {"bad": bad})
+
+
+def test_merge_program_on_a_peft_pool_config(adapter_pool, tmp_path):
+    """`paretomerge merge` on a LoRA pool (format peft), compressed at rank 2: a factored objective trains."""
+    import yaml
+
+    from paretomerge.config import load_config
+    from paretomerge.program import load_pool, run_merge
+
+    base, dirs = adapter_pool
+    base.save_pretrained(tmp_path / "base")
+    cfg = {"pool": {"format": "peft", "auto_class": "AutoModelForCausalLM", "pretrained": str(tmp_path / "base"),
+                    "finetuned": {t: str(d) for t, d in dirs.items()},
+                    "compress": {"rank": 2, "save": "tv.safetensors"}},
+           "trainer": {"include": "attention", "rank": 2, "steps": 2, "progress": False},
+           "output": {"dir": "out"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    config = load_config(tmp_path / "c.yaml")
+    pool = load_pool(config)
+    assert set(pool.factored_keys()) >= {k for k in pool.task_factors("a")}
+    ckpt = run_merge(config)
+    assert ckpt.is_file() and (tmp_path / "tv.safetensors").is_file()
