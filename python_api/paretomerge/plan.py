@@ -94,11 +94,11 @@ def meta_model(config, auto_class: str = "AutoModelForCausalLM", dtype: Optional
         if not (d / "config.json").is_file():
             raise FileNotFoundError(f"{str(d)!r} has no config.json (the memory plan reads the architecture there)")
         config = transformers.AutoConfig.from_pretrained(str(d), local_files_only=True)
-    dtype = dtype or getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with torch.device("meta"):
-        return getattr(transformers, auto_class).from_config(config, torch_dtype=dtype)
+        return getattr(transformers, auto_class).from_config(config, dtype=dtype)
 
 
 def _nbytes(t: torch.Tensor) -> int:
