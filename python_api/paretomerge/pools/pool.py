@@ -207,10 +207,11 @@ class ModelPool:
                 del tau
             old = self._sources[k]
             rest = old.rest if isinstance(old, FactoredSource) else old
-            dense = {}
+            # task vectors an adapter pool holds dense (modules_to_save) are kept either way
+            dense = {n: v for n, v in old.dense.items() if n not in factors} if isinstance(old, FactoredSource) else {}
             if keep_rest:  # the other floating tensors' non-zero task vectors, so a saved file stands alone
                 others = [n for n, v in base.items() if is_float(v) and n not in factors]
-                dense = {n: t for n, t in self.task_vector(k, others).items() if bool(t.any())}
+                dense.update({n: t for n, t in self.task_vector(k, others).items() if bool(t.any())})
             new_sources.append(FactoredSource(base, factors, dense, rest))
             ctv.factors[task], ctv.sq_norms[task], ctv.sq_errors[task] = factors, norms, errs
             ctv.dense[task] = dense
