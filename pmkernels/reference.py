@@ -23,6 +23,7 @@ All take validated inputs (see ``pmkernels.pareto_linear`` /
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -53,8 +54,8 @@ def merged_weight(
 
 
 def _as_batches(x: torch.Tensor) -> torch.Tensor:
-    """(B, ..., in) -> (B, L, in) with L the product of the middle dims."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    """(B, ..., in) -> (B, L, in) with L the product of the middle dims (explicit: B may be 0)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
 
 
 def reference_pareto_linear(

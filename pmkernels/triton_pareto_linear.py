@@ -73,6 +73,7 @@ from typing import Optional
 import torch
 
 from ._dispatch import interpreting, pad_rank
+from ._validation import check_triton_dtype
 
 try:
     import triton
@@ -392,6 +393,8 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[
     M, K = a.shape
     N = b.shape[0]
     lora = t is not None
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias with unit stride; (N,) so the copy is cheap
     if M == 0 or N == 0:
         return torch.zeros((M, N), device=a.device, dtype=out_dtype)
     if base == "cublas":
@@ -439,6 +442,7 @@ def _core_grad(w: torch.Tensor, z: torch.Tensor, P: int, L: int, out: Optional[t
     ``out``: optional (P, splits, r, r) fp32 partials buffer (tests poison it; splits from _core_splits).
     """
     r = w.shape[1]
+    w, z = w.contiguous(), z.contiguous()  # the kernel assumes unit column stride; ours already are
     splits, chunk = _core_splits(P, L)
     if out is None:
         out = torch.empty((P, splits, r, r), device=w.device, dtype=torch.float32)
@@ -594,6 +598,7 @@ def triton_pareto_linear(
         dt = torch.get_autocast_dtype(dev)
         x, weight, U, G, V = (a.to(dt) for a in (x, weight, U, G, V))
         bias = None if bias is None else bias.to(dt)
+    check_triton_dtype("x", x)  # before any launch: fp64 fails in the kernels, bf16 is garbage when interpreted
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     p2 = pref.to(torch.float32).reshape(-1, pref.shape[-1])

@@ -10,8 +10,12 @@ chunks; every element of D_k is loaded once and feeds
 
 A list of deltas is handled with one launch per delta (no stacking copy, and
 no pointer-of-pointer loads, which the Triton interpreter cannot do).
-Accumulation is fp32; deltas fp32, bf16 or fp16 (bf16 not under the
-interpreter); fp64 deltas are converted to fp32 first.
+Accumulation is fp32; deltas fp32, bf16 or fp16 (each loaded tile is
+converted to fp32 at once, so bf16 works under the interpreter too); fp64
+deltas are converted to fp32 first, and fp64 factors U, V are used in fp32
+(the result keeps their dtype: use impl="cpp" or "torch" for fp64 accuracy).
+U and V are made contiguous fp32 copies (rank-sized); the deltas are read
+through their strides.
 """
 from __future__ import annotations
 
