@@ -4,10 +4,13 @@ Public ops:
     pareto_linear(x, weight, bias, U, G, V, pref, *, impl="auto") -> (..., out)
     merged_weight(weight, U, G, V, pref) -> (out, in)
     weight_distances(U, G, V, pref, deltas, *, impl="auto") -> (K,)
+    low_rank_distances(U, G, V, pref, A, B, *, delta_sq=None, impl="auto") -> (K,)
 """
 from .pareto_linear import IMPLS, merged_weight, pareto_linear, resolve_impl, triton_available
 from ._validation import check_pref_values
-from .reference import core_matrix, reference_pareto_linear, reference_weight_distances
+from .low_rank_distances import low_rank_delta_sq, low_rank_distances
+from .reference import (core_matrix, reference_low_rank_distances, reference_pareto_linear,
+                        reference_weight_distances)
 from .weight_distances import cpp_available, weight_distances
 
 __all__ = [
@@ -15,8 +18,11 @@ __all__ = [
     "check_pref_values",
     "cpp_available",
     "core_matrix",
+    "low_rank_delta_sq",
+    "low_rank_distances",
     "merged_weight",
     "pareto_linear",
+    "reference_low_rank_distances",
     "reference_pareto_linear",
     "reference_weight_distances",
     "resolve_impl",

@@ -210,6 +210,55 @@ def check_weight_distances(
     return ds
 
 
+def _factor_list(factors: Deltas, name: str, K: int, rows: int, rows_name: str) -> list[torch.Tensor]:
+    """K 2-D factors (rows, R_k) from a (K, rows, R) tensor or a sequence of K tensors."""
+    if isinstance(factors, torch.Tensor):
+        if factors.dim() != 3 or factors.shape[0] != K or factors.shape[1] != rows:
+            raise ValueError(f"{name} must have shape (K, {rows_name}, R) = ({K}, {rows}, R), "
+                             f"got {tuple(factors.shape)}")
+        return list(factors.unbind(0))
+    if not isinstance(factors, (list, tuple)):
+        raise TypeError(f"{name} must be a (K, {rows_name}, R) tensor or a sequence of K ({rows_name}, R_k) "
+                        f"tensors, got {type(factors).__name__}")
+    if len(factors) != K:
+        raise ValueError(f"{name} must hold K = {K} tensors (one per objective), got {len(factors)}")
+    for k, f in enumerate(factors):
+        _check_tensor(f"{name}[{k}]", f)
+        if f.dim() != 2 or f.shape[0] != rows:
+            raise ValueError(f"{name}[{k}] must have shape ({rows_name}, R_k) = ({rows}, R_k), got {tuple(f.shape)}")
+    return list(factors)
+
+
+def check_low_rank_distances(
+    U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor, A: Deltas, B: Deltas,
+    delta_sq: Optional[torch.Tensor] = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Validate the arguments of ``low_rank_distances``; return A and B as lists of 2-D factors."""
+    _check_tensor("U", U)
+    _check_tensor("V", V)
+    if U.dim() != 2 or V.dim() != 2:
+        raise ValueError(f"U must be (out, r) and V (in, r), got {tuple(U.shape)} and {tuple(V.shape)}")
+    _, K = check_low_rank(U, G, V, U.shape[0], V.shape[0])
+    check_pref_shape(pref, K)
+    As = _factor_list(A, "A", K, U.shape[0], "out")
+    Bs = _factor_list(B, "B", K, V.shape[0], "in")
+    for k, (a, b) in enumerate(zip(As, Bs)):
+        if a.shape[1] != b.shape[1]:
+            raise ValueError(f"A[{k}] and B[{k}] must have the same rank R_k (columns), got A[{k}] "
+                             f"{tuple(a.shape)} and B[{k}] {tuple(b.shape)}")
+    named = [("U", U), ("G", G), ("V", V), ("pref", pref)]
+    named += [(f"A[{k}]", a) for k, a in enumerate(As)] + [(f"B[{k}]", b) for k, b in enumerate(Bs)]
+    if delta_sq is not None:
+        _check_tensor("delta_sq", delta_sq)
+        if delta_sq.shape != (K,):
+            raise ValueError(f"delta_sq must have shape (K,) = ({K},), got {tuple(delta_sq.shape)}")
+        named.append(("delta_sq", delta_sq))
+    check_same_device(named)
+    check_same_dtype([("U", U), ("G", G), ("V", V)])
+    check_same_dtype([(f"A[{k}]", a) for k, a in enumerate(As)] + [(f"B[{k}]", b) for k, b in enumerate(Bs)])
+    return As, Bs
+
+
 def triton_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
     """Input dtypes the Triton kernels support on ``device``: fp32/bf16/fp16 on CUDA; fp32/fp16 under the
     interpreter (it does no bf16 arithmetic and silently returns garbage for it)."""

@@ -165,3 +165,53 @@ def torch_weight_distances(
     proj = torch.stack([Uf.t() @ (d.detach().to(acc) @ Vf) for d in deltas])  # (K, r, r)
     delta_sq = torch.stack([d.detach().to(acc).pow(2).sum() for d in deltas])
     return low_rank_sq(Uf, M, Vf) - 2 * (proj * M).sum((1, 2)) + delta_sq
+
+
+# ---------------------------------------------------------------------------------------- low_rank_distances
+# f_k = ‖U M(γ) Vᵀ − A_k B_kᵀ‖²_F (see ``pmkernels.low_rank_distances``).
+
+
+def reference_low_rank_distances(
+    U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor,
+    A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """float64 ground truth: D_k = A_k B_kᵀ built explicitly, then ``reference_weight_distances`` -> (K,)."""
+    d = torch.float64
+    return reference_weight_distances(U, G, V, pref, [a.to(d) @ b.to(d).t() for a, b in zip(A, B)])
+
+
+def naive_low_rank_distances(
+    U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor,
+    A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Baseline: densify every D_k = A_k B_kᵀ (out, in) and build ΔW, in the accumulation dtype."""
+    acc = acc_dtype(U)
+    return naive_weight_distances(U, G, V, pref, [a.to(acc) @ b.to(acc).t() for a, b in zip(A, B)])
+
+
+def low_rank_delta_sq(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(K,) ‖A_k B_kᵀ‖²_F = ⟨A_kᵀA_k, B_kᵀB_k⟩ (both R_k×R_k and symmetric), in fp32 or wider, no grad."""
+    acc = torch.promote_types(A[0].dtype, torch.float32)
+    out = []
+    for a, b in zip(A, B):
+        a, b = a.detach().to(acc), b.detach().to(acc)
+        out.append(((a.t() @ a) * (b.t() @ b)).sum())
+    return torch.stack(out)
+
+
+def torch_low_rank_distances(
+    U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor,
+    A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], delta_sq: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Factored algebra: ‖U M Vᵀ‖² − 2 ⟨M, (UᵀA_k)(B_kᵀV)⟩ + ‖A_k B_kᵀ‖²; temporaries r×R_k only.
+
+    Plain autograd: the saved tensors are the r×R_k projections and the factors already held.
+    """
+    acc = acc_dtype(U)
+    M = core_matrix(G, pref).to(acc)
+    Uf, Vf = U.to(acc), V.to(acc)
+    # The factors are data (no gradient), like the dense deltas.
+    proj = torch.stack([(Uf.t() @ a.detach().to(acc)) @ (b.detach().to(acc).t() @ Vf) for a, b in zip(A, B)])
+    if delta_sq is None:
+        delta_sq = low_rank_delta_sq(A, B)
+    return low_rank_sq(Uf, M, Vf) - 2 * (proj * M).sum((1, 2)) + delta_sq.detach().to(acc)

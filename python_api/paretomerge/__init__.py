@@ -36,6 +36,8 @@ from .layers import (
 from .methods import MERGE_METHODS, adamerging, entropy, merge, task_arithmetic, ties_merging
 from .methods.pareto_merging import DataFreeObjective, ParetoMergingTrainer, scalarize, stch, train_pareto_merging
 from .pools import ArchitectureMismatchError, ModelPool
+from .pools.compress import CompressedTaskVectors, LowRankDelta
+from .plan import memory_plan
 
 # plots (matplotlib) and demo (open_clip, scikit-learn) are imported on use:
 #   from paretomerge.evaluation.plots import plot_tradeoff;  from paretomerge.demo import run_demo
@@ -51,6 +53,7 @@ __all__ = [
     "set_preference", "simplex_grid", "stch", "task_arithmetic", "ties_merging", "train_pareto_merging",
     "use_preference",
     "ParetoConv1D",
+    "CompressedTaskVectors", "LowRankDelta", "memory_plan",
 ]
 
 # the paper's baselines (MAP, TA / AdaMerging with preference) and the structure variants

@@ -6,6 +6,7 @@
     paretomerge generate --checkpoint CKPT --pref 0.7,0.3 [--pref 0.2,0.8] [--prompts FILE]
     paretomerge eval   --checkpoint CKPT --config FILE.yaml [--prefs equal,priority,onehot] [--out DIR]
     paretomerge validate FILE.yaml [...]
+    paretomerge plan   CONFIG.yaml [--lowrank-rank R]
 """
 from __future__ import annotations
 
@@ -196,6 +197,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- plan
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import plan_for_config
+
+    print(plan_for_config(load_config(args.config), lowrank_R=args.lowrank_rank).markdown())
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paretomerge", description="Preference-aware (Pareto) model merging: "
@@ -243,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate YAML configs without running them")
     v.add_argument("configs", nargs="+", help="YAML config files")
     v.set_defaults(func=cmd_validate)
+
+    pl = sub.add_parser("plan", help="memory plan of a merge config, computed without allocating weights",
+                        description="Bytes of the base model, the K task vectors dense vs low-rank, the Pareto "
+                                    "parameters and optimizer state (meta device, safetensors headers, config.json), "
+                                    "and whether it fits a 24 GB CPU box and an 80 GB GPU.")
+    pl.add_argument("config", help="YAML config (as for merge)")
+    pl.add_argument("--lowrank-rank", type=int, default=None,
+                    help="plan low-rank deltas at this rank R (default: pool.compress.rank, if any)")
+    pl.set_defaults(func=cmd_plan)
 
     e = sub.add_parser("export", help="bake one preference into a plain model (safetensors)",
                        description="Load a Pareto Merging checkpoint, bake W(γ) = W + U M(γ) Vᵀ into every "

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "ARCH_KINDS", "BASE_METHODS", "INCLUDES", "MODES", "POOL_FORMATS", "SCALARIZATIONS", "STRUCTURES",
-    "BaseConfig", "ConfigError", "MergeConfig", "OutputConfig", "PoolConfig", "TrainerConfig",
+    "BaseConfig", "CompressConfig", "ConfigError", "MergeConfig", "OutputConfig", "PoolConfig", "TrainerConfig",
     "from_dict", "load_config", "plain_data",
 ]
 
@@ -44,7 +44,7 @@ MODES = ("datafree", "unlabeled")
 INCLUDES = ("qkv", "qkv+mlp", "attention", "attention+mlp", "mlp", "all")
 SCALARIZATIONS = ("stch", "tch", "linear")
 STRUCTURES = ("tensor", "lora_sum", "diag")
-POOL_FORMATS = ("files", "open_clip", "hf")
+POOL_FORMATS = ("files", "open_clip", "hf", "peft")
 BASE_METHODS = ("task_arithmetic", "ties", "pretrained")
 ARCH_KINDS = ("open_clip_vision", "open_clip", "hf")
 
@@ -214,14 +214,18 @@ class PoolConfig(_Strict):
 
     _prefix: ClassVar[str] = "pool"
 
-    format: Literal["files", "open_clip", "hf"] = "files"
+    format: Literal["files", "open_clip", "hf", "peft"] = "files"
     architecture: Optional[Union["OpenClipVisionArch", "OpenClipArch", "HfArch"]] = Field(
         default=None, discriminator="kind")
     pretrained: Annotated[str, Field(min_length=1)]
     finetuned: Annotated[dict[str, Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     heads: Optional[dict[str, Annotated[str, Field(min_length=1)]]] = None
     trusted: bool = False
-    auto_class: Optional[str] = None  # format hf: the transformers auto class (e.g. AutoModelForCausalLM)
+    # formats hf / peft: the transformers class that builds the pretrained model from its directory (a PEFT
+    # adapter's tensor names are those of the model it was trained on, e.g. AutoModelForCausalLM); None:
+    # the class config.json's "architectures" names (AutoModel if it names none)
+    auto_class: Optional[str] = None
+    compress: Optional["CompressConfig"] = None  # replace the task vectors by truncated SVDs (pools.compress)
 
     @model_validator(mode="after")
     def _cross_field(self) -> "PoolConfig":
@@ -232,8 +236,30 @@ class PoolConfig(_Strict):
             raise ConfigError("architecture", "required for format 'files' (how to build the model)")
         if self.format != "files" and self.architecture is not None:
             raise ConfigError("architecture", f"only used with format 'files', not {self.format!r}")
-        if self.auto_class is not None and self.format != "hf":
-            raise ConfigError("auto_class", f"only used with format 'hf', not {self.format!r}")
+        if self.auto_class is not None and self.format not in ("hf", "peft"):
+            raise ConfigError("auto_class", f"only used with formats 'hf' and 'peft', not {self.format!r}")
+        return self
+
+
+class CompressConfig(_Strict):
+    """``pool.compress``: each weight matrix's task vector becomes a truncated SVD A Bᵀ, at a fixed ``rank`` or at
+    the smallest rank keeping the fraction ``keep`` of its spectrum's energy (exactly one of them); ``method``
+    "svd" (exact) or "lowrank" (randomised, seeded; fixed rank only); ``save``: also write the factors to this
+    safetensors file (relative to the config)."""
+
+    _prefix: ClassVar[str] = "pool.compress"
+
+    rank: Optional[PositiveInt] = None
+    keep: Optional[Annotated[float, Field(gt=0, le=1)]] = None
+    method: Literal["svd", "lowrank"] = "svd"
+    save: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "CompressConfig":
+        if (self.rank is None) == (self.keep is None):
+            raise ConfigError("rank", "give exactly one of rank (a fixed R) and keep (a fraction of the energy)")
+        if self.method == "lowrank" and self.rank is None:
+            raise ConfigError("method", "'lowrank' needs a fixed rank (keep needs the full spectrum: use 'svd')")
         return self
 
 

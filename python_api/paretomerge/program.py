@@ -74,13 +74,36 @@ def load_pool(cfg: MergeConfig):
         model = build_architecture(p.architecture)
         model.load_state_dict(load_state_dict(pre))
         heads = {t: _head_from_state(load_state_dict(f)) for t, f in heads_paths.items()} or None
-        return ModelPool.from_state_dict_files(model, fts, heads=heads)
+        return _compressed(cfg, ModelPool.from_state_dict_files(model, fts, heads=heads))
     if p.format == "open_clip":
-        return ModelPool.from_open_clip_checkpoints(pre, fts, heads_paths or None, trusted=p.trusted)
+        return _compressed(cfg, ModelPool.from_open_clip_checkpoints(pre, fts, heads_paths or None, trusted=p.trusted))
     heads = {t: _head_from_state(load_state_dict(f)) for t, f in heads_paths.items()} or None
-    pool = ModelPool.from_hf_dirs(pre, fts, auto_class=_hf_auto_class(p.auto_class))
+    auto = _hf_auto_class(p.auto_class)
+    if p.format == "peft":
+        if not (pre / "config.json").is_file():
+            raise ConfigError("pool.pretrained", f"{str(pre)!r} is not a local Hugging Face model directory")
+        import transformers
+
+        model = (auto or transformers.AutoModel).from_pretrained(str(pre), local_files_only=True).eval()
+        pool = ModelPool.from_peft_adapters(model, fts)
+    else:
+        pool = ModelPool.from_hf_dirs(pre, fts, auto_class=auto)
     if heads:
         pool.heads = heads
+    return _compressed(cfg, pool)
+
+
+def _compressed(cfg: MergeConfig, pool: ModelPool) -> ModelPool:
+    """The pool with its task vectors compressed as ``pool.compress`` says (in place); errors are printed."""
+    c = cfg.pool.compress
+    if c is None:
+        return pool
+    ctv = pool.compress(rank=c.rank, keep=c.keep, method=c.method)
+    total = ", ".join(f"{t} {e:.4f}" for t, e in ctv.total_errors().items())
+    print(f"compressed task vectors ({'rank ' + str(c.rank) if c.rank else 'keep ' + str(c.keep)}): relative "
+          f"Frobenius error per task {total}; {ctv.nbytes() / 1e6:.1f} MB")
+    if c.save:
+        ctv.save(cfg.path(c.save))
     return pool
 
 

@@ -15,7 +15,15 @@ Loaders:
   * ``from_open_clip_checkpoints``  task-vectors (Ilharco et al.) checkpoints: whole pickled
                                  ``ImageEncoder`` objects and ``head_<Task>.pt`` heads; needs
                                  ``trusted=True`` (unpickling runs arbitrary code; see ``legacy``)
-  * ``from_hf_dirs``             local Hugging Face model directories (never the hub)
+  * ``from_hf_dirs``             local Hugging Face model directories (never the hub); single or sharded
+                                 safetensors are read tensor by tensor
+  * ``from_peft_adapters``       K PEFT LoRA adapter directories on the pretrained model: task vectors
+                                 kept factored (``pools.peft``)
+  * ``from_compressed``          a file written by ``CompressedTaskVectors.save`` (``pools.compress``)
+
+Low-rank task vectors: ``pool.compress(rank=R | keep=f)`` replaces each weight matrix's task vector by a
+truncated SVD A Bᵀ; ``task_factors(k)`` gives a task's factored keys, ``data_free_deltas(key, W_base)``
+the data-free objective's input of one layer (dense or factored, whichever the pool holds).
 """
 from __future__ import annotations
 
@@ -27,7 +35,9 @@ import torch
 import torch.nn as nn
 
 from ..io import PathLike
-from .sources import LoaderSource, ModuleSource, Source, file_source, hf_safetensors_source
+from .compress import CompressedTaskVectors, LowRankDelta, check_rank_or_keep, truncated_svd
+from .sources import (FactoredSource, LoaderSource, ModuleSource, SafetensorsSource, Source, file_source,
+                      hf_safetensors_source)
 
 __all__ = ["ArchitectureMismatchError", "ModelPool", "check_same_architecture", "is_float"]
 
@@ -67,7 +77,14 @@ class ModelPool:
         self._sources = list(sources)
         self.heads = None if heads is None else _check_heads(dict(heads), task_names)
         for name, src in zip(task_names, self._sources):
-            check_same_architecture(self.pretrained_state(), src.shapes(), task=name)
+            try:
+                check_same_architecture(self.pretrained_state(), src.shapes(), task=name)
+            except ArchitectureMismatchError as e:
+                if isinstance(src, SafetensorsSource):  # name the file too
+                    key = str(e).split("key ", 1)[1].split("'")[1]
+                    if key in src.shapes():
+                        raise ArchitectureMismatchError(f"{e} (file {str(src.file_of(key))!r})") from None
+                raise
 
     # -- access ------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -139,6 +156,134 @@ class ModelPool:
         """Drop cached fine-tuned weights (sources that load whole models keep the last one)."""
         for s in self._sources:
             s.release()
+
+    # -- low-rank task vectors ---------------------------------------------------------------------------------
+    def task_factors(self, k: Union[int, str]) -> dict[str, LowRankDelta]:
+        """Task k's factored task vectors {key: A Bᵀ} (LoRA adapters, compressed); {} for a dense source."""
+        src = self._sources[self.index(k)]
+        return dict(src.factors) if isinstance(src, FactoredSource) else {}
+
+    def factored_keys(self) -> list[str]:
+        """Keys whose task vector is factored in every task (in the pretrained state dict's order)."""
+        per_task = [self.task_factors(k) for k in range(len(self))]
+        return [n for n in self.pretrained_state() if all(n in f for f in per_task)]
+
+    def compress(self, rank: Optional[int] = None, keep: Optional[float] = None, *,
+                 keys: Optional[Iterable[str]] = None, method: str = "svd", seed: int = 0,
+                 keep_rest: bool = True) -> CompressedTaskVectors:
+        """Replace each weight matrix's task vector by a truncated SVD A Bᵀ, in place; return the factors.
+
+        ``rank``: a fixed R, or ``keep``: per matrix, the smallest rank keeping that fraction of Σσ²
+        (``pools.compress.truncated_svd``; ``method`` "svd" or seeded "lowrank"). ``keys``: the matrices to
+        compress (default: the weights of every ``nn.Linear`` of the pretrained model). Tensors are read
+        one at a time; tasks already factored (LoRA) are re-compressed from their factors' product. A rank
+        larger than a matrix is a ValueError naming the tensor, raised before anything is replaced.
+        ``keep_rest``: also keep (in memory, and in the saved file) the non-zero task vectors of the other
+        floating tensors (biases, norms, embeddings), so the saved file alone rebuilds the pool.
+        The result's ``layer_errors()`` / ``total_errors()`` are the relative Frobenius errors; it can be
+        saved with ``.save(path)`` and reloaded with ``ModelPool.from_compressed``.
+        """
+        check_rank_or_keep(rank, keep)
+        base = self.pretrained_state()
+        if keys is None:
+            keys = [f"{n}.weight" if n else "weight" for n, m in self.pretrained.named_modules()
+                    if isinstance(m, nn.Linear)]
+        keys = list(keys)
+        for n in keys:
+            if n not in base or base[n].dim() != 2 or not base[n].is_floating_point():
+                raise ValueError(f"compress: {n!r} is not a 2-D floating tensor of the pretrained model")
+            if rank is not None and rank > min(base[n].shape):
+                raise ValueError(f"compress: rank {rank} is larger than tensor {n!r} allows (shape "
+                                 f"{tuple(base[n].shape)}, at most {min(base[n].shape)})")
+        ctv = CompressedTaskVectors(list(self.task_names), {}, {}, {}, {})
+        new_sources = []
+        for k, task in enumerate(self.task_names):
+            factors, norms, errs = {}, {}, {}
+            for n in keys:
+                tau = self.task_vector(k, [n])[n]
+                factors[n], rel = truncated_svd(tau, rank, keep, name=f"task {task!r}: {n}", method=method, seed=seed)
+                norms[n] = float(tau.double().pow(2).sum())
+                errs[n] = rel * rel * norms[n]
+                del tau
+            old = self._sources[k]
+            rest = old.rest if isinstance(old, FactoredSource) else old
+            # task vectors an adapter pool holds dense (modules_to_save) are kept either way
+            dense = {n: v for n, v in old.dense.items() if n not in factors} if isinstance(old, FactoredSource) else {}
+            if keep_rest:  # the other floating tensors' non-zero task vectors, so a saved file stands alone
+                others = [n for n, v in base.items() if is_float(v) and n not in factors]
+                dense.update({n: t for n, t in self.task_vector(k, others).items() if bool(t.any())})
+            new_sources.append(FactoredSource(base, factors, dense, rest))
+            ctv.factors[task], ctv.sq_norms[task], ctv.sq_errors[task] = factors, norms, errs
+            ctv.dense[task] = dense
+        self._sources = new_sources
+        return ctv
+
+    def data_free_deltas(self, key: str, base_weight: torch.Tensor
+                         ) -> tuple[list[Union[torch.Tensor, LowRankDelta]], float]:
+        """The K deltas D_k = W_k − W_base of one converted weight, and the relative error of their form.
+
+        Dense (K (out, in) fp32 tensors, read one at a time) unless every task's task vector of ``key`` is
+        factored; then D_k = τ_k − (W_base − W_0) as factors: τ_k's own, concatenated with a truncated SVD
+        of the shared base offset W_base − W_0 at rank Σ_k R_k (exact when the base merge is task
+        arithmetic of these task vectors: it lies in their span). The float returned is that SVD's
+        relative error (0 for dense deltas or a pretrained base).
+        """
+        W = base_weight.detach()
+        facs = [self.task_factors(k).get(key) for k in range(len(self))]
+        if any(f is None for f in facs):
+            out = []
+            for k in range(len(self)):
+                wk = self.finetuned_state(k, [key])[key]
+                if wk.shape != W.shape:
+                    raise ValueError(f"task {self.task_names[k]!r}: {key} has shape {tuple(wk.shape)}, the base has "
+                                     f"{tuple(W.shape)}")
+                out.append(wk.detach().to(W.device, torch.float32) - W.float())
+            return out, 0.0
+        offset = W.float() - self.pretrained_state()[key].to(W.device).float()
+        if not bool(offset.any()):
+            return [f.to(W.device) for f in facs], 0.0
+        rank = min(sum(f.rank for f in facs), min(offset.shape))
+        c, rel = truncated_svd(offset, rank, name=f"{key} (base merge − pretrained)")
+        return [LowRankDelta.combine([f.to(W.device), c], [1.0, -1.0]) for f in facs], rel
+
+    @classmethod
+    def from_compressed(cls, pretrained: nn.Module, compressed: Union[PathLike, CompressedTaskVectors],
+                        heads: Optional[Mapping[str, nn.Module]] = None) -> "ModelPool":
+        """A pool whose fine-tuned models are W_0 + the compressed task vectors (a file from
+        ``CompressedTaskVectors.save`` or the object). Keys it does not hold equal the pretrained ones."""
+        origin = "compressed task vectors"
+        if not isinstance(compressed, CompressedTaskVectors):
+            origin = str(compressed)
+            compressed = CompressedTaskVectors.load(compressed)
+        base = {k: v.detach() for k, v in pretrained.state_dict().items()}
+        compressed.check_against({k: tuple(v.shape) for k, v in base.items()}, origin)
+        sources = [FactoredSource(base, compressed.factors[t], compressed.dense.get(t, {})) for t in compressed.tasks]
+        return cls(pretrained, compressed.tasks, sources, heads)
+
+    @classmethod
+    def from_peft_adapters(cls, pretrained: nn.Module, adapter_dirs: Mapping[str, PathLike],
+                           heads: Optional[Mapping[str, nn.Module]] = None) -> "ModelPool":
+        """From K PEFT LoRA adapter directories trained on ``pretrained`` (task vectors kept factored).
+
+        Every adapter must target the same modules and name the same base model (when they name one);
+        errors name the directory, file and tensor (see ``pools.peft.load_peft_adapter``).
+        """
+        from .peft import load_peft_adapter
+
+        _check_mapping(adapter_dirs, "adapter_dirs")
+        base = {k: v.detach() for k, v in pretrained.state_dict().items()}
+        adapters = {t: load_peft_adapter(d, base) for t, d in adapter_dirs.items()}
+        (t0, a0), *others = adapters.items()
+        for t, a in others:
+            if set(a.factors) != set(a0.factors):
+                diff = sorted(set(a.factors) ^ set(a0.factors))
+                raise ValueError(f"adapters {t0!r} ({a0.directory}) and {t!r} ({a.directory}) target different "
+                                 f"modules, e.g. {diff[0]!r}; a LoRA pool needs the same target modules")
+            if a.base_model and a0.base_model and a.base_model != a0.base_model:
+                raise ValueError(f"adapters {t0!r} and {t!r} were trained on different base models: "
+                                 f"{a0.base_model!r} ({a0.directory}) vs {a.base_model!r} ({a.directory})")
+        sources = [FactoredSource(base, a.factors, a.dense) for a in adapters.values()]
+        return cls(pretrained, list(adapters), sources, heads)
 
     # -- loaders -----------------------------------------------------------------------------------------------
     @classmethod

@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from ..io import PathLike
+
+if TYPE_CHECKING:
+    from .compress import LowRankDelta
 
 # ---------------------------------------------------------------------------------------------------------------
 # Weight sources: name -> tensor, loaded on demand
@@ -103,6 +106,10 @@ class SafetensorsSource(Source):
     def shapes(self):
         return dict(self._shapes)
 
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor ``name``."""
+        return self._file[name]
+
     def get(self, names=None):
         from safetensors import safe_open
 
@@ -112,8 +119,13 @@ class SafetensorsSource(Source):
             want = [n for n in names if self._file[n] == path]
             if want:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
-                    out.update({n: f.get_tensor(n) for n in want})
+                    out.update({n: read_tensor(f, n) for n in want})
         return {n: out[n] for n in names}
+
+
+def read_tensor(f, name: str) -> torch.Tensor:
+    """One tensor from an open ``safe_open`` handle: the single place lazy sources read (tests count calls)."""
+    return f.get_tensor(name)
 
 
 class LoaderSource(Source):
@@ -177,18 +189,72 @@ def hf_safetensors_source(d: Path, ref_shapes: Mapping[str, tuple[int, ...]]) ->
     index = d / "model.safetensors.index.json"
     if index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError):
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
         paths = [d / f for f in files]
+        for f, p in zip(files, paths):
+            if not p.is_file():  # a broken download: say which shard and what it should hold
+                held = sorted(k for k, v in weight_map.items() if v == f)
+                raise FileNotFoundError(f"{index}: shard {f!r} is missing from {str(d)!r} (it holds "
+                                        f"{len(held)} tensor(s), e.g. {held[0]!r})")
     elif (d / "model.safetensors").is_file():
-        paths = [d / "model.safetensors"]
+        paths, weight_map = [d / "model.safetensors"], None
     else:
-        return None
-    if not all(p.is_file() for p in paths):
         return None
     try:
         src = SafetensorsSource(paths)
-    except Exception:  # unreadable: let transformers report it
-        return None
+    except Exception as e:  # a corrupt shard: name it rather than fail later inside transformers
+        raise ValueError(f"{str(d)!r}: unreadable safetensors file(s) {[p.name for p in paths]}: {e}") from None
+    if weight_map is not None:
+        for k, f in weight_map.items():
+            if k not in src.shapes() or src.file_of(k).name != f:
+                raise ValueError(f"{index}: tensor {k!r} is mapped to shard {f!r}, which does not hold it")
     return src if src.shapes() == dict(ref_shapes) else None
+
+
+class FactoredSource(Source):
+    """Fine-tuned weights held as the pretrained ones plus task vectors, low-rank where factored.
+
+    ``base``: the pretrained state dict (references); ``factors[key]``: τ ≈ A Bᵀ of a weight matrix
+    (a LoRA adapter or a compressed task vector); ``dense[key]``: the task vector of another tensor;
+    ``rest``: where any other key's fine-tuned value comes from (the original source of a compressed
+    pool), else it equals the pretrained one (τ = 0, e.g. the untouched layers of a LoRA fine-tune).
+    ``get`` densifies one key at a time: W_k = W_0 + A Bᵀ, in the pretrained dtype.
+    """
+
+    def __init__(self, base: Mapping[str, torch.Tensor], factors: Mapping[str, "LowRankDelta"],
+                 dense: Optional[Mapping[str, torch.Tensor]] = None, rest: Optional[Source] = None) -> None:
+        self.base = base
+        self.factors = dict(factors)
+        self.dense = dict(dense or {})
+        self.rest = rest
+
+    def keys(self):
+        return list(self.base)
+
+    def shapes(self):
+        return {k: tuple(v.shape) for k, v in self.base.items()}
+
+    def get(self, names=None):
+        names = list(self.base) if names is None else list(names)
+        out: dict[str, torch.Tensor] = {}
+        from_rest = [n for n in names if n not in self.factors and n not in self.dense and self.rest is not None]
+        if from_rest:
+            out.update(self.rest.get(from_rest))
+        for n in names:
+            if n in out:
+                continue
+            w0 = self.base[n]
+            if n in self.factors:
+                out[n] = (w0.float() + self.factors[n].dense().to(w0.device)).to(w0.dtype)
+            elif n in self.dense:
+                out[n] = (w0.float() + self.dense[n].to(w0.device).float()).to(w0.dtype)
+            else:
+                out[n] = w0
+        return {n: out[n] for n in names}
+
+    def release(self):
+        if self.rest is not None:
+            self.rest.release()

@@ -18,7 +18,10 @@ Two families of per-task objectives f = (f_1, …, f_K), both minimised:
   temporaries). The deltas D_k are prepared once per layer, from the pool's
   fine-tuned weights and the frozen base weight held by the converted
   model. A ``ParetoMultiheadAttention`` contributes two layers: its packed
-  ``in_proj`` (3E×E) and its ``out_proj``.
+  ``in_proj`` (3E×E) and its ``out_proj``. When the pool holds a layer's
+  task vectors low-rank (LoRA adapters, compressed task vectors),
+  ``DataFreeObjective.from_pool`` keeps D_k = A_k B_kᵀ factored and the layer
+  uses ``pmkernels.low_rank_distances`` (O(K (out+in) r R) per step).
 
 * **unlabeled data** (:func:`entropy_objectives`): f_k = the mean
   prediction entropy of task k's head on an unlabeled batch of task k
@@ -126,7 +129,10 @@ class _LayerTerm:
     U: nn.Parameter
     G: nn.Parameter
     V: nn.Parameter
-    deltas: list[torch.Tensor]    # K tensors D_k = W_k − W_base (out, in), no grad
+    deltas: Optional[list[torch.Tensor]]   # K tensors D_k = W_k − W_base (out, in), no grad; or None when
+    A: Optional[list[torch.Tensor]] = None  # factored: D_k = A_k B_kᵀ, A_k (out, R_k), B_k (in, R_k)
+    B: Optional[list[torch.Tensor]] = None
+    delta_sq: Optional[torch.Tensor] = None  # (K,) ‖A_k B_kᵀ‖², computed once
 
 
 class DataFreeObjective(nn.Module):
@@ -171,6 +177,46 @@ class DataFreeObjective(nn.Module):
                 deltas.append(d.to(delta_dtype or W.dtype).contiguous())
             self.terms.append(_LayerTerm(key, U, G, V, deltas))
 
+    @classmethod
+    def from_pool(cls, model: nn.Module, pool, *, impl: str = "auto", delta_dtype: Optional[torch.dtype] = None,
+                  keys: Optional[Collection[str]] = None) -> "DataFreeObjective":
+        """Built from a pool, layer by layer: per converted weight, the pool's ``data_free_deltas`` gives K
+        dense deltas or K low-rank factor pairs (LoRA / compressed pools), and the layer's term uses
+        ``pmkernels.weight_distances`` or ``pmkernels.low_rank_distances`` accordingly. Tensors are read one at
+        a time. ``base_errors[key]``: relative error of the factored form of W_base − W_0 (0 when exact).
+        A pool without ``data_free_deltas`` is read through ``finetuned_state``. ``keys``: only these
+        factored weights (a rank's shard in distributed training).
+        """
+        slots = [s for s in factored_weights(model) if keys is None or s[0] in keys]
+        if not hasattr(pool, "data_free_deltas"):
+            names = [key for key, *_ in slots]
+            return cls(model, [pool.finetuned_state(k, names) for k in range(len(pool))], impl=impl,
+                       delta_dtype=delta_dtype, keys=keys)
+        transposed = transposed_keys(model)  # GPT-2 Conv1D: stored (in, out), the factors are (out, in)
+        obj = cls.__new__(cls)
+        nn.Module.__init__(obj)
+        if not slots:
+            raise ValueError("DataFreeObjective: the model has no Pareto layers (convert it first)")
+        obj.K, obj.impl, obj.terms, obj.base_errors = len(pool), impl, [], {}
+        for key, U, G, V, W in slots:
+            if G.shape[-1] != obj.K:
+                raise ValueError(f"layer {key}: G has K = {G.shape[-1]} objectives but the pool has {obj.K} tasks")
+            if key in transposed:  # the pool holds the stored (in, out) orientation
+                stored, obj.base_errors[key] = pool.data_free_deltas(key, W.t())
+                deltas = [d.t() if isinstance(d, torch.Tensor) else type(d)(d.B, d.A) for d in stored]
+            else:
+                deltas, obj.base_errors[key] = pool.data_free_deltas(key, W)
+            dt = delta_dtype or W.dtype
+            if all(isinstance(d, torch.Tensor) for d in deltas):
+                obj.terms.append(_LayerTerm(key, U, G, V, [d.to(dt).contiguous() for d in deltas]))
+                continue
+            A = [d.A.to(W.device) for d in deltas]
+            B = [d.B.to(W.device) for d in deltas]
+            delta_sq = pmkernels.low_rank_delta_sq(A, B)  # in fp32 before any cast of the factors
+            obj.terms.append(_LayerTerm(key, U, G, V, None, [a.to(dt).contiguous() for a in A],
+                                        [b.to(dt).contiguous() for b in B], delta_sq))
+        return obj
+
     @property
     def layer_names(self) -> list[str]:
         return [t.name for t in self.terms]
@@ -181,7 +227,12 @@ class DataFreeObjective(nn.Module):
         rows = []
         for t in self.terms:
             p = pref.to(device=t.U.device, dtype=torch.float32)
-            rows.append(pmkernels.weight_distances(t.U, t.G, t.V, p, t.deltas, impl=self.impl, check_values=False))
+            if t.deltas is None:
+                rows.append(pmkernels.low_rank_distances(t.U, t.G, t.V, p, t.A, t.B, delta_sq=t.delta_sq,
+                                                         check_values=False))
+            else:
+                rows.append(pmkernels.weight_distances(t.U, t.G, t.V, p, t.deltas, impl=self.impl,
+                                                       check_values=False))
         return torch.stack(rows)
 
     def forward(self, pref: torch.Tensor) -> torch.Tensor:
@@ -190,7 +241,8 @@ class DataFreeObjective(nn.Module):
 
     def delta_norms(self) -> torch.Tensor:
         """(K,) Σ_layers ‖D_k‖²_F: the objectives at init (U M Vᵀ = 0)."""
-        return torch.stack([torch.stack([d.float().pow(2).sum() for d in t.deltas]) for t in self.terms]).sum(0)
+        return torch.stack([t.delta_sq.float() if t.deltas is None else
+                            torch.stack([d.float().pow(2).sum() for d in t.deltas]) for t in self.terms]).sum(0)
 
 
 # ----------------------------------------------------------------------------- unlabeled data

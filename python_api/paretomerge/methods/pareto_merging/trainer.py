@@ -216,11 +216,12 @@ class ParetoMergingTrainer:
             raise ValueError("trainer.adamerging needs pool= (pretrained weights and task vectors)")
         if cfg.mode == "datafree" or cfg.anchor:
             if finetuned is None:
-                # Only the converted layers' weights: with a file-backed pool the K models are never all in memory.
-                keys = [key for key, *_ in factored_weights(model)
-                        if self.shard_keys is None or key in self.shard_keys]
-                finetuned = [pool.finetuned_state(k, keys) for k in range(self.K)]
-            self.datafree = DataFreeObjective(model, finetuned, impl=cfg.objective_impl, keys=self.shard_keys)
+                # Only the converted layers' weights (this rank's shard), one tensor at a time, dense or low-rank
+                # as the pool holds them: with a file-backed pool the K models are never all in memory.
+                self.datafree = DataFreeObjective.from_pool(model, pool, impl=cfg.objective_impl,
+                                                            keys=self.shard_keys)
+            else:
+                self.datafree = DataFreeObjective(model, finetuned, impl=cfg.objective_impl, keys=self.shard_keys)
         if cfg.mode == "unlabeled":
             if logits_fn is None or unlabeled is None:
                 raise ValueError("mode 'unlabeled' needs logits_fn= and unlabeled= (inputs of every task)")
