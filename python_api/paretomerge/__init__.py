@@ -34,6 +34,7 @@ from .layers import (
 from .methods import MERGE_METHODS, adamerging, entropy, merge, task_arithmetic, ties_merging
 from .methods.pareto_merging import DataFreeObjective, ParetoMergingTrainer, scalarize, stch, train_pareto_merging
 from .pools import ArchitectureMismatchError, ModelPool
+from .layers import ParetoConv1x1
 
 # plots (matplotlib) and demo (open_clip, scikit-learn) are imported on use:
 #   from paretomerge.evaluation.plots import plot_tradeoff;  from paretomerge.demo import run_demo
@@ -48,4 +49,5 @@ __all__ = [
     "pareto_parameters", "preference_set", "save_model", "save_state_dict", "scalarize", "set_impl",
     "set_preference", "simplex_grid", "stch", "task_arithmetic", "ties_merging", "train_pareto_merging",
     "use_preference",
+    "ParetoConv1x1",
 ]

@@ -1,5 +1,6 @@
 """Pareto layers (drop-in modules with W(γ) = W + U M(γ) Vᵀ), conversion and export, the preference context."""
 from .attention import ParetoMultiheadAttention
+from .conv1x1 import ParetoConv1x1, is_pointwise_conv
 from .convert import (
     ATTENTION,
     ATTENTION_MLP,
@@ -27,4 +28,5 @@ __all__ = [
     "ATTENTION", "ATTENTION_MLP", "MLP", "PRESETS", "NoPreferenceError", "ParetoLinear", "ParetoMultiheadAttention",
     "PrefLike", "as_preference", "convert", "export", "factored_weights", "get_preference", "pareto_layers",
     "pareto_parameters", "set_impl", "set_preference", "single_preference", "use_preference",
+    "ParetoConv1x1", "is_pointwise_conv",
 ]

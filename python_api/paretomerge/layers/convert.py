@@ -1,7 +1,7 @@
 """One-call conversion of a model's layers to Pareto layers, and export back.
 
 ``convert`` swaps matching ``nn.Linear`` / ``nn.MultiheadAttention`` modules
-in place; ``export`` returns a plain copy with W(γ) baked into every Pareto
+(and pointwise ``nn.Conv2d`` ones, when an include pattern names them) in place; ``export`` returns a plain copy with W(γ) baked into every Pareto
 layer, loadable by the original architecture's code.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .attention import ParetoMultiheadAttention
+from .conv1x1 import ParetoConv1x1, is_pointwise_conv
 from .linear import ParetoLinear
 from .preference import PrefLike, single_preference
 
@@ -25,7 +26,7 @@ ATTENTION_MLP: tuple[str, ...] = ATTENTION + MLP
 PRESETS = {"attention": ATTENTION, "mlp": MLP, "attention+mlp": ATTENTION_MLP, "all": ("*",)}
 
 Patterns = Union[None, str, Sequence[str]]
-PARETO_TYPES = (ParetoLinear, ParetoMultiheadAttention)
+PARETO_TYPES = (ParetoLinear, ParetoMultiheadAttention, ParetoConv1x1)
 
 
 def _patterns(arg: Patterns, name: str) -> Optional[tuple[str, ...]]:
@@ -73,7 +74,10 @@ def convert(
     include / exclude: fnmatch patterns on qualified module names, or a preset
     ("attention", "mlp", "attention+mlp", "all"); include=None means every
     ``nn.Linear`` and ``nn.MultiheadAttention``. An attention module is
-    converted whole (its ``out_proj`` comes with it). batch_dim: where
+    converted whole (its ``out_proj`` comes with it). Pointwise convolutions
+    (``nn.Conv2d`` with a 1×1 kernel, stride 1, groups 1: a linear map over
+    channels, see ``ParetoConv1x1``) are opt-in: converted only when an
+    explicit include pattern or preset matches them, never with include=None. batch_dim: where
     per-sample preferences index linear layers' inputs; None infers it from
     the nearest enclosing module's ``batch_first`` flag (1 if False), else 0.
     """
@@ -86,20 +90,23 @@ def convert(
         if isinstance(mod, PARETO_TYPES):
             skip_prefixes.append(name + ".")
             continue
-        if not isinstance(mod, (nn.Linear, nn.MultiheadAttention)):
+        pointwise = inc is not None and is_pointwise_conv(mod)  # opt-in: only an explicit include converts convs
+        if not (pointwise or isinstance(mod, (nn.Linear, nn.MultiheadAttention))):
             continue
         if (inc is not None and not _matches(name, inc)) or _matches(name, exc):
             continue
         if isinstance(mod, nn.MultiheadAttention):
             new: nn.Module = ParetoMultiheadAttention.from_mha(mod, num_objectives, rank, impl=impl)
             skip_prefixes.append(name + ".")
+        elif pointwise:
+            new = ParetoConv1x1.from_conv(mod, num_objectives, rank, impl=impl)
         else:
             bd = _infer_batch_dim(model, name) if batch_dim is None else batch_dim
             new = ParetoLinear.from_linear(mod, num_objectives, rank, impl=impl, batch_dim=bd)
         _set_submodule(model, name, new)
         converted.append(name)
     if not converted:
-        raise ValueError(f"convert: no nn.Linear or nn.MultiheadAttention matched include={include!r}, "
+        raise ValueError(f"convert: no nn.Linear, nn.MultiheadAttention (or, with include, pointwise nn.Conv2d) matched include={include!r}, "
                          f"exclude={exclude!r}")
     return converted
 
@@ -140,7 +147,7 @@ def export(model: nn.Module, pref: PrefLike) -> nn.Module:
     """A plain copy of ``model`` with W(γ) baked into every Pareto layer.
 
     pref (K,). The copy has the original architecture's modules and state-dict
-    keys (``nn.Linear``, ``nn.MultiheadAttention``); ``model`` is unchanged.
+    keys (``nn.Linear``, ``nn.MultiheadAttention``, ``nn.Conv2d``); ``model`` is unchanged.
     """
     p = single_preference(pref)
     names = [n for n, _ in pareto_layers(model)]
