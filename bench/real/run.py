@@ -97,7 +97,7 @@ def settings_for(pool: str, quick: bool) -> Settings:
         return s
     if pool == "vision":
         s = Settings("vision", tuple(D.VISION_TASKS), per_class=32, test_per_class=16, start_block=12, ft_steps=20,
-                     ft_lr=1e-3, adamerging_steps=20, pareto_include=("*",), pareto_steps_datafree=200,
+                     ft_lr=1e-4, adamerging_steps=20, pareto_include=("*",), pareto_steps_datafree=200,
                      pareto_steps_unlabeled=40, grid_resolution=3)
         if quick:
             s = dataclasses.replace(s, per_class=24, ft_steps=15, adamerging_steps=8, pareto_steps_datafree=60,
