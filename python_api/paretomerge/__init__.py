@@ -38,6 +38,7 @@ from .methods.pareto_merging import DataFreeObjective, ParetoMergingTrainer, sca
 from .pools import ArchitectureMismatchError, ModelPool
 from .pools.compress import CompressedTaskVectors, LowRankDelta
 from .plan import memory_plan
+from .layers import ParetoConv1x1
 
 # plots (matplotlib) and demo (open_clip, scikit-learn) are imported on use:
 #   from paretomerge.evaluation.plots import plot_tradeoff;  from paretomerge.demo import run_demo
@@ -54,6 +55,7 @@ __all__ = [
     "use_preference",
     "ParetoConv1D",
     "CompressedTaskVectors", "LowRankDelta", "memory_plan",
+    "ParetoConv1x1",
 ]
 
 # the paper's baselines (MAP, TA / AdaMerging with preference) and the structure variants

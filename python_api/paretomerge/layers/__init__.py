@@ -1,5 +1,6 @@
 """Pareto layers (drop-in modules with W(γ) = W + U M(γ) Vᵀ), conversion and export, the preference context."""
 from .attention import ParetoMultiheadAttention
+from .conv1x1 import ParetoConv1x1, is_pointwise_conv
 from .convert import (
     ATTENTION,
     ATTENTION_MLP,
@@ -32,4 +33,5 @@ __all__ = [
     "PrefLike", "as_preference", "convert", "export", "factored_weights", "get_preference", "pareto_layers",
     "pareto_parameters", "set_impl", "set_preference", "single_preference", "use_preference",
     "LLM_ATTENTION", "LLM_MLP", "ParetoConv1D", "transposed_keys",
+    "ParetoConv1x1", "is_pointwise_conv",
 ]

@@ -2,7 +2,8 @@
 
 ``convert`` swaps matching ``nn.Linear`` / ``nn.MultiheadAttention`` / GPT-2
 ``Conv1D`` modules in place (a weight tied to another module's, e.g. an
-``lm_head`` tied to the embeddings, is left alone); ``export`` returns a plain copy with W(γ) baked into every Pareto
+``lm_head`` tied to the embeddings, is left alone; pointwise ``nn.Conv2d`` only
+when an include pattern names them); ``export`` returns a plain copy with W(γ) baked into every Pareto
 layer, loadable by the original architecture's code.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn as nn
 
 from .attention import ParetoMultiheadAttention
 from .conv1d import ParetoConv1D, is_conv1d
+from .conv1x1 import ParetoConv1x1, is_pointwise_conv
 from .linear import ParetoLinear
 from .preference import PrefLike, single_preference
 
@@ -38,7 +40,7 @@ LLM_MLP: tuple[str, ...] = ("*.gate_proj", "*.up_proj", "*.down_proj", "*.mlp.c_
 PRESETS.update({"llm-attention": LLM_ATTENTION, "llm-mlp": LLM_MLP, "llm-all": LLM_ATTENTION + LLM_MLP})
 
 Patterns = Union[None, str, Sequence[str]]
-PARETO_TYPES = (ParetoLinear, ParetoMultiheadAttention)  # ParetoConv1D is a ParetoLinear
+PARETO_TYPES = (ParetoLinear, ParetoMultiheadAttention, ParetoConv1x1)  # ParetoConv1D is a ParetoLinear
 
 
 def _patterns(arg: Patterns, name: str) -> Optional[tuple[str, ...]]:
@@ -92,7 +94,10 @@ def convert(
     An attention module is converted whole (its ``out_proj`` comes with it) unless
     ``attention_out_proj`` is False; the "qkv" presets leave attention output
     projections alone (attention_out_proj defaults to False for them, True
-    otherwise, and their names are excluded). batch_dim: where
+    otherwise, and their names are excluded). Pointwise convolutions
+    (``nn.Conv2d`` with a 1×1 kernel, stride 1, groups 1: a linear map over
+    channels, see ``ParetoConv1x1``) are opt-in: converted only when an
+    explicit include pattern or preset matches them, never with include=None. batch_dim: where
     per-sample preferences index linear layers' inputs; None infers it from
     the nearest enclosing module's ``batch_first`` flag (1 if False), else 0.
     """
@@ -111,7 +116,8 @@ def convert(
         if isinstance(mod, PARETO_TYPES):
             skip_prefixes.append(name + ".")
             continue
-        if not isinstance(mod, (nn.Linear, nn.MultiheadAttention)) and not is_conv1d(mod):
+        pointwise = inc is not None and is_pointwise_conv(mod)  # opt-in: only an explicit include converts convs
+        if not (pointwise or isinstance(mod, (nn.Linear, nn.MultiheadAttention)) or is_conv1d(mod)):
             continue
         if (inc is not None and not _matches(name, inc)) or _matches(name, exc):
             continue
@@ -121,6 +127,8 @@ def convert(
             new: nn.Module = ParetoMultiheadAttention.from_mha(mod, num_objectives, rank, impl=impl,
                                                               adapt_out_proj=attention_out_proj)
             skip_prefixes.append(name + ".")
+        elif pointwise:
+            new = ParetoConv1x1.from_conv(mod, num_objectives, rank, impl=impl)
         else:
             bd = _infer_batch_dim(model, name) if batch_dim is None else batch_dim
             if isinstance(mod, nn.Linear):
@@ -130,8 +138,9 @@ def convert(
         _set_submodule(model, name, new)
         converted.append(name)
     if not converted:
-        raise ValueError(f"convert: no nn.Linear, nn.MultiheadAttention or Conv1D matched include={include!r}, "
-                         f"exclude={exclude!r} (tied weights are never converted)")
+        raise ValueError(f"convert: no nn.Linear, nn.MultiheadAttention, Conv1D (or, with include, pointwise "
+                         f"nn.Conv2d) matched include={include!r}, exclude={exclude!r} (tied weights are never "
+                         f"converted)")
     return converted
 
 
@@ -178,7 +187,7 @@ def export(model: nn.Module, pref: PrefLike) -> nn.Module:
     """A plain copy of ``model`` with W(γ) baked into every Pareto layer.
 
     pref (K,). The copy has the original architecture's modules and state-dict
-    keys (``nn.Linear``, ``nn.MultiheadAttention``); ``model`` is unchanged.
+    keys (``nn.Linear``, ``nn.MultiheadAttention``, ``nn.Conv2d``); ``model`` is unchanged.
     """
     p = single_preference(pref)
     names = [n for n, _ in pareto_layers(model)]

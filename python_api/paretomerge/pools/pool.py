@@ -234,6 +234,8 @@ class ModelPool:
             out = []
             for k in range(len(self)):
                 wk = self.finetuned_state(k, [key])[key]
+                if wk.dim() == 4 and wk.shape[2:] == (1, 1) and wk.shape[:2] == W.shape:
+                    wk = wk.flatten(1)  # a pointwise conv's (out, in, 1, 1) weight, factored as (out, in)
                 if wk.shape != W.shape:
                     raise ValueError(f"task {self.task_names[k]!r}: {key} has shape {tuple(wk.shape)}, the base has "
                                      f"{tuple(W.shape)}")

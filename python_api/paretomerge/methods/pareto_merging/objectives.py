@@ -170,6 +170,8 @@ class DataFreeObjective(nn.Module):
                     raise KeyError(f"fine-tuned model {k} has no tensor {key!r} (needed for the data-free "
                                    f"objective of a converted layer)")
                 wk = sd[key].t() if key in transposed else sd[key]
+                if wk.dim() == 4 and wk.shape[2:] == (1, 1) and wk.shape[:2] == W.shape:
+                    wk = wk.flatten(1)  # a pointwise conv's (out, in, 1, 1) weight, factored as (out, in)
                 if wk.shape != W.shape:
                     raise ValueError(f"fine-tuned model {k}: {key} has shape {tuple(wk.shape)}, the base has "
                                      f"{tuple(W.shape)}")

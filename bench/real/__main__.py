@@ -1,0 +1,37 @@
+"""``python -m bench.real [--pool text|vision|all] [--quick] [--cache DIR] [--out DIR]``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .data import MissingData
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.real", description=__doc__)
+    ap.add_argument("--pool", choices=("text", "vision", "all"), default="all")
+    ap.add_argument("--quick", action="store_true", help="small subsets and few steps (the CI test)")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
+        "PMK_REALBENCH_CACHE", Path.home() / ".cache" / "pmkernels-realbench")),
+        help="cache directory (default $PMK_REALBENCH_CACHE or ~/.cache/pmkernels-realbench)")
+    ap.add_argument("--out", type=Path, default=Path("bench/real/out"), help="report.json, table.md, plots per pool")
+    args = ap.parse_args(argv)
+    from .run import run_pool
+
+    t0 = time.perf_counter()
+    pools = ("text", "vision") if args.pool == "all" else (args.pool,)
+    try:
+        for pool in pools:
+            run_pool(pool, quick=args.quick, cache_root=args.cache, out=args.out / (pool + ("-quick" if args.quick else "")))
+    except MissingData as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"total wall time {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
