@@ -16,6 +16,8 @@ from typing import Callable
 import pytest
 import torch
 
+from pmkernels.testing import rel_err  # noqa: F401  (one definition, shared with tests/; re-exported)
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
@@ -39,11 +41,6 @@ def pm_size(config) -> str:
 def sync() -> None:
     if HAS_CUDA:
         torch.cuda.synchronize()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
 # --------------------------------------------------------------------------

@@ -7,8 +7,10 @@
 // from which the host gets P_k = U^T D_k V = U^T Y_k and the gradients
 //   dU = sum_k Y_k dP_k^T,  dV = sum_k Z_k dP_k   (see weight_distances.py).
 //
-// Work split: rows of D_k in blocks of 4 over OpenMP threads; each thread keeps
-// its own (r, in) partial of Zt, reduced at the end of each k. Inner loops run
+// Work split: rows of D_k in blocks, grouped into a fixed number of row chunks
+// (a function of the shape only, see chunk_plan) spread over OpenMP threads;
+// each chunk keeps its own partial of D_k^T U and ||D_k||^2, summed in chunk
+// order at the end of each k: results are bit-identical for any thread count. Inner loops run
 // over a chunk of columns held in L1, vectorised with `omp simd` over columns:
 // per column, 4 FMAs into the Y dot products and 4 into the Z row update.
 // Deltas may be fp32, fp64, bf16 or fp16 (converted per tile); the accumulation
@@ -32,6 +34,26 @@ namespace {
 #endif
 constexpr int64_t MR = 4;           // rows of D per micro-tile
 constexpr int64_t JB = PMK_WD_JB;   // columns per chunk: r x JB of V and of Z stay in L1
+
+// Determinism: the row blocks of D_k are split into a fixed number of row chunks that depends only
+// on the shape, never on the thread count. Each chunk accumulates its own partial of D_k^T U and of
+// ||D_k||^2, block by block in order, and the partials are then summed in chunk order. Threads only
+// decide which chunk runs where, so the result is bit-identical for any number of threads.
+constexpr int64_t kMaxChunks = 16;                 // parallelism available to the partial sums
+constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of chunk partials at most
+
+struct ChunkPlan {
+  int64_t nchunks, blocks_per_chunk;
+  int64_t begin(int64_t c) const { return c * blocks_per_chunk; }
+  int64_t end(int64_t c, int64_t nblocks) const { return std::min(nblocks, (c + 1) * blocks_per_chunk); }
+};
+
+inline ChunkPlan chunk_plan(int64_t nblocks, int64_t partial_bytes) {
+  const int64_t cap = std::max<int64_t>(1, kPartialBudget / std::max<int64_t>(1, partial_bytes));
+  const int64_t want = std::max<int64_t>(1, std::min({nblocks, kMaxChunks, cap}));
+  const int64_t bpc = (nblocks + want - 1) / want;
+  return {(nblocks + bpc - 1) / bpc, bpc};
+}
 
 template <int R, typename acc_t>
 inline void tile_rows(const acc_t* const* d, int64_t ncols, int64_t j0,
@@ -96,10 +118,11 @@ void pass_all(const std::vector<at::Tensor>& deltas, const at::Tensor& Ut, const
   acc_t* yp = Y.data_ptr<acc_t>();
   acc_t* ztp = Zt.data_ptr<acc_t>();
   const int64_t nblocks = (out + MR - 1) / MR;
-  int nt = std::max<int>(1, at::get_num_threads());
-  nt = static_cast<int>(std::min<int64_t>(nt, nblocks));
-  std::vector<acc_t> zpart(static_cast<size_t>(nt) * r * in);
-  std::vector<acc_t> sqpart(static_cast<size_t>(nt) * K, acc_t(0));
+  const ChunkPlan plan = chunk_plan(nblocks, r * in * static_cast<int64_t>(sizeof(acc_t)));
+  const int64_t nch = plan.nchunks;
+  const int nt = static_cast<int>(std::min<int64_t>(std::max<int>(1, at::get_num_threads()), nch));
+  std::vector<acc_t> zpart(static_cast<size_t>(nch) * r * in);
+  std::vector<acc_t> sqpart(static_cast<size_t>(nch) * K, acc_t(0));
   std::vector<const scalar_t*> dptr(K);
   std::vector<int64_t> dld(K);
   for (int64_t k = 0; k < K; ++k) {
@@ -109,58 +132,59 @@ void pass_all(const std::vector<at::Tensor>& deltas, const at::Tensor& Ut, const
 
 #pragma omp parallel num_threads(nt)
   {
-    const int tid = omp_get_thread_num();
-    acc_t* zl = zpart.data() + static_cast<size_t>(tid) * r * in;
     std::vector<acc_t> buf;
     if constexpr (!std::is_same_v<scalar_t, acc_t>) buf.resize(MR * JB);
     for (int64_t k = 0; k < K; ++k) {
-      std::fill(zl, zl + r * in, acc_t(0));
-      acc_t sql = 0;
       const scalar_t* D = dptr[k];
       const int64_t ld = dld[k];
       acc_t* Yk = yp + k * out * r;
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t i0 = b * MR;
-        const int rows = static_cast<int>(std::min<int64_t>(MR, out - i0));
-        acc_t sqr[MR] = {0, 0, 0, 0};
-        for (int64_t j0 = 0; j0 < in; j0 += JB) {
-          const int64_t nc = std::min<int64_t>(JB, in - j0);
-          const acc_t* rowp[MR];
-          for (int m = 0; m < rows; ++m) {
-            const scalar_t* src = D + (i0 + m) * ld + j0;
-            if constexpr (std::is_same_v<scalar_t, acc_t>) {
-              rowp[m] = src;
-            } else {
-              acc_t* dst = buf.data() + m * JB;
+      for (int64_t ch = 0; ch < nch; ++ch) {
+        acc_t* zl = zpart.data() + static_cast<size_t>(ch) * r * in;
+        std::fill(zl, zl + r * in, acc_t(0));
+        acc_t sql = 0;
+        for (int64_t b = plan.begin(ch); b < plan.end(ch, nblocks); ++b) {
+          const int64_t i0 = b * MR;
+          const int rows = static_cast<int>(std::min<int64_t>(MR, out - i0));
+          acc_t sqr[MR] = {0, 0, 0, 0};
+          for (int64_t j0 = 0; j0 < in; j0 += JB) {
+            const int64_t nc = std::min<int64_t>(JB, in - j0);
+            const acc_t* rowp[MR];
+            for (int m = 0; m < rows; ++m) {
+              const scalar_t* src = D + (i0 + m) * ld + j0;
+              if constexpr (std::is_same_v<scalar_t, acc_t>) {
+                rowp[m] = src;
+              } else {
+                acc_t* dst = buf.data() + m * JB;
 #pragma omp simd
-              for (int64_t j = 0; j < nc; ++j) dst[j] = static_cast<acc_t>(src[j]);
-              rowp[m] = dst;
+                for (int64_t j = 0; j < nc; ++j) dst[j] = static_cast<acc_t>(src[j]);
+                rowp[m] = dst;
+              }
+            }
+            acc_t* Yb = Yk + i0 * r;
+            switch (rows) {
+              case 4: tile_rows<4, acc_t>(rowp, nc, j0, ut, out, i0, vt, in, zl, Yb, r, sqr); break;
+              case 3: tile_rows<3, acc_t>(rowp, nc, j0, ut, out, i0, vt, in, zl, Yb, r, sqr); break;
+              case 2: tile_rows<2, acc_t>(rowp, nc, j0, ut, out, i0, vt, in, zl, Yb, r, sqr); break;
+              default: tile_rows<1, acc_t>(rowp, nc, j0, ut, out, i0, vt, in, zl, Yb, r, sqr); break;
             }
           }
-          acc_t* Yb = Yk + i0 * r;
-          switch (rows) {
-            case 4: tile_rows<4, acc_t>(rowp, nc, j0, ut, out, i0, vt, in, zl, Yb, r, sqr); break;
-            case 3: tile_rows<3, acc_t>(rowp, nc, j0, ut, out, i0, vt, in, zl, Yb, r, sqr); break;
-            case 2: tile_rows<2, acc_t>(rowp, nc, j0, ut, out, i0, vt, in, zl, Yb, r, sqr); break;
-            default: tile_rows<1, acc_t>(rowp, nc, j0, ut, out, i0, vt, in, zl, Yb, r, sqr); break;
-          }
+          for (int m = 0; m < rows; ++m) sql += sqr[m];
         }
-        for (int m = 0; m < rows; ++m) sql += sqr[m];
-      }  // implicit barrier: every partial of this k is complete
-      sqpart[static_cast<size_t>(tid) * K + k] = sql;
+        sqpart[static_cast<size_t>(ch) * K + k] = sql;
+      }  // implicit barrier: every chunk partial of this k is complete
       acc_t* Ztk = ztp + k * r * in;
 #pragma omp for schedule(static)
       for (int64_t e = 0; e < r * in; ++e) {
         acc_t s = 0;
-        for (int t = 0; t < nt; ++t) s += zpart[static_cast<size_t>(t) * r * in + e];
+        for (int64_t ch = 0; ch < nch; ++ch) s += zpart[static_cast<size_t>(ch) * r * in + e];  // fixed order
         Ztk[e] = s;
       }  // implicit barrier before the partials are reset for k + 1
     }
   }
   for (int64_t k = 0; k < K; ++k) {
     acc_t s = 0;
-    for (int t = 0; t < nt; ++t) s += sqpart[static_cast<size_t>(t) * K + k];
+    for (int64_t ch = 0; ch < nch; ++ch) s += sqpart[static_cast<size_t>(ch) * K + k];
     sqp[k] = s;
   }
 }
@@ -280,72 +304,76 @@ void pass_fp32(const std::vector<at::Tensor>& deltas, const at::Tensor& U, const
     for (int64_t j = 0; j < in; ++j)
       for (int64_t c = 0; c < r; ++c) Vp[j * RP + c] = v[j * r + c];
   }
-  int nt = std::max<int>(1, at::get_num_threads());
+  // Tile rows from the shape only (enough row blocks to spread over threads on small layers).
   int64_t tm = TM;
-  while (tm > 8 && (out + tm - 1) / tm < 2 * nt) tm /= 2;  // enough row blocks for the threads
+  while (tm > 8 && (out + tm - 1) / tm < 16) tm /= 2;
   const int64_t nblocks = (out + tm - 1) / tm;
-  nt = static_cast<int>(std::min<int64_t>(nt, nblocks));
-  std::vector<float> zpart(static_cast<size_t>(nt) * in_p * RP);
-  std::vector<float> sqpart(static_cast<size_t>(nt) * K, 0.f);
+  const ChunkPlan plan = chunk_plan(nblocks, in_p * RP * static_cast<int64_t>(sizeof(float)));
+  const int64_t nch = plan.nchunks;
+  const int nt = static_cast<int>(std::min<int64_t>(std::max<int>(1, at::get_num_threads()), nch));
+  std::vector<float> zpart(static_cast<size_t>(nch) * in_p * RP);
+  std::vector<float> sqpart(static_cast<size_t>(nch) * K, 0.f);
   float* sqp = sq.data_ptr<float>();
   float* yp = Y.data_ptr<float>();
   float* zp = Z.data_ptr<float>();
 
 #pragma omp parallel num_threads(nt)
   {
-    const int tid = omp_get_thread_num();
-    float* zl = zpart.data() + static_cast<size_t>(tid) * in_p * RP;
     std::vector<float> Tbuf(TM * TN), yb(TM * RP);
     float* T = Tbuf.data();
     for (int64_t k = 0; k < K; ++k) {
-      std::fill(zl, zl + in_p * RP, 0.f);
-      float sql = 0.f;
       const scalar_t* D = deltas[k].data_ptr<scalar_t>();
       const int64_t ld = deltas[k].stride(0);
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t i0 = b * tm;
-        const int64_t mb = std::min<int64_t>(tm, out - i0), mbp = (mb + 3) / 4 * 4;
-        std::fill(yb.begin(), yb.end(), 0.f);
-        for (int64_t j0 = 0; j0 < in; j0 += TN) {
-          const int64_t nb = std::min<int64_t>(TN, in - j0), nbp = (nb + 3) / 4 * 4;
-          // pack (and convert) the tile; ||D||^2 on the way
-          for (int64_t i = 0; i < mbp; ++i) {
-            float* trow = T + i * TN;
-            if (i < mb) {
-              const scalar_t* src = D + (i0 + i) * ld + j0;
-              float s = 0.f;
+      for (int64_t ch = 0; ch < nch; ++ch) {
+        float* zl = zpart.data() + static_cast<size_t>(ch) * in_p * RP;
+        std::fill(zl, zl + in_p * RP, 0.f);
+        float sql = 0.f;
+        for (int64_t b = plan.begin(ch); b < plan.end(ch, nblocks); ++b) {
+          const int64_t i0 = b * tm;
+          const int64_t mb = std::min<int64_t>(tm, out - i0), mbp = (mb + 3) / 4 * 4;
+          std::fill(yb.begin(), yb.end(), 0.f);
+          for (int64_t j0 = 0; j0 < in; j0 += TN) {
+            const int64_t nb = std::min<int64_t>(TN, in - j0), nbp = (nb + 3) / 4 * 4;
+            // pack (and convert) the tile; ||D||^2 on the way
+            for (int64_t i = 0; i < mbp; ++i) {
+              float* trow = T + i * TN;
+              if (i < mb) {
+                const scalar_t* src = D + (i0 + i) * ld + j0;
+                float s = 0.f;
 #pragma omp simd reduction(+ : s)
-              for (int64_t j = 0; j < nb; ++j) {
-                const float x = static_cast<float>(src[j]);
-                trow[j] = x;
-                s += x * x;
+                for (int64_t j = 0; j < nb; ++j) {
+                  const float x = static_cast<float>(src[j]);
+                  trow[j] = x;
+                  s += x * x;
+                }
+                sql += s;
+                for (int64_t j = nb; j < nbp; ++j) trow[j] = 0.f;
+              } else {
+                for (int64_t j = 0; j < nbp; ++j) trow[j] = 0.f;
               }
-              sql += s;
-              for (int64_t j = nb; j < nbp; ++j) trow[j] = 0.f;
-            } else {
-              for (int64_t j = 0; j < nbp; ++j) trow[j] = 0.f;
+            }
+            int64_t s = 0;
+            for (; s + 16 <= RP; s += 16) {
+              phase_a<2>(T, mbp, nbp, Vp.data() + j0 * RP + s, RP, yb.data() + s);
+              phase_b<2>(T, mbp, nbp, Up.data() + i0 * RP + s, RP, zl + j0 * RP + s);
+            }
+            if (s < RP) {
+              phase_a<1>(T, mbp, nbp, Vp.data() + j0 * RP + s, RP, yb.data() + s);
+              phase_b<1>(T, mbp, nbp, Up.data() + i0 * RP + s, RP, zl + j0 * RP + s);
             }
           }
-          int64_t s = 0;
-          for (; s + 16 <= RP; s += 16) {
-            phase_a<2>(T, mbp, nbp, Vp.data() + j0 * RP + s, RP, yb.data() + s);
-            phase_b<2>(T, mbp, nbp, Up.data() + i0 * RP + s, RP, zl + j0 * RP + s);
-          }
-          if (s < RP) {
-            phase_a<1>(T, mbp, nbp, Vp.data() + j0 * RP + s, RP, yb.data() + s);
-            phase_b<1>(T, mbp, nbp, Up.data() + i0 * RP + s, RP, zl + j0 * RP + s);
-          }
+          for (int64_t i = 0; i < mb; ++i)
+            for (int64_t c = 0; c < r; ++c) yp[((i0 + i) * K + k) * r + c] = yb[i * RP + c];
         }
-        for (int64_t i = 0; i < mb; ++i)
-          for (int64_t c = 0; c < r; ++c) yp[((i0 + i) * K + k) * r + c] = yb[i * RP + c];
-      }  // implicit barrier: all partials of this k are complete
-      sqpart[static_cast<size_t>(tid) * K + k] = sql;
+        sqpart[static_cast<size_t>(ch) * K + k] = sql;
+      }  // implicit barrier: all chunk partials of this k are complete
 #pragma omp for schedule(static)
       for (int64_t j = 0; j < in; ++j)
         for (int64_t c = 0; c < r; ++c) {
           float acc = 0.f;
-          for (int t = 0; t < nt; ++t) acc += zpart[(static_cast<size_t>(t) * in_p + j) * RP + c];
+          for (int64_t ch = 0; ch < nch; ++ch)  // fixed order: independent of the thread count
+            acc += zpart[(static_cast<size_t>(ch) * in_p + j) * RP + c];
           zp[(j * K + k) * r + c] = acc;
         }
       // implicit barrier before the partials are reset for k + 1
@@ -353,7 +381,7 @@ void pass_fp32(const std::vector<at::Tensor>& deltas, const at::Tensor& U, const
   }
   for (int64_t k = 0; k < K; ++k) {
     float acc = 0.f;
-    for (int t = 0; t < nt; ++t) acc += sqpart[static_cast<size_t>(t) * K + k];
+    for (int64_t ch = 0; ch < nch; ++ch) acc += sqpart[static_cast<size_t>(ch) * K + k];
     sqp[k] = acc;
   }
 }

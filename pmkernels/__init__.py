@@ -7,7 +7,7 @@ Public ops:
 """
 from .pareto_linear import IMPLS, merged_weight, pareto_linear, resolve_impl, triton_available
 from ._validation import check_pref_values
-from .reference import core_matrix, reference_pareto_linear
+from .reference import core_matrix, reference_pareto_linear, reference_weight_distances
 from .weight_distances import cpp_available, weight_distances
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "merged_weight",
     "pareto_linear",
     "reference_pareto_linear",
+    "reference_weight_distances",
     "resolve_impl",
     "triton_available",
     "weight_distances",

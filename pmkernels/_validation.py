@@ -8,11 +8,13 @@ set) pass ``check_values=False`` on the hot path.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
-PREF_SUM_TOL = 1e-3
+PREF_SUM_TOL = 1e-3  # rows of pref sum to 1 within max(PREF_SUM_TOL, K * eps(dtype)): see pref_sum_tol
+
+Deltas = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -41,8 +43,21 @@ def check_low_rank(
     return r, K
 
 
+def pref_sum_tol(pref: torch.Tensor) -> float:
+    """How far a row of pref may sum from 1: max(1e-3, K · eps(pref.dtype)).
+
+    A user's exact γ rounded to pref's dtype moves each entry by up to eps/2 of itself and a sum
+    computed in that dtype adds one rounding per term, so K · eps bounds the drift: bf16 (eps 2^-7)
+    1/3s sum to 1.00195, inside 3 · eps = 0.023; fp32/fp64 keep the fixed 1e-3.
+    """
+    K = pref.shape[-1] if pref.dim() else 1
+    eps = torch.finfo(pref.dtype).eps if pref.is_floating_point() else 0.0
+    return max(PREF_SUM_TOL, K * eps)
+
+
 def check_pref_values(pref: torch.Tensor, *, name: str = "pref", normalize: bool = False) -> torch.Tensor:
-    """Check pref entries are finite and >= 0 and each row sums to 1 (within 1e-3).
+    """Check pref entries are finite and >= 0 and each row sums to 1 (within ``pref_sum_tol``:
+    1e-3, or K · eps of pref's dtype if larger, e.g. for bf16).
 
     With ``normalize=True`` rows are divided by their sum instead of being
     required to sum to 1 (a row summing to 0 is still an error). Returns the
@@ -58,9 +73,10 @@ def check_pref_values(pref: torch.Tensor, *, name: str = "pref", normalize: bool
         if bool((sums <= 0).any()):
             raise ValueError(f"{name} rows must have a positive sum to be normalised, got sums {sums.tolist()}")
         return pref / pref.sum(-1, keepdim=True)
-    if bool(((sums - 1).abs() > PREF_SUM_TOL).any()):
+    tol = pref_sum_tol(pref)
+    if bool(((sums - 1).abs() > tol).any()):
         raise ValueError(
-            f"{name} rows must sum to 1 (tolerance {PREF_SUM_TOL}), got sums {sums.tolist()}; "
+            f"{name} rows must sum to 1 (tolerance {tol:.3g} for {pref.dtype}), got sums {sums.tolist()}; "
             "pass normalize=True to rescale them"
         )
     return pref
@@ -122,6 +138,20 @@ def check_pareto_linear(
     return per_sample
 
 
+def check_merged_weight(
+    weight: torch.Tensor, U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor
+) -> None:
+    """Validate the arguments of ``merged_weight`` (one preference): shapes, device, one dtype for the factors."""
+    _check_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
+    _, K = check_low_rank(U, G, V, *weight.shape)
+    check_pref_shape(pref, K)
+    named = [("weight", weight), ("U", U), ("G", G), ("V", V)]
+    check_same_device(named + [("pref", pref)])
+    check_same_dtype(named)
+
+
 def check_same_device(named: list[tuple[str, torch.Tensor]]) -> None:
     first_name, first = named[0]
     for name, t in named[1:]:
@@ -138,3 +168,63 @@ def check_same_dtype(named: list[tuple[str, torch.Tensor]]) -> None:
             raise TypeError(
                 f"all floating inputs must share one dtype: {first_name} is {first.dtype} but {name} is {t.dtype}"
             )
+
+
+def _delta_list(deltas: Deltas, K: int, out_features: int, in_features: int) -> list[torch.Tensor]:
+    """The deltas as a list of K (out, in) floating tensors, from a (K, out, in) tensor or a sequence."""
+    if isinstance(deltas, torch.Tensor):
+        _check_tensor("deltas", deltas)
+        if deltas.dim() != 3 or deltas.shape != (K, out_features, in_features):
+            raise ValueError(
+                f"deltas must have shape (K, out, in) = ({K}, {out_features}, {in_features}), "
+                f"got {tuple(deltas.shape)}"
+            )
+        return list(deltas.unbind(0))
+    if not isinstance(deltas, (list, tuple)):
+        raise TypeError(f"deltas must be a (K, out, in) tensor or a sequence of K (out, in) tensors, "
+                        f"got {type(deltas).__name__}")
+    if len(deltas) != K:
+        raise ValueError(f"deltas must hold K = {K} tensors (one per objective), got {len(deltas)}")
+    for k, d in enumerate(deltas):
+        _check_tensor(f"deltas[{k}]", d)
+        if d.shape != (out_features, in_features):
+            raise ValueError(f"deltas[{k}] must have shape (out, in) = ({out_features}, {in_features}), "
+                             f"got {tuple(d.shape)}")
+    return list(deltas)
+
+
+def check_weight_distances(
+    U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor, deltas: Deltas
+) -> list[torch.Tensor]:
+    """Validate the arguments of ``weight_distances``; return the deltas as a list of (out, in) tensors."""
+    _check_tensor("U", U)
+    _check_tensor("V", V)
+    if U.dim() != 2 or V.dim() != 2:
+        raise ValueError(f"U must be (out, r) and V (in, r), got {tuple(U.shape)} and {tuple(V.shape)}")
+    _, K = check_low_rank(U, G, V, U.shape[0], V.shape[0])
+    check_pref_shape(pref, K)
+    ds = _delta_list(deltas, K, U.shape[0], V.shape[0])
+    check_same_device([("U", U), ("G", G), ("V", V), ("pref", pref)] + [(f"deltas[{k}]", d) for k, d in enumerate(ds)])
+    check_same_dtype([("U", U), ("G", G), ("V", V)])
+    check_same_dtype([(f"deltas[{k}]", d) for k, d in enumerate(ds)])
+    return ds
+
+
+def triton_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """Input dtypes the Triton kernels support on ``device``: fp32/bf16/fp16 on CUDA; fp32/fp16 under the
+    interpreter (it does no bf16 arithmetic and silently returns garbage for it)."""
+    if device.type == "cuda":
+        return (torch.float32, torch.bfloat16, torch.float16)
+    return (torch.float32, torch.float16)
+
+
+def check_triton_dtype(name: str, t: torch.Tensor) -> None:
+    """TypeError before any launch when the Triton kernels cannot compute in ``t``'s dtype."""
+    supported = triton_dtypes(t.device)
+    if t.dtype not in supported:
+        where = "on CUDA" if t.device.type == "cuda" else "under the Triton interpreter (TRITON_INTERPRET=1)"
+        names = ", ".join(str(d).replace("torch.", "") for d in supported)
+        raise TypeError(
+            f"impl='triton' supports {names} inputs {where}, got {name} of dtype {t.dtype}; "
+            "use impl='torch' (or cast the inputs)"
+        )

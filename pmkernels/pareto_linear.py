@@ -6,47 +6,29 @@ for the fused kernels). Validation happens here, once, before any compute.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from . import reference
-from ._validation import check_pareto_linear, check_pref_values
+from ._dispatch import register_op, resolve_impl as _resolve, triton_importable
+from ._validation import check_merged_weight, check_pareto_linear, check_pref_values
 
 IMPLS = ("auto", "triton", "torch", "naive")
+register_op("pareto_linear", IMPLS, triton_module="triton_pareto_linear")
 
 
 def triton_available() -> bool:
-    """True when the fused Triton kernels can be imported."""
-    try:
-        from . import triton_pareto_linear  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the fused Triton kernels of ``pareto_linear`` can be imported."""
+    return triton_importable("triton_pareto_linear")
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """Map ``impl`` to a concrete implementation for tensors on ``device``."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if impl == "triton":
-        if not triton_available():
-            raise NotImplementedError(
-                "impl='triton' needs the fused Triton kernels (pmkernels.triton_pareto_linear), "
-                "which could not be imported here; use impl='torch'"
-            )
-        if device.type != "cuda" and not _interpreting():
-            raise ValueError(
-                f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got tensors on {device}"
-            )
-    return impl
+    """Map ``impl`` to a concrete ``pareto_linear`` implementation for tensors on ``device``.
+
+    "auto" is "triton" on CUDA when the kernels import, else "torch" (rules: ``pmkernels._dispatch``).
+    """
+    return _resolve("pareto_linear", impl, device)
 
 
 def pareto_linear(
@@ -74,12 +56,14 @@ def pareto_linear(
 
     x, weight, bias, U, G, V share one floating dtype (fp32, bf16, fp16);
     pref may be any floating dtype and is used in fp32. Rows of pref must be
-    non-negative, finite and sum to 1 (±1e-3); ``normalize=True`` divides
+    non-negative, finite and sum to 1 (±max(1e-3, K·eps of pref's dtype), see
+    ``check_pref_values``); ``normalize=True`` divides
     them by their sum instead. ``check_values=False`` skips those value
     checks (they sync with the device) for a pref already validated.
 
     impl: "torch" (factored, rank-sized temporaries), "naive" (materialises
-    W(γ), per sample if needed), "triton" (fused kernels), "auto" (Triton on
+    W(γ), per sample if needed), "triton" (fused kernels; fp32/bf16/fp16 on
+    CUDA, fp32/fp16 under the interpreter, else TypeError), "auto" (Triton on
     CUDA when available, else torch).
     """
     check_pareto_linear(x, weight, bias, U, G, V, pref)
@@ -102,17 +86,11 @@ def merged_weight(
     """W(γ) = weight + U M(γ) Vᵀ for one preference.
 
     weight (out, in), U (out, r), G (r, r, K), V (in, r), pref (K,) -> (out, in)
-    in weight's dtype (computed in fp32). ``check_values=False`` skips the
+    in weight's dtype (computed in fp32). weight, U, G, V share one floating dtype
+    (as in ``pareto_linear``); pref may be any floating dtype. ``check_values=False`` skips the
     value checks of an already-validated pref (as in ``pareto_linear``).
     """
-    from ._validation import _check_tensor, check_low_rank, check_pref_shape, check_same_device
-
-    _check_tensor("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
-    _, K = check_low_rank(U, G, V, *weight.shape)
-    check_pref_shape(pref, K)
-    check_same_device([("weight", weight), ("U", U), ("G", G), ("V", V), ("pref", pref)])
+    check_merged_weight(weight, U, G, V, pref)
     if check_values or normalize:
         pref = check_pref_values(pref, normalize=normalize)
     return reference.merged_weight(weight, U, G, V, pref)

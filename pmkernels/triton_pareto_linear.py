@@ -72,6 +72,9 @@ from typing import Optional
 
 import torch
 
+from ._dispatch import interpreting, pad_rank
+from ._validation import check_triton_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -80,16 +83,11 @@ except Exception as e:  # pragma: no cover - depends on the install
 
 __all__ = ["triton_pareto_linear"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreting()  # fixed at import: it picks the launchers (autotuned or one fixed config)
 # "triton": all-Triton GEMM with fused epilogue; "cublas": torch.mm base + Triton epilogue pass.
 _BASE_GEMM = os.environ.get("PMKERNELS_BASE_GEMM", "triton")
 # Big dots on fp32 inputs: tf32 on CUDA, exact fp32 under the interpreter (numpy has no tf32).
 _DOT_PRECISION = "ieee" if _INTERPRET else "tf32"
-
-
-def _pad_r(r: int) -> int:
-    """r padded to a power of two >= 16 (tl.dot needs every dim >= 16)."""
-    return max(16, triton.next_power_of_2(r))
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +356,7 @@ def _shrink(a: torch.Tensor, p: torch.Tensor, h: torch.Tensor, g: torch.Tensor, 
         h.stride(0), h.stride(1), h.stride(2), g.stride(0), g.stride(1),
         z.stride(0), t.stride(0),
         0 if N <= 64 else 1,
-        BLOCK_R=_pad_r(r), PRECISION=_DOT_PRECISION, **_SHRINK_FIXED,
+        BLOCK_R=pad_rank(r), PRECISION=_DOT_PRECISION, **_SHRINK_FIXED,
     )
     return z, t
 
@@ -395,6 +393,8 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[
     M, K = a.shape
     N = b.shape[0]
     lora = t is not None
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias with unit stride; (N,) so the copy is cheap
     if M == 0 or N == 0:
         return torch.zeros((M, N), device=a.device, dtype=out_dtype)
     if base == "cublas":
@@ -425,7 +425,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[
         u.stride(0) if lora else 0, u.stride(1) if lora else 0,
         0 if M <= 64 else 1,
         HAS_LORA=lora, HAS_BIAS=bias is not None, ADD_C=add_c,
-        BLOCK_R=_pad_r(R), PRECISION=_DOT_PRECISION, **_GEMM_FIXED,
+        BLOCK_R=pad_rank(R), PRECISION=_DOT_PRECISION, **_GEMM_FIXED,
     )
     if splits > 1:
         res = c.sum(0, dtype=torch.float32)
@@ -442,12 +442,13 @@ def _core_grad(w: torch.Tensor, z: torch.Tensor, P: int, L: int, out: Optional[t
     ``out``: optional (P, splits, r, r) fp32 partials buffer (tests poison it; splits from _core_splits).
     """
     r = w.shape[1]
+    w, z = w.contiguous(), z.contiguous()  # the kernel assumes unit column stride; ours already are
     splits, chunk = _core_splits(P, L)
     if out is None:
         out = torch.empty((P, splits, r, r), device=w.device, dtype=torch.float32)
     if P == 0 or L == 0:
         return out.new_zeros((P, r, r))
-    R = _pad_r(r)
+    R = pad_rank(r)
     _core_grad_kernel[(P, splits)](
         w, z, out, L, r, chunk, w.stride(0), z.stride(0), out.stride(0), out.stride(1),
         BLOCK_L=16 if _INTERPRET else 32, BLOCK_R=R, num_warps=8 if R >= 64 else 4,
@@ -597,6 +598,7 @@ def triton_pareto_linear(
         dt = torch.get_autocast_dtype(dev)
         x, weight, U, G, V = (a.to(dt) for a in (x, weight, U, G, V))
         bias = None if bias is None else bias.to(dt)
+    check_triton_dtype("x", x)  # before any launch: fp64 fails in the kernels, bf16 is garbage when interpreted
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     p2 = pref.to(torch.float32).reshape(-1, pref.shape[-1])

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import interpreting, pad_rank
+
 
 @triton.jit
 def _wd_pass_kernel(
@@ -52,10 +54,6 @@ def _wd_pass_kernel(
     tl.store(SQ + pid, tl.sum(acc_sq, axis=0))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
     """(‖D_k‖² (K,), Y (out, K, r), Z (in, K, r)), Y[:, k] = D_k V, Z[:, k] = D_kᵀ U; float32.
 
@@ -68,9 +66,9 @@ def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
     dev = U.device
     Uf = U.detach().to(torch.float32).contiguous()
     Vf = V.detach().to(torch.float32).contiguous()
-    BLOCK_R = max(16, triton.next_power_of_2(r))
-    BLOCK_M = 32 if _interpreting() else 64
-    BLOCK_N = 32 if _interpreting() else 64
+    BLOCK_R = pad_rank(r)
+    BLOCK_M = 32 if interpreting() else 64
+    BLOCK_N = 32 if interpreting() else 64
     nblocks = triton.cdiv(out, BLOCK_M)
     Y = torch.empty(K, out, r, device=dev, dtype=torch.float32)
     Z = torch.zeros(K, in_, r, device=dev, dtype=torch.float32)

@@ -16,6 +16,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from pmkernels.testing import poisoned, rel_err  # noqa: E402,F401  (re-exported to the test modules)
+
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device; none is available here")
@@ -24,16 +26,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+# PMKERNELS_TEST_SEED / PMKERNELS_TEST_THREADS re-run the suite on other random inputs / thread counts
+# (tolerance audits); the defaults are what CI runs.
+SEED = int(os.environ.get("PMKERNELS_TEST_SEED", "0"))
+THREADS = int(os.environ.get("PMKERNELS_TEST_THREADS", "1"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny models: extra intra-op threads only contend for shared CPUs (and slow the tests ~5x).
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     yield
     torch.set_num_threads(n)
 
@@ -47,17 +55,6 @@ class Tiny(nn.Module):
     def forward(self, x):
         h = x + self.attn(x, x, x, need_weights=False)[0]
         return h + self.mlp(h)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64."""
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
-
-
-def poisoned(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """A NaN-filled tensor: unwritten outputs show up as NaN."""
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
 def random_pref(K: int, B: int | None = None, generator=None) -> torch.Tensor:

@@ -7,10 +7,26 @@ import torch
 import pmkernels
 from pmkernels import pareto_linear, reference_pareto_linear
 
+from pmkernels.testing import assert_close_terms, term_scales
 from conftest import make_problem, random_pref, rel_err
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 IMPLS = ["torch", "naive"]
+NAMES = "x weight bias U G V pref".split()
+
+
+def _triton_ok() -> bool:
+    return pmkernels.triton_available()
+
+
+# impl="triton" runs on CPU tensors under the Triton interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(not _triton_ok(), reason="triton is not importable"))
+
+
+def assert_matches_reference(out, args64, tol, dy=None, what="output"):
+    """out vs the float64 reference, error relative to the size of the terms (pmkernels.testing)."""
+    scale, _ = term_scales(reference_pareto_linear, args64)
+    assert_close_terms(out, reference_pareto_linear(*args64), scale, tol, what)
 
 
 def cast(args, dtype):
@@ -24,10 +40,9 @@ def cast(args, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_forward_matches_reference(impl, per_sample, bias, dtype):
     args = make_problem(N=(3, 5), d_in=19, d_out=23, r=3, K=4, per_sample=per_sample, bias=bias)
-    ref = reference_pareto_linear(*args)
     out = pareto_linear(*cast(args, dtype), impl=impl)
     assert out.dtype == dtype and out.shape == (3, 5, 23)
-    assert rel_err(out, ref) < TOL[dtype]
+    assert_matches_reference(out, args, TOL[dtype])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -37,7 +52,7 @@ def test_leading_dims(impl, N, per_sample):
     args = make_problem(N=N, d_in=9, d_out=6, r=2, K=3, per_sample=per_sample)
     out = pareto_linear(*cast(args, torch.float32), impl=impl)
     assert out.shape == (*N, 6)
-    assert rel_err(out, reference_pareto_linear(*args)) < 1e-5
+    assert_matches_reference(out, args, 1e-5)
 
 
 def test_unbatched_input_with_shared_pref():
@@ -72,8 +87,9 @@ def test_fp32_gradients_match_reference(impl, per_sample):
     dy = torch.randn(3, 5, 23, dtype=torch.float64)
     reference_pareto_linear(*args64).backward(dy)
     pareto_linear(*args32, impl=impl).backward(dy.float())
-    for name, a64, a32 in zip("x weight bias U G V pref".split(), args64, args32):
-        assert rel_err(a32.grad, a64.grad) < 1e-5, name
+    _, scales = term_scales(reference_pareto_linear, args64, dy)
+    for name, a64, a32, scale in zip(NAMES, args64, args32, scales):
+        assert_close_terms(a32.grad, a64.grad, scale, 1e-5, f"grad of {name}")
 
 
 def test_gradients_only_where_required():
@@ -143,11 +159,46 @@ BAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["auto"])
+@pytest.mark.parametrize("impl", IMPLS + ["auto", TRITON])
 @pytest.mark.parametrize("name,override,exc", BAD_CASES)
 def test_bad_input(impl, name, override, exc):
     with pytest.raises(exc, match=name):
         pareto_linear(**_bad(**override), impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS + [TRITON])
+@pytest.mark.parametrize("N", [(0,), (0, 5)])
+def test_empty_batch_with_per_sample_pref(impl, N):
+    # x (0, ..., in) with γ (0, K): an empty result (0, ..., out) and zero gradients, from every impl.
+    x, w, b, U, G, V, _ = (None if t is None else t.float().requires_grad_() for t in make_problem(N=N))
+    pref = torch.full((0, 4), 0.25, requires_grad=True)
+    y = pareto_linear(x, w, b, U, G, V, pref, impl=impl)
+    assert y.shape == (*N, 23)
+    y.sum().backward()
+    for name, t in zip(NAMES, (x, w, b, U, G, V, pref)):
+        assert t.grad is not None and t.grad.shape == t.shape and torch.count_nonzero(t.grad) == 0, name
+
+
+def test_merged_weight_rejects_mixed_dtypes():
+    _, w, _, U, G, V, pref = make_problem()
+    with pytest.raises(TypeError, match="U"):
+        pmkernels.merged_weight(w, U.float(), G, V, pref)
+    with pytest.raises(TypeError, match="weight"):
+        pmkernels.merged_weight(w.float(), U, G, V, pref)
+    out = pmkernels.merged_weight(w.float(), U.float(), G.float(), V.float(), pref)  # pref: any float dtype
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_pref_sum_tolerance_follows_dtype(dtype):
+    # 1/3 rounded to bf16 sums to 1.00195: a valid γ in bf16; the tolerance is max(1e-3, K eps(dtype)).
+    x, w, b, U, G, V, _ = make_problem(K=3)
+    third = torch.full((3,), 1 / 3, dtype=dtype)
+    pareto_linear(x, w, b, U, G, V, third, impl="torch")
+    tol = max(1e-3, 3 * torch.finfo(dtype).eps)
+    off = torch.tensor([1 / 3, 1 / 3, 1 / 3 + 2 * tol], dtype=torch.float64).to(dtype)
+    with pytest.raises(ValueError, match="sum to 1"):
+        pareto_linear(x, w, b, U, G, V, off, impl="torch")
 
 
 def test_per_sample_pref_needs_batched_x():
@@ -178,4 +229,4 @@ def test_property_matches_reference(lead, d_in, d_out, r, K, per_sample, bias, i
     args = make_problem(N=tuple(lead), d_in=d_in, d_out=d_out, r=r, K=K, per_sample=per_sample, bias=bias)
     out = pareto_linear(*cast(args, torch.float32), impl=impl)
     assert out.shape == (*lead, d_out)
-    assert rel_err(out, reference_pareto_linear(*args)) < 1e-5
+    assert_matches_reference(out, args, 1e-5)

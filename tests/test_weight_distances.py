@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import pmkernels
-from pmkernels.weight_distances import cpp_available, weight_distances
+from pmkernels.weight_distances import cpp_available, resolve_wd_impl, weight_distances
 
+from pmkernels.testing import assert_close_terms, term_scales
 from conftest import HAS_CUDA, random_pref, rel_err
 
 SHAPES = [  # (out, in, r, K)
@@ -60,12 +61,24 @@ def make_wd(out=23, in_=19, r=3, K=4, dtype=torch.float64, delta_dtype=None, dev
     return U, G, V, pref, D
 
 
-def reference(U, G, V, pref, deltas):
-    """float64 ground truth: ΔW built explicitly, f_k = ‖ΔW − D_k‖²."""
-    d = torch.float64
-    M = torch.einsum("k,ijk->ij", pref.to(d), G.to(d))
-    dW = U.to(d) @ M @ V.to(d).t()
-    return torch.stack([(dW - Dk.to(d)).pow(2).sum() for Dk in deltas])
+reference = pmkernels.reference_weight_distances
+
+
+def _abs_terms(U, G, V, pref, deltas):
+    """The reference with ΔW − D_k turned into ΔW + |D_k| (term_scales passes |inputs|): Σ|terms|."""
+    return reference(U, G, V, pref, [-d for d in deltas])
+
+
+def assert_matches(f, g, U, G, V, pref, deltas, w, *, tol_f=1e-5, tol_g=1e-5):
+    """Objectives f and gradients g (of U, G, V, pref under the weights w) vs the float64 reference,
+    each error relative to the size of its terms (pmkernels.testing)."""
+    f_ref, g_ref = _grads(reference, U.double(), G.double(), V.double(), pref.double(), deltas, w.double())
+    f_scale, g_scales = term_scales(lambda u, gg, v, p: _abs_terms(u, gg, v, p, [d.double().abs() for d in deltas]),
+                                    [U, G, V, pref], w)
+    assert_close_terms(f, f_ref, f_scale, tol_f, "objectives")
+    for name, a, b, scale in zip("UGVp", g, g_ref, g_scales):
+        assert a is not None and torch.isfinite(a).all(), name
+        assert_close_terms(a, b, scale, tol_g, f"grad of {name}")
 
 
 def _grads(fn, U, G, V, pref, deltas, w):
@@ -85,14 +98,10 @@ def test_forward_and_grads_fp32(impl, shape):
     out, in_, r, K = shape
     U, G, V, pref, D = make_wd(out, in_, r, K)
     w = torch.randn(K, dtype=torch.float64)
-    f_ref, g_ref = _grads(reference, U, G, V, pref, D, w)
-    f32 = [t.float() for t in (U, G, V, pref)]
-    f, g = _grads(lambda *a: _run(impl, *a), *f32, D.float(), w.float())
+    U, G, V, pref, D = (t.float() for t in (U, G, V, pref, D))
+    f, g = _grads(lambda *a: _run(impl, *a), U, G, V, pref, D, w.float())
     assert f.dtype == torch.float32 and f.shape == (K,)
-    assert rel_err(f, f_ref) < 1e-5
-    for name, a, b in zip("UGVp", g, g_ref):
-        assert a is not None and torch.isfinite(a).all(), name
-        assert rel_err(a, b) < 1e-4, name
+    assert_matches(f, g, U, G, V, pref, D, w.float())
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("cpp", marks=needs_cpp)])
@@ -121,6 +130,29 @@ def test_list_equals_stacked(impl):
     assert rel_err(b, a) < 1e-6
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("which", ["U", "V", "deltas_rows", "deltas_cols"])
+def test_non_contiguous_inputs(impl, which):
+    # U, V and the deltas as non-contiguous views: every impl uses their strides or copies them.
+    U, G, V, pref, D = [t.float() for t in make_wd(41, 70, 5, 3)]
+    w = torch.randn(3)
+
+    def run(u, g, v, p, deltas):
+        if which == "U":
+            u = u.t().contiguous().t()
+        elif which == "V":
+            v = v.new_zeros(v.shape[0], 2 * v.shape[1]).index_copy(1, torch.arange(0, 2 * v.shape[1], 2), v)[:, ::2]
+        elif which == "deltas_rows":  # row stride > in: slices of a wider buffer
+            deltas = torch.cat([deltas, deltas], dim=2)[:, :, : deltas.shape[2]]
+        else:  # column stride != 1: transposed copies
+            deltas = deltas.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not (u if which == "U" else v if which == "V" else deltas).is_contiguous()
+        return _run(impl, u, g, v, p, deltas)
+
+    f, g = _grads(run, U, G, V, pref, D, w)
+    assert_matches(f, g, U, G, V, pref, D, w)
+
+
 @pytest.mark.parametrize(
     "impl,dtype",
     [
@@ -128,22 +160,19 @@ def test_list_equals_stacked(impl):
         ("naive", torch.bfloat16),
         pytest.param("cpp", torch.bfloat16, marks=needs_cpp),
         pytest.param("cpp", torch.float16, marks=needs_cpp),
-        # the Triton interpreter does no bf16 arithmetic: fp16 there, bf16 on CUDA
+        # the kernel converts each loaded delta tile to fp32 at once: bf16 works under the interpreter too
         pytest.param("triton", torch.float16, marks=needs_triton),
-        pytest.param("triton", torch.bfloat16, marks=[needs_triton, pytest.mark.cuda]),
+        pytest.param("triton", torch.bfloat16, marks=needs_triton),
     ],
 )
 def test_low_precision_deltas(impl, dtype):
     device = "cuda" if (impl == "triton" and HAS_CUDA) else "cpu"
     U, G, V, pref, D = make_wd(23, 19, 3, 4, dtype=torch.float32, delta_dtype=dtype, device=device)
     w = torch.randn(4, device=device)
-    # reference on the same (already rounded) deltas, in float64
-    f_ref, g_ref = _grads(reference, U.double(), G.double(), V.double(), pref.double(), D, w.double())
     f, g = _grads(lambda *a: _run(impl, *a), U, G, V, pref, list(D), w)
     assert f.dtype == torch.float32
-    assert rel_err(f, f_ref) < 1e-5  # accumulation is fp32: only the deltas are rounded
-    for name, a, b in zip("UGVp", g, g_ref):
-        assert rel_err(a, b) < 1e-4, name
+    # reference on the same (already rounded) deltas: accumulation is fp32, only the deltas are rounded
+    assert_matches(f, g, U, G, V, pref, D, w)
 
 
 @pytest.mark.cuda
@@ -151,11 +180,8 @@ def test_low_precision_deltas(impl, dtype):
 def test_cuda(impl):
     U, G, V, pref, D = make_wd(130, 70, 16, 8, dtype=torch.float32, device="cuda")
     w = torch.randn(8, device="cuda")
-    f_ref, g_ref = _grads(reference, U.double(), G.double(), V.double(), pref.double(), D, w.double())
     f, g = _grads(lambda *a: _run(impl, *a), U, G, V, pref, D, w)
-    assert rel_err(f, f_ref) < 1e-5
-    for a, b in zip(g, g_ref):
-        assert rel_err(a, b) < 1e-4
+    assert_matches(f, g, U, G, V, pref, D, w)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -166,8 +192,6 @@ def test_empty_layer(impl):
 
 
 def test_auto_picks_cpp_on_cpu():
-    from pmkernels.weight_distances import resolve_wd_impl
-
     expected = "cpp" if _cpp_ok() else "torch"
     assert resolve_wd_impl("auto", torch.device("cpu")) == expected
     U, G, V, pref, D = [t.float() for t in make_wd(23, 19, 3, 4)]
@@ -223,6 +247,8 @@ def good():
         (lambda a: a.update(deltas=[torch.randn(6, 5), "x", torch.randn(6, 5)]), TypeError, r"deltas\[1\]"),
         (lambda a: a.update(deltas=[torch.randn(6, 5), torch.ones(6, 5, dtype=torch.int64), torch.randn(6, 5)]),
          TypeError, r"deltas\[1\]"),
+        (lambda a: a.update(deltas=torch.ones(3, 6, 5, dtype=torch.int64)), TypeError, "deltas"),
+        (lambda a: a.update(deltas=torch.ones(3, 6, 5, dtype=torch.bool)), TypeError, "deltas"),
         (lambda a: a.update(deltas={"a": 1}), TypeError, "deltas"),
         (lambda a: a.update(deltas=None), TypeError, "deltas"),
         (lambda a: a.update(pref=torch.full((4,), 0.25)), ValueError, "pref"),
@@ -249,7 +275,51 @@ def test_bad_impl(good):
 
 
 def test_impl_device_mismatch():
-    from pmkernels.weight_distances import resolve_wd_impl
-
     with pytest.raises(ValueError, match="impl='cpp' needs CPU tensors"):
         resolve_wd_impl("cpp", torch.device("cuda"))
+
+
+# ---------------------------------------------------------------- torch.library integration
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)])
+def test_projections_opcheck(backend):
+    from pmkernels import fused_weight_distances  # noqa: F401  (registers the op)
+
+    U, G, V, pref, D = [t.float() for t in make_wd(23, 19, 3, 4)]
+    torch.library.opcheck(torch.ops.pmkernels.weight_distances_projections.default,
+                          (U.requires_grad_(), V.requires_grad_(), list(D), backend))
+
+
+@pytest.mark.parametrize("impl", [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)])
+def test_torch_compile_fullgraph(impl):
+    # The fused path is a custom op with autograd + fake rules: torch.compile traces it with no graph break.
+    U, G, V, pref, D = [t.float() for t in make_wd(23, 19, 3, 4)]
+    w = torch.randn(4)
+
+    def f(u, g, v, p):
+        return weight_distances(u, g, v, p, D, impl=impl, check_values=False)
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    f_c, g_c = _grads(lambda u, g, v, p, _d: cf(u, g, v, p), U, G, V, pref, D, w)
+    f_e, g_e = _grads(lambda *a: _run(impl, *a), U, G, V, pref, D, w)
+    assert rel_err(f_c, f_e) < 1e-6
+    for name, a, b in zip("UGVp", g_c, g_e):
+        assert rel_err(a, b) < 1e-6, name
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype,delta_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                               (torch.float64, torch.float64)])
+@pytest.mark.parametrize("shape", [(23, 19, 3, 2), (301, 70, 5, 2), (1100, 33, 17, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cpp_pass_bitwise_independent_of_threads(dtype, delta_dtype, shape):
+    # The C++ pass sums its partials in an order fixed by the shape, never by the thread count.
+    out, in_, r, K = shape
+    D = torch.randn(K, out, in_).to(delta_dtype)
+    U, V = torch.randn(out, r, dtype=dtype), torch.randn(in_, r, dtype=dtype)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(torch.ops.pmkernels.weight_distances_pass(list(D), U, V))
+    for res in results[1:]:
+        for a, b in zip(results[0], res):
+            assert torch.equal(a, b)
