@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pad_rank
+from ._dispatch import cuda_capability, interpreting, pad_rank
 
 
 @triton.jit
@@ -54,6 +54,23 @@ def _wd_pass_kernel(
     tl.store(SQ + pid, tl.sum(acc_sq, axis=0))
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_R. The pass's IEEE-fp32 dots run on CUDA cores,
+# and an FMA dot keeps its whole contraction extent per thread in registers: the AOT sweep
+# (bench/scripts/aot_sweep.py) found 64×64 tiles spilling 1-13 KB at r = 64 and 12-33 KB at r = 128 on
+# sm_80/sm_90 (tf32x3 dots spill too), while these tiles compile spill-free. Smaller row blocks mean
+# more Z atomics ((out / BLOCK_M) · in · r adds), the price of no spills at large r.
+_WD_TILES = {16: (64, 64, 4, 3), 32: (32, 32, 4, 3), 64: (16, 32, 4, 3), 128: (32, 32, 4, 3)}
+
+
+def wd_configs(dtype, block_r: int, capability: int) -> list:
+    """The pass's launch config for deltas of ``dtype`` at BLOCK_R ``block_r`` (one, no autotuning: the
+    pass accumulates Z with atomics, so a tuning rerun would compound it). Pure, like the pareto_linear
+    pruners; the shared memory it needs (at most ~60 KB) fits every GPU from sm_75 on, so ``capability``
+    does not change it today."""
+    bm, bn, warps, stages = _WD_TILES[min(max(block_r, 16), 128)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)]
+
+
 def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
     """(‖D_k‖² (K,), Y (out, K, r), Z (in, K, r)), Y[:, k] = D_k V, Z[:, k] = D_kᵀ U; float32.
 
@@ -67,8 +84,12 @@ def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
     Uf = U.detach().to(torch.float32).contiguous()
     Vf = V.detach().to(torch.float32).contiguous()
     BLOCK_R = pad_rank(r)
-    BLOCK_M = 32 if interpreting() else 64
-    BLOCK_N = 32 if interpreting() else 64
+    if interpreting():
+        launch = {"BLOCK_M": 32, "BLOCK_N": 32}
+    else:
+        cfg = wd_configs(deltas[0].dtype if deltas else torch.float32, BLOCK_R, cuda_capability(dev))[0]
+        launch = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    BLOCK_M = launch["BLOCK_M"]
     nblocks = triton.cdiv(out, BLOCK_M)
     Y = torch.empty(K, out, r, device=dev, dtype=torch.float32)
     Z = torch.zeros(K, in_, r, device=dev, dtype=torch.float32)
@@ -81,7 +102,7 @@ def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
             d, d.stride(0), d.stride(1),
             Uf, Vf, Y[k], Z[k], sq_part[k],
             out, in_, r,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, PRECISION=prec,
+            BLOCK_R=BLOCK_R, PRECISION=prec, **launch,
         )
     # the pass contract: Y (out, K, r), Z (in, K, r)
     return sq_part.sum(1), Y.permute(1, 0, 2).contiguous(), Z.permute(1, 0, 2).contiguous()

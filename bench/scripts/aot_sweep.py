@@ -48,10 +48,6 @@ class Spec:
     configs: list = field(default_factory=list)  # [(kwargs, num_warps, num_stages)] kept by the pruner
 
 
-def _pad_r(r: int) -> int:
-    return max(16, 1 << (r - 1).bit_length())
-
-
 def _gemm_args(dt, M, N, K, R, a_strides, b_strides, c_dt, t_dt, u_dt, lora, split=1, tr=True):
     """Pointer types and int values of one _gemm_kernel launch (as pmkernels' _gemm passes them)."""
     k_per_split = -(-max(K, 1) // (256 * split)) * 256
@@ -65,80 +61,91 @@ def _gemm_args(dt, M, N, K, R, a_strides, b_strides, c_dt, t_dt, u_dt, lora, spl
                 M_BUCKET=0 if M <= 64 else 1)
 
 
+# The test suite's slice: per arch, the big forward GEMM in bf16 and fp32 at r = 64, the hybrid pass, the
+# per-sample shrink at r = 64 and at r = 128, K = 64 in fp32 (the case that had no fitting config on sm_80),
+# and the weight-distances pass at r = 128 in fp32.
+SUBSET = {("gemm", "fwd+bias r=64", "bf16"), ("gemm", "fwd+bias r=64", "fp32"), ("gemm", "hybrid ADD_C r=16", "bf16"),
+          ("shrink", "prefill per-sample r=64 K=8", "fp16"), ("shrink", "prefill per-sample r=128 K=64", "fp32"),
+          ("wd_pass", "r=128", "fp32")}
+
+
 def specs(subset: bool = False, aligned: bool = True) -> list[Spec]:
-    """Every launch variant to compile. ``subset``: a representative slice for the test suite."""
+    """Every launch variant to compile (``subset``: only those named in SUBSET)."""
     import pmkernels.triton_pareto_linear as tpl
     import pmkernels.triton_weight_distances as twd
+    from pmkernels._dispatch import pad_rank
 
     out: list[Spec] = []
     n_tok, n_in, n_out = (TOKENS, IN, OUT) if aligned else (TOKENS - 7, IN - 3, OUT - 5)
     for arch in ARCHS:
         for dt in DTYPES:
             prec = "tf32" if dt == "fp32" else "ieee"
-            full = [16, 64, 128]
-            ranks = full if not subset else ([16, 64] if dt == "fp32" else [64])
-            gemm = []
-            # forward GEMM with the expand t Uᵀ in its epilogue (± bias), prefill and decode
-            for r in ranks:
-                R = _pad_r(r)
-                for bias in ((True, False) if r == 16 else (True,)):
-                    gemm.append((f"fwd{'+bias' if bias else ''} r={r}", "large_m", r, dict(HAS_LORA=True, HAS_BIAS=bias, ADD_C=False),
-                                 _gemm_args(dt, n_tok, n_out, n_in, R, (n_in, 1), (n_in, 1, dt), dt, "fp32", dt, True)))
-                gemm.append((f"decode+bias r={r}", "small_m", r, dict(HAS_LORA=True, HAS_BIAS=True, ADD_C=False),
-                             _gemm_args(dt, DECODE, n_out, n_in, R, (n_in, 1), (n_in, 1, dt), dt, "fp32", dt, True)))
-            if not subset or dt == "bf16":
+            fwd = dict(HAS_LORA=True, HAS_BIAS=True, ADD_C=False)
+            gemm = [  # (variant, bucket, r, flags, args)
+                # forward GEMM with the expand t Uᵀ (+ bias) in its epilogue, prefill and decode
+                ("fwd+bias r=16", "large_m", 16, fwd, _gemm_args(dt, n_tok, n_out, n_in, 16, (n_in, 1), (n_in, 1, dt),
+                                                                 dt, "fp32", dt, True)),
+                ("fwd r=16", "large_m", 16, dict(fwd, HAS_BIAS=False),
+                 _gemm_args(dt, n_tok, n_out, n_in, 16, (n_in, 1), (n_in, 1, dt), dt, "fp32", dt, True)),
+                ("fwd+bias r=64", "large_m", 64, fwd, _gemm_args(dt, n_tok, n_out, n_in, 64, (n_in, 1), (n_in, 1, dt),
+                                                                 dt, "fp32", dt, True)),
+                ("fwd+bias r=128", "large_m", 128, fwd, _gemm_args(dt, n_tok, n_out, n_in, 128, (n_in, 1),
+                                                                   (n_in, 1, dt), dt, "fp32", dt, True)),
+                ("decode+bias r=16", "small_m", 16, fwd, _gemm_args(dt, DECODE, n_out, n_in, 16, (n_in, 1),
+                                                                    (n_in, 1, dt), dt, "fp32", dt, True)),
+                ("decode+bias r=128", "small_m", 128, fwd, _gemm_args(dt, DECODE, n_out, n_in, 128, (n_in, 1),
+                                                                      (n_in, 1, dt), dt, "fp32", dt, True)),
                 # cuBLAS hybrid: empty reduction, accumulator seeded with C (ADD_C), expand + bias
-                gemm.append(("hybrid ADD_C r=16", "large_m", 16, dict(HAS_LORA=True, HAS_BIAS=True, ADD_C=True),
-                             _gemm_args(dt, n_tok, n_out, 0, 16, (n_in, 1), (n_in, 1, dt), dt, "fp32", dt, True)))
+                ("hybrid ADD_C r=16", "large_m", 16, dict(fwd, ADD_C=True),
+                 _gemm_args(dt, n_tok, n_out, 0, 16, (n_in, 1), (n_in, 1, dt), dt, "fp32", dt, True)),
                 # backward: dx = dy W + s Vᵀ (B = Wᵀ: unit stride along N), dW = dyᵀ x, dU = dyᵀ t (split-K)
-                gemm.append(("dx r=16", "large_m", 16, dict(HAS_LORA=True, HAS_BIAS=False, ADD_C=False),
-                             _gemm_args(dt, n_tok, n_in, n_out, 16, (n_out, 1), (1, n_in, dt), dt, "fp32", dt, True)))
-                gemm.append(("dW", "large_m", 16, dict(HAS_LORA=False, HAS_BIAS=False, ADD_C=False),
-                             _gemm_args(dt, n_out, n_in, n_tok, 16, (1, n_out), (1, n_in, dt), dt, "fp32", dt, False)))
-                gemm.append(("dU split-K r=16", "thin_n", 16, dict(HAS_LORA=False, HAS_BIAS=False, ADD_C=False),
-                             _gemm_args(dt, n_out, 16, n_tok, 16, (1, n_out), (1, 16, "fp32"), "fp32", "fp32", dt, False,
-                                        split=3)))
+                ("dx r=16", "large_m", 16, dict(fwd, HAS_BIAS=False),
+                 _gemm_args(dt, n_tok, n_in, n_out, 16, (n_out, 1), (1, n_in, dt), dt, "fp32", dt, True)),
+                ("dW", "large_m", 16, dict(HAS_LORA=False, HAS_BIAS=False, ADD_C=False),
+                 _gemm_args(dt, n_out, n_in, n_tok, 16, (1, n_out), (1, n_in, dt), dt, "fp32", dt, False)),
+                ("dU split-K r=16", "thin_n", 16, dict(HAS_LORA=False, HAS_BIAS=False, ADD_C=False),
+                 _gemm_args(dt, n_out, 16, n_tok, 16, (1, n_out), (1, 16, "fp32"), "fp32", "fp32", dt, False, split=3)),
+            ]
             for variant, bucket, r, flags, args in gemm:
-                R = _pad_r(r)
-                consts = dict(flags, BLOCK_R=R, PRECISION=prec)
-                kept = tpl.gemm_configs(dt, bucket, has_lora=flags["HAS_LORA"], add_c=flags["ADD_C"],
-                                        block_r=R, capability=arch)
-                out.append(Spec("gemm", variant, dt, arch, r, args, consts, [_cfg(c) for c in kept]))
+                R = pad_rank(r)
+                kept = tpl.gemm_configs(dt, bucket, has_lora=flags["HAS_LORA"], add_c=flags["ADD_C"], block_r=R,
+                                        capability=arch, b_dtype="fp32" if bucket == "thin_n" else None)
+                out.append(Spec("gemm", variant, dt, arch, r, args, dict(flags, BLOCK_R=R, PRECISION=prec),
+                                [_cfg(c) for c in kept]))
             # shrink: z = x V, t = z M_bᵀ; shared γ (K = 1 after the host fold, fp32 core) and per-sample γ
-            shrink_cases = [(r, 1, False) for r in (16, 64, 128)] + [(r, 8, True) for r in (16, 32, 64, 128)]
-            shrink_cases += [(64, 64, True), (128, 64, True)]
-            if subset:
-                shrink_cases = [(16, 1, False), (64, 8, True)] + ([(128, 64, True)] if dt == "fp32" else [])
-            for r, K, per_sample in shrink_cases:
-                R = _pad_r(r)
-                for n in ((n_tok, DECODE) if not subset else (n_tok,)):
-                    B = 64 if n > DECODE else DECODE
-                    args = dict(a_ptr="*" + dt, p_ptr="*" + dt, h_ptr="*" + (dt if per_sample else "fp32"),
-                                g_ptr="*fp32", z_ptr="*fp32", t_ptr="*fp32",
-                                N=n, D=n_in, R=r, K=K, L=(n // B) if per_sample else n,
-                                stride_an=n_in, stride_ad=1, stride_pd=r, stride_pr=1,
-                                stride_ha=K if per_sample else 1, stride_hc=r * K if per_sample else r, stride_hk=1,
-                                stride_gb=K, stride_gk=1, stride_zn=r, stride_tn=r, N_BUCKET=0 if n <= 64 else 1)
-                    kept = tpl.shrink_configs(dt, R, K, per_sample, arch, small_n=n <= 64)
-                    name = f"{'decode' if n <= 64 else 'prefill'} {'per-sample' if per_sample else 'shared'} r={r} K={K}"
-                    out.append(Spec("shrink", name, dt, arch, r, args, dict(BLOCK_R=R, PRECISION=prec),
-                                    [_cfg(c) for c in kept]))
+            cases = [(n_tok, 16, 1, False), (n_tok, 128, 1, False)]
+            cases += [(n_tok, r, 8, True) for r in (16, 32, 64, 128)] + [(n_tok, 64, 64, True), (n_tok, 128, 64, True)]
+            cases += [(DECODE, 16, 1, False), (DECODE, 16, 8, True), (DECODE, 128, 64, True)]
+            for n, r, K, per_sample in cases:
+                R = pad_rank(r)
+                B = 64 if n > DECODE else DECODE
+                args = dict(a_ptr="*" + dt, p_ptr="*" + dt, h_ptr="*" + (dt if per_sample else "fp32"),
+                            g_ptr="*fp32", z_ptr="*fp32", t_ptr="*fp32",
+                            N=n, D=n_in, R=r, K=K, L=(n // B) if per_sample else n,
+                            stride_an=n_in, stride_ad=1, stride_pd=r, stride_pr=1,
+                            stride_ha=K if per_sample else 1, stride_hc=r * K if per_sample else r, stride_hk=1,
+                            stride_gb=K, stride_gk=1, stride_zn=r, stride_tn=r, N_BUCKET=0 if n <= 64 else 1)
+                kept = tpl.shrink_configs(dt, R, K, per_sample, arch, small_n=n <= 64)
+                name = f"{'decode' if n <= 64 else 'prefill'} {'per-sample' if per_sample else 'shared'} r={r} K={K}"
+                out.append(Spec("shrink", name, dt, arch, r, args, dict(BLOCK_R=R, PRECISION=prec),
+                                [_cfg(c) for c in kept]))
             # weight_distances pass over one delta D_k (out, in) in the deltas' dtype; U, V fp32
-            for r in ((16, 64, 128) if not subset else (128,)):
-                R = _pad_r(r)
+            for r in (16, 32, 64, 128):
+                R = pad_rank(r)
                 args = dict(D="*" + dt, stride_dm=n_in, stride_dn=1, U="*fp32", V="*fp32", Y="*fp32", Z="*fp32",
                             SQ="*fp32", OUT=n_out, IN=n_in, R=r)
-                kept = twd.wd_configs(dt, R, arch)
                 out.append(Spec("wd_pass", f"r={r}", dt, arch, r, args, dict(BLOCK_R=R, PRECISION="ieee"),
-                                [_cfg(c) for c in kept]))
+                                [_cfg(c) for c in twd.wd_configs(dt, R, arch)]))
         # core gradient dM_b = w_bᵀ z_b (fp32 only)
-        for r in ((16, 64, 128) if not subset else (64,)):
-            R = _pad_r(r)
+        for r in (16, 64, 128):
+            R = pad_rank(r)
             lc = tpl.core_grad_launch(R)
             args = dict(w_ptr="*fp32", z_ptr="*fp32", out_ptr="*fp32", L=128, R=r, CHUNK=128,
                         stride_wn=r, stride_zn=r, stride_ob=r * r, stride_os=r * r)
             out.append(Spec("core_grad", f"r={r}", "fp32", arch, r, args,
                             dict(BLOCK_R=R), [({"BLOCK_L": lc["BLOCK_L"]}, lc["num_warps"], 1)]))
+    if subset:
+        out = [s for s in out if (s.kernel, s.variant, s.dtype) in SUBSET]
     return out
 
 
@@ -243,13 +250,24 @@ def run(all_specs: list[Spec], procs: int) -> list[tuple[Spec, tuple, dict]]:
     jobs = [(s.kernel, s.args, s.consts, s.arch, c) for s in all_specs for c in s.configs]
     owners = [(s, c) for s in all_specs for c in s.configs]
     ctx = mp.get_context("spawn")
+    results = [None] * len(jobs)
+    t0 = time.time()
     with ctx.Pool(procs, initializer=_worker_init) as pool:
-        results = pool.map(compile_one, jobs, chunksize=1)
+        for done, (i, res) in enumerate(pool.imap_unordered(_indexed_compile, enumerate(jobs)), 1):
+            results[i] = res
+            if done % 50 == 0 or done == len(jobs):
+                print(f"  {done}/{len(jobs)} compiled, {time.time() - t0:.0f} s", flush=True)
     return [(s, c, r) for (s, c), r in zip(owners, results)]
 
 
-def check(all_specs, rows) -> list[str]:
-    """Failures: compile errors, variants with no config that fits, spills in kept configs at r <= 64."""
+def _indexed_compile(item):
+    i, job = item
+    return i, compile_one(job)
+
+
+def check(all_specs, rows, require_pipelined: bool = True) -> list[str]:
+    """Failures: compile errors, variants with no config that fits, spills in kept configs at r <= 64, and
+    (``require_pipelined``: aligned shapes) a GEMM main loop without async copies (not software-pipelined)."""
     fails = []
     by_spec = {}
     for s, c, r in rows:
@@ -261,6 +279,8 @@ def check(all_specs, rows) -> list[str]:
             fails.append(f"over shared memory ({r['smem']} > {SMEM_LIMIT[s.arch]}): {tag}")
         elif r["spill"] and s.r <= 64:
             fails.append(f"spills {r['spill']} B at r = {s.r}: {tag}")
+        elif require_pipelined and s.kernel == "gemm" and s.args["K"] != 0 and not r["pipelined"]:
+            fails.append(f"GEMM main loop not pipelined: {tag}")
     for s in all_specs:
         ok = [r for c, r in by_spec.get(id(s), []) if not r["error"] and r["smem"] <= SMEM_LIMIT[s.arch]]
         if not ok:
@@ -349,7 +369,7 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}: {len(all_specs)} launch variants, {n} compiles on {a.procs} processes",
           flush=True)
     rows = run(all_specs, a.procs)
-    fails = check(all_specs, rows)
+    fails = check(all_specs, rows, require_pipelined=not a.unaligned)
     wall = time.time() - t0
     summary = table(rows)
     print(summary)
