@@ -10,6 +10,10 @@ chunks; every element of D_k is loaded once and feeds
 
 A list of deltas is handled with one launch per delta (no stacking copy, and
 no pointer-of-pointer loads, which the Triton interpreter cannot do).
+Tiles (BLOCK_M, BLOCK_N) depend on the rank (``wd_configs``): the IEEE-fp32
+dots run on CUDA cores and hold their contraction extent per thread in
+registers, so 64×64 tiles spill at r >= 64; the tiles chosen compile
+spill-free on sm_80/sm_90 (bench/scripts/aot_sweep.py, bench/RESULTS.md).
 Accumulation is fp32; deltas fp32, bf16 or fp16 (bf16 not under the
 interpreter); fp64 deltas are converted to fp32 first.
 """
