@@ -39,7 +39,7 @@ constexpr int64_t JB = PMK_WD_JB;   // columns per chunk: r x JB of V and of Z s
 // on the shape, never on the thread count. Each chunk accumulates its own partial of D_k^T U and of
 // ||D_k||^2, block by block in order, and the partials are then summed in chunk order. Threads only
 // decide which chunk runs where, so the result is bit-identical for any number of threads.
-constexpr int64_t kMaxChunks = 16;                 // parallelism available to the partial sums
+constexpr int64_t kMaxChunks = 8;  // parallelism available to the partial sums (and their count)
 constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of chunk partials at most
 
 struct ChunkPlan {
@@ -306,7 +306,7 @@ void pass_fp32(const std::vector<at::Tensor>& deltas, const at::Tensor& U, const
   }
   // Tile rows from the shape only (enough row blocks to spread over threads on small layers).
   int64_t tm = TM;
-  while (tm > 8 && (out + tm - 1) / tm < 16) tm /= 2;
+  while (tm > 8 && (out + tm - 1) / tm < 8) tm /= 2;
   const int64_t nblocks = (out + tm - 1) / tm;
   const ChunkPlan plan = chunk_plan(nblocks, in_p * RP * static_cast<int64_t>(sizeof(float)));
   const int64_t nch = plan.nchunks;

@@ -14,8 +14,12 @@ Tiles (BLOCK_M, BLOCK_N) depend on the rank (``wd_configs``): the IEEE-fp32
 dots run on CUDA cores and hold their contraction extent per thread in
 registers, so 64×64 tiles spill at r >= 64; the tiles chosen compile
 spill-free on sm_80/sm_90 (bench/scripts/aot_sweep.py, bench/RESULTS.md).
-Accumulation is fp32; deltas fp32, bf16 or fp16 (bf16 not under the
-interpreter); fp64 deltas are converted to fp32 first.
+Accumulation is fp32; deltas fp32, bf16 or fp16 (each loaded tile is
+converted to fp32 at once, so bf16 works under the interpreter too); fp64
+deltas are converted to fp32 first, and fp64 factors U, V are used in fp32
+(the result keeps their dtype: use impl="cpp" or "torch" for fp64 accuracy).
+U and V are made contiguous fp32 copies (rank-sized); the deltas are read
+through their strides.
 """
 from __future__ import annotations
 

@@ -15,12 +15,9 @@ IMPLS = ["torch", "naive"]
 NAMES = "x weight bias U G V pref".split()
 
 
-def _triton_ok() -> bool:
-    return pmkernels.triton_available()
-
-
 # impl="triton" runs on CPU tensors under the Triton interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(not _triton_ok(), reason="triton is not importable"))
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(not pmkernels.triton_available(),
+                                                        reason="triton is not importable"))
 
 
 def assert_matches_reference(out, args64, tol, dy=None, what="output"):
