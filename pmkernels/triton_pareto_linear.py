@@ -373,6 +373,8 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
             continue
         if acc_per_thread > 128 or ((add_c or (has_lora and block_r >= 64)) and acc_per_thread > 64):
             continue
+        if a_bytes == 4 and capability < 90 and acc_per_thread > 64:  # fp32 on sm_80: 128×128/4 warps spilled
+            continue
         keep.append(c)
     return keep or [min(_GEMM_BUCKET_CONFIGS[bucket], key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora,
                                                                                    block_r))]
@@ -411,9 +413,13 @@ def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: in
     def smem(bn, bd, st):
         return st * (bn + block_r) * bd * es
 
+    def spills(bn, bd, w):  # register rules from the AOT sweep (sm_80 spilled 12-40 B in these)
+        return ((es == 4 and block_r >= 32 and bd >= 128)
+                or (capability < 90 and block_r >= 64 and bn * block_r // (32 * w) > 32))
+
     keep = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_C": block_c}, num_stages=st, num_warps=w)
             for bn, bd, st, w in cands
-            if smem(bn, bd, st) <= limit and bn * block_r // (32 * w) <= 64]
+            if smem(bn, bd, st) <= limit and bn * block_r // (32 * w) <= 64 and not spills(bn, bd, w)]
     if not keep:
         bn, bd, st, w = min(cands, key=lambda c: smem(*c[:3]))
         keep = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_C": block_c}, num_stages=st, num_warps=w)]

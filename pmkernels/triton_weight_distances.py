@@ -64,10 +64,10 @@ def _wd_pass_kernel(
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_R. The pass's IEEE-fp32 dots run on CUDA cores,
 # and an FMA dot keeps its whole contraction extent per thread in registers: the AOT sweep
-# (bench/scripts/aot_sweep.py) found 64×64 tiles spilling 1-13 KB at r = 64 and 12-33 KB at r = 128 on
+# (bench/scripts/aot_sweep.py) found 64×64 tiles spilling 8-204 B at r = 16 (bf16/fp16, sm_90), 1-13 KB at r = 64 and 12-33 KB at r = 128 on
 # sm_80/sm_90 (tf32x3 dots spill too), while these tiles compile spill-free. Smaller row blocks mean
 # more Z atomics ((out / BLOCK_M) · in · r adds), the price of no spills at large r.
-_WD_TILES = {16: (64, 64, 4, 3), 32: (32, 32, 4, 3), 64: (16, 32, 4, 3), 128: (32, 32, 4, 3)}
+_WD_TILES = {16: (32, 32, 4, 3), 32: (32, 32, 4, 3), 64: (16, 32, 4, 3), 128: (32, 32, 4, 3)}
 
 
 def wd_configs(dtype, block_r: int, capability: int) -> list:
@@ -76,6 +76,8 @@ def wd_configs(dtype, block_r: int, capability: int) -> list:
     pruners; the shared memory it needs (at most ~60 KB) fits every GPU from sm_75 on, so ``capability``
     does not change it today."""
     bm, bn, warps, stages = _WD_TILES[min(max(block_r, 16), 128)]
+    if block_r <= 16 and str(dtype) in ("fp32", "torch.float32"):
+        bm, bn = 64, 64  # fp32 at r = 16: 64×64 compiles spill-free, 32×32 spilled 4 B on sm_90
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)]
 
 

@@ -13,6 +13,8 @@ root=$PWD
 venvs=${PMK_VENV_DIR:-$HOME/.cache/pmkernels-triton-matrix}
 if [ $# -gt 0 ]; then versions=("$@"); else versions=(3.6 3.8 3.9); fi
 declare -A default_torch=([3.6]="torch==2.11.0" [3.8]="torch==2.14.1" [3.9]="torch==2.13.0+cpu")
+# Triton 3.6's interpreter converts 1-element arrays to scalars, which NumPy 2.4 turned into an error
+declare -A numpy_req=([3.6]="numpy<2.4")
 declare -A triton_pin=([3.6]="3.6.0" [3.8]="3.8.0" [3.9]="3.9.0")
 summary=()
 status=0
@@ -29,7 +31,7 @@ for v in "${versions[@]}"; do
         echo "== building $venv ($torch_req, triton==$pin)"
         mkdir -p "$venvs" && python3 -m venv "$venv" || { summary+=("$v: venv creation failed"); status=1; continue; }
         # torch first (its own triton pin, if any, is then replaced by the one under test)
-        "$py" -m pip install -q "$torch_req" numpy pytest hypothesis \
+        "$py" -m pip install -q "$torch_req" "${numpy_req[$v]:-numpy}" pytest hypothesis \
             && "$py" -m pip install -q --no-deps "triton==$pin" \
             || { summary+=("$v: install failed ($torch_req, triton==$pin)"); status=1; continue; }
     fi
