@@ -415,7 +415,7 @@ def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: in
 
     def spills(bn, bd, w):  # register rules from the AOT sweep (sm_80 spilled 12-40 B in these)
         return ((es == 4 and block_r >= 32 and bd >= 128)
-                or (capability < 90 and block_r >= 64 and bn * block_r // (32 * w) > 32))
+                or (capability < 90 and block_r >= 64 and bn >= 128))
 
     keep = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_C": block_c}, num_stages=st, num_warps=w)
             for bn, bd, st, w in cands
