@@ -60,6 +60,13 @@ def pad_rank(r: int) -> int:
     return max(16, 1 << max(0, int(r) - 1).bit_length())
 
 
+def cuda_capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as major * 10 + minor (90 for an H100): the key of the
+    kernels' config pruners."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 def resolve_impl(op: str, impl: str, device: torch.device) -> str:
     """Map ``impl`` to a concrete implementation of ``op`` for tensors on ``device`` (rules: module docstring)."""
     impls, triton_module, has_cpp = _OPS[op]

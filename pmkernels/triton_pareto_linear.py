@@ -20,9 +20,12 @@ b = n // L (L = N / B; B = 1 for a shared preference):
               db = Σ_n dy
 
 Per-sample γ never builds per-row (or per-sample r×r) matrices in the
-shrink: it computes z·H_k for every k (an r × rK product, as K r×r dots) and
-contracts with the row's γ. A shared γ is folded into M on the host first
-(r×r, negligible) and runs the same kernel with K = 1.
+shrink: it computes z·H_k for every k as K IEEE-fp32 dots on z pre-scaled by
+the row's γ_{b,k}. For r > 32 those dots run over BLOCK_C × BLOCK_C blocks of
+H with z re-read in column slices (fp32 FMA dots hold their whole contraction
+extent per thread in registers; over all of r = 128 they spilled tens of KB).
+A shared γ is folded into M on the host first (r×r, negligible) and runs the
+same kernel with K = 1.
 
 Only x, the weights themselves and the (N, r) fp32 intermediates z, t are
 saved for backward; W(γ) is never built.
@@ -57,11 +60,20 @@ the hybrid's torch.mm, the K-sized backward einsums). On CUDA-only builds a
 casts x/weight/bias/U/G/V to the autocast dtype before calling the op (pref
 stays fp32), as F.linear would, so the op itself never sees mixed dtypes.
 
-Not done / not measured: no GPU was available while writing this; configs,
-the split-K heuristic and the fused-vs-hybrid choice are unmeasured (the
-kernels are AOT-compiled for sm80/sm90 in the tests, and their GEMM main loop
-checked to be software-pipelined). No TMA / warp-specialised Hopper path, no
-double backward (the backward op has no autograd of its own).
+Configs: each autotuned kernel's configs come from a pure pruner
+(``gemm_configs``, ``shrink_configs``) of dtype, shape bucket, rank, K, variant
+flags and the GPU's compute capability; the runtime ``early_config_prune``
+calls it with the device's capability. bench/scripts/aot_sweep.py compiles
+every config those pruners keep, for every launch variant, dtype and sm_80 /
+sm_90, with Triton's bundled ptxas (no GPU needed) and checks shared memory,
+spills and GEMM software pipelining; its table is in bench/RESULTS.md, and a
+subset runs in the test suite.
+
+Not done / not measured: no GPU was available while writing this; which
+configs are fast, the split-K heuristic and the fused-vs-hybrid choice are
+unmeasured (bench/scripts/perf_model.py has roofline predictions only). No
+TMA / warp-specialised Hopper path, no double backward (the backward op has no
+autograd of its own).
 
 Importing this module raises ImportError when triton is not importable.
 """
@@ -72,7 +84,7 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import interpreting, pad_rank
+from ._dispatch import cuda_capability, interpreting, pad_rank
 from ._validation import check_triton_dtype
 
 try:
@@ -103,18 +115,20 @@ def _shrink_kernel(
     stride_ha, stride_hc, stride_hk, stride_gb, stride_gk,
     stride_zn, stride_tn,
     N_BUCKET,  # autotune key only: small (decode) vs large token counts
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """z = A P (N, R) and t[n, c] = Σ_k g[n // L, k] Σ_a z[n, a] H[a, c, k], both fp32.
 
     Forward: A = x, P = V, H = G with its first two dims swapped (t = z M_bᵀ).
     Backward: A = dy, P = U, H = G (s = w M_b).
-    The z·H product over all K (r × rK) runs as K fp32 r×r dots, each scaled by the
-    row's γ_{b,k} and accumulated into one (BLOCK_N, BLOCK_R) register tile: no
-    per-row or per-sample r×r matrix is ever built, and rows of different samples
-    can share a block. (One r × rK dot then a reshape-reduce would need a
-    BLOCK_N × rK register tile: too big at r = 128, K = 64.)
+    The z·H product over all K runs as K IEEE-fp32 dots per (BLOCK_C × BLOCK_C) block of H,
+    each on z pre-scaled by the row's γ_{b,k}: no per-row or per-sample r×r matrix is
+    built, and rows of different samples can share a block. BLOCK_C == BLOCK_R: one block,
+    z stays in registers. BLOCK_C < BLOCK_R (large r, chosen by ``shrink_configs``): z is
+    re-read in BLOCK_C-wide column slices from the z just stored (L1/L2-resident, after a
+    CTA barrier), so no dot operand spans all r columns: an fp32 FMA dot keeps its whole
+    contraction extent per thread in registers, which at r = 128 spilled kilobytes.
     """
     pid = tl.program_id(0)
     rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -137,15 +151,34 @@ def _shrink_kernel(
     tl.store(z_ptr + rows[:, None] * stride_zn + rr[None, :], z, mask=out_mask)
 
     sample = rows // L
-    h_off = rr[:, None] * stride_ha + rr[None, :] * stride_hc
-    h_mask = r_ok[:, None] & r_ok[None, :]
-    t = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    for k in range(0, K):
-        h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
-        zk = tl.dot(z, h, input_precision="ieee")
-        g = tl.load(g_ptr + sample * stride_gb + k * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
-        t += g[:, None] * zk
-    tl.store(t_ptr + rows[:, None] * stride_tn + rr[None, :], t, mask=out_mask)
+    if BLOCK_C == BLOCK_R:
+        h_off = rr[:, None] * stride_ha + rr[None, :] * stride_hc
+        h_mask = r_ok[:, None] & r_ok[None, :]
+        t = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for k in range(0, K):
+            h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + sample * stride_gb + k * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
+            t = tl.dot(z * g[:, None], h, t, input_precision="ieee")
+        tl.store(t_ptr + rows[:, None] * stride_tn + rr[None, :], t, mask=out_mask)
+    else:
+        tl.debug_barrier()  # this CTA's z stores are visible to all its threads before the re-reads
+        rc = tl.arange(0, BLOCK_C)
+        for c0 in range(0, BLOCK_R, BLOCK_C):
+            cc = c0 + rc
+            c_ok = cc < R
+            t = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+            for a0 in range(0, BLOCK_R, BLOCK_C):
+                aa = a0 + rc
+                a_ok = aa < R
+                zc = tl.load(z_ptr + rows[:, None] * stride_zn + aa[None, :],
+                             mask=row_ok[:, None] & a_ok[None, :], other=0.0)
+                h_off = aa[:, None] * stride_ha + cc[None, :] * stride_hc
+                h_mask = a_ok[:, None] & c_ok[None, :]
+                for k in range(0, K):
+                    h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
+                    g = tl.load(g_ptr + sample * stride_gb + k * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
+                    t = tl.dot(zc * g[:, None], h, t, input_precision="ieee")
+            tl.store(t_ptr + rows[:, None] * stride_tn + cc[None, :], t, mask=row_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -173,7 +206,6 @@ def _gemm_kernel(
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    first = pid_k == 0
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -187,12 +219,16 @@ def _gemm_kernel(
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_ok = rm < M
     n_ok = rn < N
+    # Rows this program seeds / adds the expand to: all of them in split 0, none in the others. Built as
+    # a tensor comparison (not `m_ok & (pid_k == 0)`): Triton 3.9's interpreter rejects the int mask a
+    # scalar bool combined with a tensor mask turns into.
+    m_first = rm < tl.where(pid_k == 0, M, 0)
     rk = tl.arange(0, BLOCK_K)
     c_ptrs = c_ptr + pid_k * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     c_mask = m_ok[:, None] & n_ok[None, :]
 
     if ADD_C:
-        acc = tl.load(c_ptrs, mask=c_mask & first, other=0.0).to(tl.float32)
+        acc = tl.load(c_ptrs, mask=m_first[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
@@ -212,11 +248,11 @@ def _gemm_kernel(
         u = tl.load(u_ptr + rr[:, None] * stride_ur + rn[None, :] * stride_un,
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
-                    mask=m_ok[:, None] & r_ok[None, :] & first, other=0.0)
+                    mask=m_first[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(t.to(u.dtype), u, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=n_ok & first, other=0.0).to(tl.float32)
-        acc += bias[None, :]
+        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.where(m_first[:, None], bias[None, :], 0.0)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -250,71 +286,164 @@ def _core_grad_kernel(
     tl.store(o, acc, mask=r_ok[:, None] & r_ok[None, :])
 
 
-# Autotuning: configs fit Hopper (228 KB smem) and Ampere/Turing-class parts; configs that
-# run out of shared memory on a given GPU are skipped by the autotuner. Small token counts
-# (decode, M <= 64) get thin-M tiles, large ones square-ish tiles; the bucket is a key.
+# --------------------------------------------------------------------------------------------
+# Autotune configs and their pruners
+# --------------------------------------------------------------------------------------------
+# The pruners are pure functions of (dtype, shape bucket, rank, K, variant flags, GPU capability), so
+# bench/scripts/aot_sweep.py enumerates exactly the configs the runtime autotuner may pick and compiles
+# each for sm_90 and sm_80 (shared memory, registers, spills). The runtime ``early_config_prune`` hooks
+# call the same functions with the capability of the tensors' device.
+
+# Max dynamic shared memory one block may opt into, by compute capability (major * 10 + minor).
+_SMEM_LIMIT = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+               103: 232448, 120: 101376}
+_ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def smem_limit(capability: int) -> int:
+    """Bytes of shared memory a block may use on a GPU of this capability (unknown: the most common 99 KB)."""
+    return _SMEM_LIMIT.get(capability, 101376)
+
+
+def dtype_name(dtype) -> str:
+    """torch.float32/bfloat16/float16 (or "fp32"/"bf16"/"fp16") -> "fp32"/"bf16"/"fp16"."""
+    if isinstance(dtype, str):
+        return dtype
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def _cfg(bm, bn, bk, stages, warps, group=8):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
                          num_stages=stages, num_warps=warps)
 
 
-_GEMM_SMALL_M = [
-    _cfg(16, 32, 256, 4, 4), _cfg(16, 32, 128, 5, 2),  # more CTAs for decode-sized M
-    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4), _cfg(16, 256, 64, 3, 4),
-    _cfg(32, 64, 128, 4, 4), _cfg(32, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 3, 4),
-]
-_GEMM_LARGE_M = [
-    _cfg(128, 256, 64, 3, 8), _cfg(256, 128, 64, 3, 8), _cfg(128, 128, 64, 4, 8), _cfg(128, 128, 32, 4, 4),
-    _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 5, 4), _cfg(128, 256, 32, 3, 8),
-]
+# Small token counts (decode, M <= 64) get thin-M tiles, large ones square-ish tiles, rank-sized
+# outputs (dU = dyᵀ t, dV = xᵀ s: N = r, a reduction over all tokens) thin-N tiles.
+_GEMM_BUCKET_CONFIGS = {
+    "small_m": [
+        _cfg(16, 32, 256, 4, 4), _cfg(16, 32, 128, 5, 2),  # more CTAs for decode-sized M
+        _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4), _cfg(16, 256, 64, 3, 4),
+        _cfg(32, 64, 128, 4, 4), _cfg(32, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 3, 4),
+    ],
+    "large_m": [
+        _cfg(128, 256, 64, 3, 8), _cfg(256, 128, 64, 3, 8), _cfg(128, 128, 64, 4, 8), _cfg(128, 128, 64, 3, 4),
+        _cfg(128, 128, 32, 4, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 5, 4),
+    ],
+    "thin_n": [
+        _cfg(64, 16, 128, 4, 4), _cfg(128, 16, 128, 3, 4), _cfg(64, 32, 128, 4, 4), _cfg(128, 32, 64, 4, 4),
+        _cfg(32, 32, 256, 3, 4), _cfg(64, 32, 64, 3, 4),
+    ],
+}
+_GEMM_CONFIGS = [c for cs in _GEMM_BUCKET_CONFIGS.values() for c in cs]
 
 
-# Rank-sized outputs (dU = dyᵀ t, dV = xᵀ s: N = r <= 32, reduction over all tokens): thin-N tiles.
-_GEMM_THIN_N = [
-    _cfg(64, 16, 128, 4, 4), _cfg(128, 16, 128, 3, 4), _cfg(64, 32, 128, 4, 4), _cfg(128, 32, 64, 4, 4),
-    _cfg(32, 32, 256, 3, 4),
-]
-_GEMM_CONFIGS = _GEMM_SMALL_M + _GEMM_LARGE_M + _GEMM_THIN_N
-_BUCKETS = {"small_m": {id(c) for c in _GEMM_SMALL_M}, "large_m": {id(c) for c in _GEMM_LARGE_M},
-            "thin_n": {id(c) for c in _GEMM_THIN_N}}
-
-
-def _gemm_bucket(M: int, N: int) -> str:
+def gemm_bucket(M: int, N: int) -> str:
+    """Shape bucket of a _gemm_kernel launch: "small_m" (decode), "thin_n" (rank-sized N) or "large_m"."""
     if M <= 64:
         return "small_m"
     return "thin_n" if N <= 32 else "large_m"
 
 
+def _gemm_smem(c: triton.Config, a_bytes: int, b_bytes: int, lora: bool, block_r: int) -> int:
+    """Shared memory estimate: num_stages buffers of the A and B tiles (+ the expand's t and U tiles)."""
+    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    smem = c.num_stages * (bm * a_bytes + bn * b_bytes) * bk
+    if lora:
+        smem = max(smem, (bm + bn) * block_r * a_bytes)
+    return smem
+
+
+def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: int, capability: int,
+                 b_dtype=None) -> list:
+    """The _gemm_kernel configs the autotuner may try for this launch, in order; never empty.
+
+    dtype: A's dtype (B is cast to it; b_dtype: B's own dtype when it differs, fp32 for dU/dV).
+    Kept: shared memory estimate within the capability's limit, and register rules the AOT sweep
+    (bench/scripts/aot_sweep.py) found spill-free on sm_80/sm_90: at most 128 fp32 accumulators per
+    thread, at most 64 with the expand epilogue at block_r >= 64 or in the accumulate-into-C pass
+    (``add_c``, the cuBLAS hybrid: it has no main loop, so big tiles buy nothing there).
+    """
+    a_bytes = _ELEM_BYTES[dtype_name(dtype)]
+    b_bytes = _ELEM_BYTES[dtype_name(b_dtype)] if b_dtype is not None else a_bytes
+    limit = smem_limit(capability)
+    keep = []
+    for c in _GEMM_BUCKET_CONFIGS[bucket]:
+        acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+        if _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r) > limit:
+            continue
+        if acc_per_thread > 128 or ((add_c or (has_lora and block_r >= 64)) and acc_per_thread > 64):
+            continue
+        if a_bytes == 4 and capability < 90 and acc_per_thread > 64:  # fp32 on sm_80: 128×128/4 warps spilled
+            continue
+        keep.append(c)
+    return keep or [min(_GEMM_BUCKET_CONFIGS[bucket], key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora,
+                                                                                   block_r))]
+
+
 def _prune_gemm(configs, named_args, **kwargs):
-    ids = _BUCKETS[_gemm_bucket(named_args["M"], named_args["N"])]
-    keep = [c for c in configs if id(c) in ids]
-    return keep or configs
+    a, b = named_args["a_ptr"], named_args["b_ptr"]
+    return gemm_configs(a.dtype, gemm_bucket(named_args["M"], named_args["N"]), has_lora=kwargs["HAS_LORA"],
+                        add_c=kwargs["ADD_C"], block_r=kwargs["BLOCK_R"], capability=cuda_capability(a.device),
+                        b_dtype=b.dtype)
+
+
+_SHRINK_CONFIGS = {  # (BLOCK_N, BLOCK_D, num_stages, num_warps)
+    "small_n": [(16, 128, 4, 4), (16, 256, 3, 4), (32, 128, 4, 4), (16, 64, 4, 4)],
+    "large_n": [(64, 64, 4, 4), (64, 128, 3, 4), (128, 64, 3, 8), (64, 32, 4, 4)],
+}
+
+
+def shrink_block_c(block_r: int, K: int) -> int:
+    """Width of the H blocks the core contraction runs over (see _shrink_kernel): all of r up to 32."""
+    return block_r if block_r <= 32 else 32
+
+
+def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: int, small_n: bool) -> list:
+    """The _shrink_kernel configs the autotuner may try, in order; never empty.
+
+    dtype: x's (A's) dtype; block_r: r padded (pad_rank); K: core slices (1 after the shared-γ fold);
+    small_n: N <= 64 (decode). Kept: shared memory estimate (num_stages buffers of the A and P tiles)
+    within the limit, at most 64 fp32 z accumulators per thread; BLOCK_C from shrink_block_c.
+    """
+    es = _ELEM_BYTES[dtype_name(dtype)]
+    limit = smem_limit(capability)
+    cands = _SHRINK_CONFIGS["small_n" if small_n else "large_n"]
+    block_c = shrink_block_c(block_r, K)
+
+    def smem(bn, bd, st):
+        return st * (bn + block_r) * bd * es
+
+    def spills(bn, bd, w):  # register rules from the AOT sweep (sm_80 spilled 12-40 B in these)
+        return ((es == 4 and block_r >= 32 and bd >= 128)
+                or (capability < 90 and block_r >= 64 and bn >= 128))
+
+    keep = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_C": block_c}, num_stages=st, num_warps=w)
+            for bn, bd, st, w in cands
+            if smem(bn, bd, st) <= limit and bn * block_r // (32 * w) <= 64 and not spills(bn, bd, w)]
+    if not keep:
+        bn, bd, st, w = min(cands, key=lambda c: smem(*c[:3]))
+        keep = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_C": block_c}, num_stages=st, num_warps=w)]
+    return keep
 
 
 def _prune_shrink(configs, named_args, **kwargs):
-    small = named_args["N"] <= 64
-    keep = [c for c in configs if (c.kwargs["BLOCK_N"] <= 32) == small]
-    # keep the register tile (BLOCK_N × BLOCK_R fp32 twice) sane for large r
-    if named_args.get("R", 16) > 64:
-        keep = [c for c in keep if c.kwargs["BLOCK_N"] <= 64] or keep
-    return keep or configs
+    a = named_args["a_ptr"]
+    return shrink_configs(a.dtype, kwargs["BLOCK_R"], named_args["K"], named_args["K"] > 1, cuda_capability(a.device),
+                          small_n=named_args["N"] <= 64)
 
 
-_SHRINK_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_stages=s, num_warps=w)
-    for bn, bd, s, w in [(16, 128, 4, 4), (16, 256, 3, 4), (32, 128, 4, 4),
-                         (64, 64, 4, 4), (64, 128, 3, 4), (128, 64, 3, 8)]
-]
+def core_grad_launch(block_r: int) -> dict:
+    """Launch constants of _core_grad_kernel (no autotuning: it reads only the (N, r) fp32 intermediates)."""
+    return {"BLOCK_L": 16 if _INTERPRET else 32, "num_warps": 8 if block_r >= 64 else 4}
+
 
 if _INTERPRET:
     # One small fixed config: the interpreter runs every program in numpy.
     _GEMM_FIXED = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-    _SHRINK_FIXED = {"BLOCK_N": 16, "BLOCK_D": 32}
     _gemm_launch = _gemm_kernel
     _shrink_launch = _shrink_kernel
 else:
     _GEMM_FIXED = {}
-    _SHRINK_FIXED = {}
     _gemm_launch = triton.autotune(
         configs=_GEMM_CONFIGS,
         key=["M_BUCKET", "N", "K", "R", "K_PER_SPLIT", "HAS_LORA", "HAS_BIAS", "ADD_C"],
@@ -322,10 +451,16 @@ else:
         restore_value=["c_ptr"],  # ADD_C accumulates into C; tuning must not compound it
     )(_gemm_kernel)
     _shrink_launch = triton.autotune(
-        configs=_SHRINK_CONFIGS,
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_stages=st, num_warps=w)
+                 for cs in _SHRINK_CONFIGS.values() for bn, bd, st, w in cs],  # BLOCK_C is added by the pruner
         key=["N_BUCKET", "D", "R", "K"],
         prune_configs_by={"early_config_prune": _prune_shrink},
     )(_shrink_kernel)
+
+
+def _shrink_fixed(block_r: int, K: int) -> dict:
+    """Constexprs of an interpreter launch (no autotuner): small tiles, BLOCK_C as on the GPU."""
+    return {"BLOCK_N": 16, "BLOCK_D": 32, "BLOCK_C": shrink_block_c(block_r, K)} if _INTERPRET else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +491,7 @@ def _shrink(a: torch.Tensor, p: torch.Tensor, h: torch.Tensor, g: torch.Tensor, 
         h.stride(0), h.stride(1), h.stride(2), g.stride(0), g.stride(1),
         z.stride(0), t.stride(0),
         0 if N <= 64 else 1,
-        BLOCK_R=pad_rank(r), PRECISION=_DOT_PRECISION, **_SHRINK_FIXED,
+        BLOCK_R=pad_rank(r), PRECISION=_DOT_PRECISION, **_shrink_fixed(pad_rank(r), K),
     )
     return z, t
 
@@ -451,7 +586,7 @@ def _core_grad(w: torch.Tensor, z: torch.Tensor, P: int, L: int, out: Optional[t
     R = pad_rank(r)
     _core_grad_kernel[(P, splits)](
         w, z, out, L, r, chunk, w.stride(0), z.stride(0), out.stride(0), out.stride(1),
-        BLOCK_L=16 if _INTERPRET else 32, BLOCK_R=R, num_warps=8 if R >= 64 else 4,
+        BLOCK_R=R, **core_grad_launch(R),
     )
     return out.sum(1)
 

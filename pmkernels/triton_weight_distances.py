@@ -10,6 +10,10 @@ chunks; every element of D_k is loaded once and feeds
 
 A list of deltas is handled with one launch per delta (no stacking copy, and
 no pointer-of-pointer loads, which the Triton interpreter cannot do).
+Tiles (BLOCK_M, BLOCK_N) depend on the rank (``wd_configs``): the IEEE-fp32
+dots run on CUDA cores and hold their contraction extent per thread in
+registers, so 64×64 tiles spill at r >= 64; the tiles chosen compile
+spill-free on sm_80/sm_90 (bench/scripts/aot_sweep.py, bench/RESULTS.md).
 Accumulation is fp32; deltas fp32, bf16 or fp16 (each loaded tile is
 converted to fp32 at once, so bf16 works under the interpreter too); fp64
 deltas are converted to fp32 first, and fp64 factors U, V are used in fp32
@@ -25,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pad_rank
+from ._dispatch import cuda_capability, interpreting, pad_rank
 
 
 @triton.jit
@@ -58,6 +62,25 @@ def _wd_pass_kernel(
     tl.store(SQ + pid, tl.sum(acc_sq, axis=0))
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_R. The pass's IEEE-fp32 dots run on CUDA cores,
+# and an FMA dot keeps its whole contraction extent per thread in registers: the AOT sweep
+# (bench/scripts/aot_sweep.py) found 64×64 tiles spilling 8-204 B at r = 16 (bf16/fp16, sm_90), 1-13 KB at r = 64 and 12-33 KB at r = 128 on
+# sm_80/sm_90 (tf32x3 dots spill too), while these tiles compile spill-free. Smaller row blocks mean
+# more Z atomics ((out / BLOCK_M) · in · r adds), the price of no spills at large r.
+_WD_TILES = {16: (32, 32, 4, 3), 32: (32, 32, 4, 3), 64: (16, 32, 4, 3), 128: (32, 32, 4, 3)}
+
+
+def wd_configs(dtype, block_r: int, capability: int) -> list:
+    """The pass's launch config for deltas of ``dtype`` at BLOCK_R ``block_r`` (one, no autotuning: the
+    pass accumulates Z with atomics, so a tuning rerun would compound it). Pure, like the pareto_linear
+    pruners; the shared memory it needs (at most ~60 KB) fits every GPU from sm_75 on, so ``capability``
+    does not change it today."""
+    bm, bn, warps, stages = _WD_TILES[min(max(block_r, 16), 128)]
+    if block_r <= 16 and str(dtype) in ("fp32", "torch.float32"):
+        bm, bn = 64, 64  # fp32 at r = 16: 64×64 compiles spill-free, 32×32 spilled 4 B on sm_90
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)]
+
+
 def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
     """(‖D_k‖² (K,), Y (out, K, r), Z (in, K, r)), Y[:, k] = D_k V, Z[:, k] = D_kᵀ U; float32.
 
@@ -71,8 +94,12 @@ def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
     Uf = U.detach().to(torch.float32).contiguous()
     Vf = V.detach().to(torch.float32).contiguous()
     BLOCK_R = pad_rank(r)
-    BLOCK_M = 32 if interpreting() else 64
-    BLOCK_N = 32 if interpreting() else 64
+    if interpreting():
+        launch = {"BLOCK_M": 32, "BLOCK_N": 32}
+    else:
+        cfg = wd_configs(deltas[0].dtype if deltas else torch.float32, BLOCK_R, cuda_capability(dev))[0]
+        launch = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    BLOCK_M = launch["BLOCK_M"]
     nblocks = triton.cdiv(out, BLOCK_M)
     Y = torch.empty(K, out, r, device=dev, dtype=torch.float32)
     Z = torch.zeros(K, in_, r, device=dev, dtype=torch.float32)
@@ -85,7 +112,7 @@ def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):
             d, d.stride(0), d.stride(1),
             Uf, Vf, Y[k], Z[k], sq_part[k],
             out, in_, r,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, PRECISION=prec,
+            BLOCK_R=BLOCK_R, PRECISION=prec, **launch,
         )
     # the pass contract: Y (out, K, r), Z (in, K, r)
     return sq_part.sum(1), Y.permute(1, 0, 2).contiguous(), Z.permute(1, 0, 2).contiguous()

@@ -1,0 +1,397 @@
+"""Ahead-of-time compile sweep of every pmkernels Triton kernel for sm_90 and sm_80, no GPU needed.
+
+For every kernel × launch variant (the specialisations a real launch produces) × dtype × arch, it asks
+the kernel module's pruner (the same pure function the runtime autotuner's ``early_config_prune``
+calls) which autotune configs it keeps, compiles each with Triton's bundled ptxas, and reads
+registers, spill bytes and stack from ptxas's ``-v`` log and shared memory from the kernel metadata.
+
+    python bench/scripts/aot_sweep.py                 # full sweep, prints the table
+    python bench/scripts/aot_sweep.py --write-results # ... and replaces its section in bench/RESULTS.md
+    python bench/scripts/aot_sweep.py --subset        # the representative subset the test suite runs
+
+Exit status 1 (after printing everything) when any compile fails, when a (kernel, variant, dtype,
+arch) has no config that fits shared memory, or when a kept config spills at r <= 64; 77 when this
+Triton has no CUDA compiler. Each worker process compiles into a fresh TRITON_CACHE_DIR, so every
+kernel really goes through ptxas (nothing is read from a cache).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import multiprocessing as mp
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of dynamic shared memory one block may opt into (H100, A100)
+DTYPES = ("bf16", "fp16", "fp32")
+ARCHS = (90, 80)
+TOKENS, IN, OUT = 8192, 4096, 4096  # aligned contiguous example shapes (DESIGN.md §5 LLM attention)
+DECODE = 16
+
+
+@dataclass
+class Spec:
+    """One launch variant: a kernel, its runtime arguments (pointer dtypes and int values) and fixed constexprs."""
+    kernel: str          # "gemm" | "shrink" | "core_grad" | "wd_pass"
+    variant: str         # e.g. "fwd+bias r=16"
+    dtype: str
+    arch: int
+    r: int
+    args: dict           # arg name -> "*fp16"-style pointer type, or an int value (specialised like a launch)
+    consts: dict         # launch-fixed constexprs (BLOCK_R, PRECISION, flags)
+    configs: list = field(default_factory=list)  # [(kwargs, num_warps, num_stages)] kept by the pruner
+
+
+def _gemm_args(dt, M, N, K, R, a_strides, b_strides, c_dt, t_dt, u_dt, lora, split=1, tr=True):
+    """Pointer types and int values of one _gemm_kernel launch (as pmkernels' _gemm passes them)."""
+    k_per_split = -(-max(K, 1) // (256 * split)) * 256
+    return dict(a_ptr="*" + dt, b_ptr="*" + b_strides[2], c_ptr="*" + c_dt, t_ptr="*" + t_dt,
+                u_ptr="*" + u_dt, bias_ptr="*" + dt,
+                M=M, N=N, K=K, R=R if lora else 1, K_PER_SPLIT=k_per_split,
+                stride_am=a_strides[0], stride_ak=a_strides[1], stride_bn=b_strides[0], stride_bk=b_strides[1],
+                stride_cm=N, stride_cn=1, stride_cs=M * N if split > 1 else 0,
+                stride_tm=R if lora else 0, stride_tr=1 if lora else 0,
+                stride_un=R if lora else 0, stride_ur=1 if lora else 0,
+                M_BUCKET=0 if M <= 64 else 1)
+
+
+# The test suite's slice: per arch, the big forward GEMM in bf16 and fp32 at r = 64, the hybrid pass, the
+# per-sample shrink at r = 64 and at r = 128, K = 64 in fp32 (the case that had no fitting config on sm_80),
+# and the weight-distances pass at r = 128 in fp32.
+SUBSET = {("gemm", "fwd+bias r=64", "bf16"), ("gemm", "fwd+bias r=64", "fp32"), ("gemm", "hybrid ADD_C r=16", "bf16"),
+          ("shrink", "prefill per-sample r=64 K=8", "fp16"), ("shrink", "prefill per-sample r=128 K=64", "fp32"),
+          ("wd_pass", "r=128", "fp32")}
+
+
+def specs(subset: bool = False, aligned: bool = True) -> list[Spec]:
+    """Every launch variant to compile (``subset``: only those named in SUBSET)."""
+    import pmkernels.triton_pareto_linear as tpl
+    import pmkernels.triton_weight_distances as twd
+    from pmkernels._dispatch import pad_rank
+
+    out: list[Spec] = []
+    n_tok, n_in, n_out = (TOKENS, IN, OUT) if aligned else (TOKENS - 7, IN - 3, OUT - 5)
+    for arch in ARCHS:
+        for dt in DTYPES:
+            prec = "tf32" if dt == "fp32" else "ieee"
+            fwd = dict(HAS_LORA=True, HAS_BIAS=True, ADD_C=False)
+            gemm = [  # (variant, bucket, r, flags, args)
+                # forward GEMM with the expand t Uᵀ (+ bias) in its epilogue, prefill and decode
+                ("fwd+bias r=16", "large_m", 16, fwd, _gemm_args(dt, n_tok, n_out, n_in, 16, (n_in, 1), (n_in, 1, dt),
+                                                                 dt, "fp32", dt, True)),
+                ("fwd r=16", "large_m", 16, dict(fwd, HAS_BIAS=False),
+                 _gemm_args(dt, n_tok, n_out, n_in, 16, (n_in, 1), (n_in, 1, dt), dt, "fp32", dt, True)),
+                ("fwd+bias r=64", "large_m", 64, fwd, _gemm_args(dt, n_tok, n_out, n_in, 64, (n_in, 1), (n_in, 1, dt),
+                                                                 dt, "fp32", dt, True)),
+                ("fwd+bias r=128", "large_m", 128, fwd, _gemm_args(dt, n_tok, n_out, n_in, 128, (n_in, 1),
+                                                                   (n_in, 1, dt), dt, "fp32", dt, True)),
+                ("decode+bias r=16", "small_m", 16, fwd, _gemm_args(dt, DECODE, n_out, n_in, 16, (n_in, 1),
+                                                                    (n_in, 1, dt), dt, "fp32", dt, True)),
+                ("decode+bias r=128", "small_m", 128, fwd, _gemm_args(dt, DECODE, n_out, n_in, 128, (n_in, 1),
+                                                                      (n_in, 1, dt), dt, "fp32", dt, True)),
+                # cuBLAS hybrid: empty reduction, accumulator seeded with C (ADD_C), expand + bias
+                ("hybrid ADD_C r=16", "large_m", 16, dict(fwd, ADD_C=True),
+                 _gemm_args(dt, n_tok, n_out, 0, 16, (n_in, 1), (n_in, 1, dt), dt, "fp32", dt, True)),
+                # backward: dx = dy W + s Vᵀ (B = Wᵀ: unit stride along N), dW = dyᵀ x, dU = dyᵀ t (split-K)
+                ("dx r=16", "large_m", 16, dict(fwd, HAS_BIAS=False),
+                 _gemm_args(dt, n_tok, n_in, n_out, 16, (n_out, 1), (1, n_in, dt), dt, "fp32", dt, True)),
+                ("dW", "large_m", 16, dict(HAS_LORA=False, HAS_BIAS=False, ADD_C=False),
+                 _gemm_args(dt, n_out, n_in, n_tok, 16, (1, n_out), (1, n_in, dt), dt, "fp32", dt, False)),
+                ("dU split-K r=16", "thin_n", 16, dict(HAS_LORA=False, HAS_BIAS=False, ADD_C=False),
+                 _gemm_args(dt, n_out, 16, n_tok, 16, (1, n_out), (1, 16, "fp32"), "fp32", "fp32", dt, False, split=3)),
+            ]
+            for variant, bucket, r, flags, args in gemm:
+                R = pad_rank(r)
+                kept = tpl.gemm_configs(dt, bucket, has_lora=flags["HAS_LORA"], add_c=flags["ADD_C"], block_r=R,
+                                        capability=arch, b_dtype="fp32" if bucket == "thin_n" else None)
+                out.append(Spec("gemm", variant, dt, arch, r, args, dict(flags, BLOCK_R=R, PRECISION=prec),
+                                [_cfg(c) for c in kept]))
+            # shrink: z = x V, t = z M_bᵀ; shared γ (K = 1 after the host fold, fp32 core) and per-sample γ
+            cases = [(n_tok, 16, 1, False), (n_tok, 128, 1, False)]
+            cases += [(n_tok, r, 8, True) for r in (16, 32, 64, 128)] + [(n_tok, 64, 64, True), (n_tok, 128, 64, True)]
+            cases += [(DECODE, 16, 1, False), (DECODE, 16, 8, True), (DECODE, 128, 64, True)]
+            for n, r, K, per_sample in cases:
+                R = pad_rank(r)
+                B = 64 if n > DECODE else DECODE
+                args = dict(a_ptr="*" + dt, p_ptr="*" + dt, h_ptr="*" + (dt if per_sample else "fp32"),
+                            g_ptr="*fp32", z_ptr="*fp32", t_ptr="*fp32",
+                            N=n, D=n_in, R=r, K=K, L=(n // B) if per_sample else n,
+                            stride_an=n_in, stride_ad=1, stride_pd=r, stride_pr=1,
+                            stride_ha=K if per_sample else 1, stride_hc=r * K if per_sample else r, stride_hk=1,
+                            stride_gb=K, stride_gk=1, stride_zn=r, stride_tn=r, N_BUCKET=0 if n <= 64 else 1)
+                kept = tpl.shrink_configs(dt, R, K, per_sample, arch, small_n=n <= 64)
+                name = f"{'decode' if n <= 64 else 'prefill'} {'per-sample' if per_sample else 'shared'} r={r} K={K}"
+                out.append(Spec("shrink", name, dt, arch, r, args, dict(BLOCK_R=R, PRECISION=prec),
+                                [_cfg(c) for c in kept]))
+            # weight_distances pass over one delta D_k (out, in) in the deltas' dtype; U, V fp32
+            for r in (16, 32, 64, 128):
+                R = pad_rank(r)
+                args = dict(D="*" + dt, stride_dm=n_in, stride_dn=1, U="*fp32", V="*fp32", Y="*fp32", Z="*fp32",
+                            SQ="*fp32", OUT=n_out, IN=n_in, R=r)
+                out.append(Spec("wd_pass", f"r={r}", dt, arch, r, args, dict(BLOCK_R=R, PRECISION="ieee"),
+                                [_cfg(c) for c in twd.wd_configs(dt, R, arch)]))
+        # core gradient dM_b = w_bᵀ z_b (fp32 only)
+        for r in (16, 64, 128):
+            R = pad_rank(r)
+            lc = tpl.core_grad_launch(R)
+            args = dict(w_ptr="*fp32", z_ptr="*fp32", out_ptr="*fp32", L=128, R=r, CHUNK=128,
+                        stride_wn=r, stride_zn=r, stride_ob=r * r, stride_os=r * r)
+            out.append(Spec("core_grad", f"r={r}", "fp32", arch, r, args,
+                            dict(BLOCK_R=R), [({"BLOCK_L": lc["BLOCK_L"]}, lc["num_warps"], 1)]))
+    if subset:
+        out = [s for s in out if (s.kernel, s.variant, s.dtype) in SUBSET]
+    return out
+
+
+def _cfg(c):
+    return (dict(c.kwargs), c.num_warps, c.num_stages)
+
+
+# ------------------------------------------------------------------------------------------------
+# compiling one (spec, config)
+# ------------------------------------------------------------------------------------------------
+
+_PTXAS_RE = {
+    "regs": re.compile(r"Used (\d+) registers"),
+    "spill": re.compile(r"(\d+) bytes spill stores"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def _worker_init():
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pmk-aot-")  # fresh: every compile runs ptxas
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    sys.path.insert(0, ROOT)
+
+
+def _kernel_fn(name):
+    import pmkernels.triton_pareto_linear as tpl
+    import pmkernels.triton_weight_distances as twd
+    return {"gemm": tpl._gemm_kernel, "shrink": tpl._shrink_kernel, "core_grad": tpl._core_grad_kernel,
+            "wd_pass": twd._wd_pass_kernel}[name]
+
+
+def _ptxas_log_of(kernel, arch):
+    """Fallback when this Triton does not print ptxas's log: run the bundled ptxas -v on the PTX."""
+    import subprocess
+
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas().path if hasattr(get_ptxas(), "path") else get_ptxas()
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(kernel.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        res = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+        return res.stderr
+
+
+def compile_one(job):
+    """(spec fields, config) -> result dict with regs, spill, stack, smem, pipelined, seconds, error."""
+    kernel, args, consts, arch, (kwargs, warps, stages) = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _kernel_fn(kernel)
+    allc = dict(consts, **kwargs)
+    sig, attrs, cexpr = {}, {}, dict(allc)
+    for i, name in enumerate(fn.arg_names):
+        if name in allc:
+            sig[name] = "constexpr"
+            continue
+        v = args[name]
+        if isinstance(v, str):  # pointer: torch allocations are 16-byte aligned
+            sig[name] = v
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif v == 1:  # Triton specialises ints equal to 1 to constants
+            sig[name] = "constexpr"
+            cexpr[name] = 1
+        else:
+            sig[name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    t0 = time.time()
+    res = dict(regs=None, spill=None, stack=None, smem=None, pipelined=None, error=None)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cexpr, attrs=attrs),
+                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+        log = buf.getvalue()
+        if "Used" not in log:
+            log = _ptxas_log_of(k, arch)
+        for key, rx in _PTXAS_RE.items():
+            m = rx.search(log)
+            res[key] = int(m.group(1)) if m else None
+        res["smem"] = int(k.metadata.shared)
+        ttgir = k.asm.get("ttgir", "")
+        res["pipelined"] = ("async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir)
+    except Exception as e:  # a compile error is a finding, not a crash of the sweep
+        res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    res["seconds"] = time.time() - t0
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# the sweep and its table
+# ------------------------------------------------------------------------------------------------
+
+
+def run(all_specs: list[Spec], procs: int) -> list[tuple[Spec, tuple, dict]]:
+    jobs = [(s.kernel, s.args, s.consts, s.arch, c) for s in all_specs for c in s.configs]
+    owners = [(s, c) for s in all_specs for c in s.configs]
+    ctx = mp.get_context("spawn")
+    results = [None] * len(jobs)
+    t0 = time.time()
+    with ctx.Pool(procs, initializer=_worker_init) as pool:
+        for done, (i, res) in enumerate(pool.imap_unordered(_indexed_compile, enumerate(jobs)), 1):
+            results[i] = res
+            if done % 50 == 0 or done == len(jobs):
+                print(f"  {done}/{len(jobs)} compiled, {time.time() - t0:.0f} s", flush=True)
+    return [(s, c, r) for (s, c), r in zip(owners, results)]
+
+
+def _indexed_compile(item):
+    i, job = item
+    return i, compile_one(job)
+
+
+def check(all_specs, rows, require_pipelined: bool = True) -> list[str]:
+    """Failures: compile errors, variants with no config that fits, spills in kept configs at r <= 64, and
+    (``require_pipelined``: aligned shapes) a GEMM main loop without async copies (not software-pipelined)."""
+    fails = []
+    by_spec = {}
+    for s, c, r in rows:
+        by_spec.setdefault(id(s), []).append((c, r))
+        tag = f"{s.kernel} [{s.variant}] {s.dtype} sm_{s.arch} {c}"
+        if r["error"]:
+            fails.append(f"compile error: {tag}: {r['error']}")
+        elif r["smem"] > SMEM_LIMIT[s.arch]:
+            fails.append(f"over shared memory ({r['smem']} > {SMEM_LIMIT[s.arch]}): {tag}")
+        elif r["spill"] and s.r <= 64:
+            fails.append(f"spills {r['spill']} B at r = {s.r}: {tag}")
+        elif require_pipelined and s.kernel == "gemm" and s.args["K"] != 0 and not r["pipelined"]:
+            fails.append(f"GEMM main loop not pipelined: {tag}")
+    for s in all_specs:
+        ok = [r for c, r in by_spec.get(id(s), []) if not r["error"] and r["smem"] <= SMEM_LIMIT[s.arch]]
+        if not ok:
+            fails.append(f"no fitting config: {s.kernel} [{s.variant}] {s.dtype} sm_{s.arch}")
+    return fails
+
+
+def table(rows) -> str:
+    """kernel × dtype × arch: variants, kept configs, max registers, max spill, max smem, r = 128 spills."""
+    agg = {}
+    for s, c, r in rows:
+        a = agg.setdefault((s.kernel, s.dtype, s.arch), dict(variants=set(), n=0, regs=0, spill=0, smem=0,
+                                                              spill128=0, err=0, unpiped=0))
+        a["variants"].add(s.variant)
+        a["n"] += 1
+        if r["error"]:
+            a["err"] += 1
+            continue
+        a["regs"] = max(a["regs"], r["regs"] or 0)
+        a["smem"] = max(a["smem"], r["smem"])
+        if s.r <= 64:
+            a["spill"] = max(a["spill"], r["spill"] or 0)
+        else:
+            a["spill128"] = max(a["spill128"], r["spill"] or 0)
+        if s.kernel in ("gemm", "shrink") and r["pipelined"] is False and s.args.get("K", 1) != 0:
+            a["unpiped"] += 1
+    lines = ["| kernel | dtype | arch | variants | kept configs | max regs | max spill r≤64 (B) | max spill r=128 (B) "
+             "| max smem (KB) | not pipelined | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (k, dt, arch), a in sorted(agg.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
+        lines.append(f"| {k} | {dt} | sm_{arch} | {len(a['variants'])} | {a['n']} | {a['regs']} | {a['spill']} | "
+                     f"{a['spill128']} | {a['smem'] / 1024:.0f} | {a['unpiped']} | {a['err']} |")
+    return "\n".join(lines)
+
+
+def variant_table(rows) -> str:
+    """One line per (kernel, variant, dtype, arch): kept configs and the worst resources among them."""
+    agg = {}
+    for s, c, r in rows:
+        a = agg.setdefault((s.kernel, s.variant, s.dtype, s.arch), [0, 0, 0, 0])
+        a[0] += 1
+        if not r["error"]:
+            a[1], a[2], a[3] = max(a[1], r["regs"] or 0), max(a[2], r["spill"] or 0), max(a[3], r["smem"])
+    lines = ["| kernel | variant | dtype | arch | kept | max regs | max spill (B) | max smem (KB) |", "|---|---|---|---|---|---|---|---|"]
+    for (k, v, dt, arch), a in agg.items():
+        lines.append(f"| {k} | {v} | {dt} | sm_{arch} | {a[0]} | {a[1]} | {a[2]} | {a[3] / 1024:.0f} |")
+    return "\n".join(lines)
+
+
+RESULTS_BEGIN = "<!-- aot-sweep:begin -->"
+RESULTS_END = "<!-- aot-sweep:end -->"
+
+
+def write_results(text: str, path: str = os.path.join(ROOT, "bench", "RESULTS.md"),
+                  begin: str = RESULTS_BEGIN, end: str = RESULTS_END) -> None:
+    """Replace the section of bench/RESULTS.md between the markers begin/end (appended when absent)."""
+    with open(path) as f:
+        doc = f.read()
+    block = f"{begin}\n{text}\n{end}"
+    if begin in doc:
+        pre, rest = doc.split(begin, 1)
+        doc = pre + block + rest.split(end, 1)[1]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(doc)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--subset", action="store_true", help="the representative subset the test suite runs")
+    ap.add_argument("--unaligned", action="store_true", help="odd sizes (no divisibility specialisation)")
+    ap.add_argument("--procs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--write-results", action="store_true", help="write the table into bench/RESULTS.md")
+    ap.add_argument("--details", action="store_true", help="also print one line per launch variant")
+    a = ap.parse_args(argv)
+    _worker_init()
+    try:
+        import triton
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as e:  # pragma: no cover
+        print(f"no Triton CUDA compiler here: {e}")
+        return 77
+    t0 = time.time()
+    all_specs = specs(subset=a.subset, aligned=not a.unaligned)
+    n = sum(len(s.configs) for s in all_specs)
+    print(f"triton {triton.__version__}: {len(all_specs)} launch variants, {n} compiles on {a.procs} processes",
+          flush=True)
+    rows = run(all_specs, a.procs)
+    fails = check(all_specs, rows, require_pipelined=not a.unaligned)
+    wall = time.time() - t0
+    summary = table(rows)
+    print(summary)
+    if a.details:
+        print(variant_table(rows))
+    print(f"{n} compiles in {wall:.0f} s; {len(fails)} failures")
+    for f in fails:
+        print("FAIL", f)
+    if a.write_results:
+        shape = "aligned" if not a.unaligned else "unaligned (odd)"
+        text = (f"## Ahead-of-time compile sweep (Triton {triton.__version__}, {shape} shapes, "
+                f"{time.strftime('%Y-%m-%d')})\n\n"
+                f"`python bench/scripts/aot_sweep.py --write-results`: every config the pruners keep, compiled for "
+                f"sm_90 and sm_80 with the wheel's ptxas ({n} compiles, {wall:.0f} s on {a.procs} processes, "
+                f"2-core CPU VM). Limits: shared memory {SMEM_LIMIT[90] // 1024} KB (sm_90), "
+                f"{SMEM_LIMIT[80] // 1024} KB (sm_80). {len(fails)} failures.\n\n{summary}\n\n"
+                f"<details><summary>per launch variant</summary>\n\n{variant_table(rows)}\n\n</details>")
+        write_results(text)
+    if not fails:
+        print("SWEEP OK")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
