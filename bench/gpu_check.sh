@@ -6,7 +6,7 @@
 #    tests marked `cuda` (the DESIGN.md shape grid at bf16/fp16/fp32, shared and per-sample γ) run.
 # 2. autotuning at the DESIGN.md §5 shapes: which config each kernel picked on this GPU.
 # 3. pytest bench --benchmark-only at full size (the default on CUDA), every impl side by side.
-# 4. bench.report: Markdown tables (ratios to F.linear and naive in the same run) and a PNG per shape,
+# 4. bench.scripts.report: Markdown tables (ratios to F.linear and naive in the same run) and a PNG per shape,
 #    written into the "GPU run" section of bench/RESULTS.md with the device and versions.
 # Without a CUDA device it stops after step 0 with a message and exit status 2.
 set -euo pipefail
@@ -33,7 +33,7 @@ echo "device: $device"
 python -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$out/tests.log"
 python bench/scripts/autotune_report.py --md "$out/autotune.md" 2>&1 | tee "$out/autotune.log"
 python -m pytest bench --benchmark-only -q -p no:cacheprovider --benchmark-json="$out/bench.json" 2>&1 | tee "$out/bench.log"
-python -m bench.report "$out/bench.json" --md "$out/report.md" --png "$out/report.png"
+python -m bench.scripts.report "$out/bench.json" --md "$out/report.md" --png "$out/report.png"
 python - "$out" "$device" <<'PY'
 import datetime, subprocess, sys
 sys.path.insert(0, "bench/scripts")

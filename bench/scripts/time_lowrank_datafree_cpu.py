@@ -1,6 +1,6 @@
 """One data-free step (objective + STCH + backward) of one layer: dense deltas vs compressed task vectors.
 
-    PYTHONPATH=.:python_api python bench/time_lowrank_datafree_cpu.py [--repeats 5] [--threads 1]
+    PYTHONPATH=.:python_api python bench/scripts/time_lowrank_datafree_cpu.py [--repeats 5] [--threads 1]
 
 Per layer shape and rank R: the dense step (``pmkernels.weight_distances``, impls torch and cpp when it builds)
 and the low-rank step (``pmkernels.low_rank_distances`` on truncated SVDs of the same deltas at rank R).
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/, for pmbench_util
 
 import pmkernels  # noqa: E402
 from pmbench_util import peak_memory, tune_glibc_malloc  # noqa: E402

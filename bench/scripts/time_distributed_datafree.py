@@ -1,6 +1,6 @@
 """Data-free Pareto Merging step time at 1 and N processes (layers sharded, gloo on CPU, 1 torch thread each).
 
-    PYTHONPATH=.:python_api python bench/time_distributed_datafree.py [--nproc 2] [--layers 16] [--width 384]
+    PYTHONPATH=.:python_api python bench/scripts/time_distributed_datafree.py [--nproc 2] [--layers 16] [--width 384]
         [--K 8] [--rank 16] [--steps 30] [--repeats 3]
 
 The pool: a stack of ``--layers`` square Linear layers (all converted), K fine-tuned copies. Each measurement
@@ -24,7 +24,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "python_api")]
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[2] / "python_api")]
 
 from paretomerge import TrainerConfig  # noqa: E402
 from paretomerge.methods.pareto_merging import ParetoMergingTrainer  # noqa: E402

@@ -1,6 +1,6 @@
 """Digits demo, data-free Pareto Merging: dense task vectors vs compressed ones — hypervolume of the trained front.
 
-    PYTHONPATH=.:python_api python bench/lowrank_demo_hv.py [--ranks 4,8,16] [--steps 200] [--resolution 4]
+    PYTHONPATH=.:python_api python bench/scripts/lowrank_demo_hv.py [--ranks 4,8,16] [--steps 200] [--resolution 4]
 
 Builds the demo's pool (pretrain + 4 fine-tunes, as ``paretomerge demo``), the task-arithmetic base, then trains
 data-free Pareto Merging once on the dense pool and once per rank R on a copy of the pool whose converted

@@ -1,7 +1,7 @@
 """Tables and a plot from a pytest-benchmark JSON of the bench/ suites.
 
     pytest bench --benchmark-only --benchmark-json=results.json
-    python -m bench.report results.json [--png ratios.png] [--md report.md]
+    python -m bench.scripts.report results.json [--png ratios.png] [--md report.md]
 
 For every benchmark group (one shape × dtype × pass × γ mode, or one model
 scenario) it prints each case's median time as a ratio to the ``linear`` and
@@ -236,7 +236,7 @@ def plot(data: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.scripts.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("results", help="pytest-benchmark JSON (from --benchmark-json)")
     ap.add_argument("--png", help="save the ratio plot here")
     ap.add_argument("--md", help="also write the Markdown report here")
