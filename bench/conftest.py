@@ -31,7 +31,7 @@ def pytest_addoption(parser):
         choices=SIZES,
         default=None,
         help="problem sizes of the pmkernels benchmarks: 'small' (scaled down, default on CPU) or "
-        "'full' (the DESIGN.md shapes, default on CUDA)",
+        "'full' (the docs/design.md shapes, default on CUDA)",
     )
     group.addoption(
         "--pm-threads",

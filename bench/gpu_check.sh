@@ -3,8 +3,8 @@
 #   bash bench/gpu_check.sh [OUT_DIR]
 # 0. the ahead-of-time compile sweep (no GPU needed): every kept config fits and does not spill.
 # 1. tests/ with CUDA present: the Triton kernels run compiled on the GPU (not the interpreter), and the
-#    tests marked `cuda` (the DESIGN.md shape grid at bf16/fp16/fp32, shared and per-sample γ) run.
-# 2. autotuning at the DESIGN.md §5 shapes: which config each kernel picked on this GPU.
+#    tests marked `cuda` (the docs/design.md shape grid at bf16/fp16/fp32, shared and per-sample γ) run.
+# 2. autotuning at the docs/design.md §5 shapes: which config each kernel picked on this GPU.
 # 3. pytest bench --benchmark-only at full size (the default on CUDA), every impl side by side.
 # 4. bench.scripts.report: Markdown tables (ratios to F.linear and naive in the same run) and a PNG per shape,
 #    written into the "GPU run" section of bench/RESULTS.md with the device and versions.

@@ -25,7 +25,7 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 # Correctness guard: relative error ‖out − ref‖/‖ref‖ allowed against the
 # reference implementation on the same inputs. Both sides round, so these are
-# looser than tests/ (DESIGN.md §4: fp32 1e-5, tf32 1e-3, half 1e-2) but far
+# looser than tests/ (docs/design.md §4: fp32 1e-5, tf32 1e-3, half 1e-2) but far
 # below what a wrong kernel produces: the inputs are built so that the
 # low-rank term is as large as x Wᵀ, and the guard also checks that term alone.
 GUARD_TOL = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}

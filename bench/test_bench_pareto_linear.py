@@ -52,7 +52,7 @@ class Shape:
         return self.tokens // self.batch
 
 
-# DESIGN.md §5 shapes; per-sample γ: B = 64 for ViT/LLM (6400 = 64×100, 8192 = 64×128), B = 16 for decode.
+# docs/design.md §5 shapes; per-sample γ: B = 64 for ViT/LLM (6400 = 64×100, 8192 = 64×128), B = 16 for decode.
 FULL_SHAPES = [
     Shape("vit-attn", 6400, 768, 768, 64),
     Shape("vit-mlp", 6400, 768, 3072, 64),

@@ -5,7 +5,7 @@ One file per op, Liger-Kernel style: Triton kernels, host launchers, the
 public ``triton_pareto_linear`` entry point (inputs already validated by
 ``pmkernels.pareto_linear``).
 
-Maths (DESIGN.md §2), with x flattened to (N, in), row n belonging to sample
+Maths (docs/design.md §2), with x flattened to (N, in), row n belonging to sample
 b = n // L (L = N / B; B = 1 for a shared preference):
 
     forward   z = x V                    (N, r) fp32     } one "shrink" kernel,
@@ -31,14 +31,14 @@ Only x, the weights themselves and the (N, r) fp32 intermediates z, t are
 saved for backward; W(γ) is never built.
 
 Precision: fp32 accumulation everywhere. For fp32 inputs the big dots use
-tf32 on CUDA (``_DOT_PRECISION``; error ~1e-3 relative, DESIGN.md §4) and
+tf32 on CUDA (``_DOT_PRECISION``; error ~1e-3 relative, docs/design.md §4) and
 exact IEEE fp32 under the Triton interpreter; the small core contractions
 (z·G_k) always use IEEE fp32. bf16/fp16 use the tensor cores with fp32
 accumulators; the (N, r) fp32 intermediates are rounded to the input dtype
 just before the expand dot (as the torch implementation does).
 
 Base GEMM: the main path is an all-Triton GEMM with the expand t Uᵀ (+bias)
-fused into its epilogue. DESIGN.md §5 also measures a hybrid (cuBLAS for
+fused into its epilogue. docs/design.md §5 also measures a hybrid (cuBLAS for
 x Wᵀ, Triton for the low-rank part). ``_BASE_GEMM = "cublas"`` (or env var
 ``PMKERNELS_BASE_GEMM=cublas``) switches to it: the base product comes from
 ``torch.mm`` and the same GEMM kernel runs with an empty reduction, seeding
@@ -521,7 +521,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[
     """a (M, K) @ b (N, K)ᵀ [+ t (M, R) @ u (N, R)ᵀ] [+ bias (N,)] -> (M, N) in out_dtype.
 
     ``base="cublas"`` computes a bᵀ with torch.mm and runs the kernel with an
-    empty reduction as a fused epilogue (the hybrid of DESIGN.md §5). ``out``: an optional
+    empty reduction as a fused epilogue (the hybrid of docs/design.md §5). ``out``: an optional
     preallocated (M, N) result (any strides) for the Triton path (tests poison it). ``split_k``
     > 1 reduces K in that many fp32 slices summed on the host (Triton path only).
     """

@@ -61,7 +61,7 @@ def test_trained_update_equals_closed_form(structure):
 
 
 def test_lora_sum_at_identity_blocks_is_the_block_diagonal_form():
-    """With B_k = I, Σ_k γ_k U_k V_kᵀ = U blockdiag(γ_1 I, …, γ_K I) Vᵀ (DESIGN §9)."""
+    """With B_k = I, Σ_k γ_k U_k V_kᵀ = U blockdiag(γ_1 I, …, γ_K I) Vᵀ (docs/baselines.md)."""
     g = torch.Generator().manual_seed(0)
     r, b = 6, 2
     U, V = torch.randn(5, r, generator=g, dtype=torch.float64), torch.randn(4, r, generator=g, dtype=torch.float64)

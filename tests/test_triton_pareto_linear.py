@@ -3,7 +3,7 @@
 Without CUDA these run under the Triton interpreter on CPU tensors (conftest
 sets TRITON_INTERPRET=1 before pmkernels' Triton module is imported), at
 tiny odd shapes, fp32 and fp16 only (the interpreter does no bf16 maths).
-The CUDA section at the end runs the DESIGN.md shape grid and is skipped
+The CUDA section at the end runs the docs/design.md shape grid and is skipped
 here by conftest.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ NAMES = ("x", "weight", "bias", "U", "G", "V", "pref")
 
 
 def _tol(dtype):
-    # fp32 big dots run in tf32 on CUDA (DESIGN.md §4: < 1e-3); exact fp32 under the interpreter.
+    # fp32 big dots run in tf32 on CUDA (docs/design.md §4: < 1e-3); exact fp32 under the interpreter.
     return 1e-3 if (dtype == torch.float32 and HAS_CUDA) else TOL[dtype]
 
 
@@ -474,7 +474,7 @@ def test_aot_compile_sweep_subset():
     assert "SWEEP OK" in proc.stdout
 
 
-# ----------------------------------------------------------------------------- CUDA: the DESIGN.md shape grid
+# ----------------------------------------------------------------------------- CUDA: the docs/design.md shape grid
 
 CUDA_SHAPES = {
     "vit_768x768": (6400, 768, 768),

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of dynamic shared memory one block may opt into (H100, A100)
 DTYPES = ("bf16", "fp16", "fp32")
 ARCHS = (90, 80)
-TOKENS, IN, OUT = 8192, 4096, 4096  # aligned contiguous example shapes (DESIGN.md §5 LLM attention)
+TOKENS, IN, OUT = 8192, 4096, 4096  # aligned contiguous example shapes (docs/design.md §5 LLM attention)
 DECODE = 16
 
 

@@ -1,4 +1,4 @@
-"""Autotune the fused pareto_linear kernels at the DESIGN.md §5 shapes on this GPU and list the picks.
+"""Autotune the fused pareto_linear kernels at the docs/design.md §5 shapes on this GPU and list the picks.
 
     python bench/scripts/autotune_report.py [--md OUT.md]
 

@@ -1,4 +1,4 @@
-"""Roofline performance model of pareto_linear at the DESIGN.md §5 shapes (PREDICTIONS, not measurements).
+"""Roofline performance model of pareto_linear at the docs/design.md §5 shapes (PREDICTIONS, not measurements).
 
 For every launch each implementation makes (the fused Triton kernels, F.linear, the factored torch
 form, the naive merge) it counts FLOPs (tensor-core and CUDA-core) and compulsory HBM bytes, and
@@ -16,7 +16,7 @@ It assumes the Triton GEMM reaches cuBLAS's per-tile efficiency and that operand
     python bench/scripts/perf_model.py                 # print the tables
     python bench/scripts/perf_model.py --write-results # and replace their section in bench/RESULTS.md
 
-The check against DESIGN.md §5's measured H100 ratios is printed beside the predictions.
+The check against docs/design.md §5's measured H100 ratios is printed beside the predictions.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def naive(N, I, O, B, per_sample, fp32_merge=True):
     """pmkernels.reference.naive_pareto_linear: merged_weight (B copies per-sample), then F.linear / bmm.
 
     fp32_merge: W(γ) built in fp32 then rounded (as the code does now); False: built in bf16 (3 passes over
-    W-sized tensors instead of 4 at twice the width), which is what DESIGN.md §5's measured ratios match."""
+    W-sized tensors instead of 4 at twice the width), which is what docs/design.md §5's measured ratios match."""
     nb = B if per_sample else 1
     W = O * I
     ls = [ew("G.float()", R * R * K * 6), ew("core_matrix einsum", nb * R * R * 4), ew("U @ M", nb * O * R * 8)]
@@ -165,7 +165,7 @@ def t(launches, g):
     return sum(x.time(g) for x in launches)
 
 
-# DESIGN.md §5, measured on one H100 (bf16, forward, multiples of F.linear)
+# docs/design.md §5, measured on one H100 (bf16, forward, multiples of F.linear)
 MEASURED = {
     "ViT 768→768": dict(naive=1.8, torch=2.6, naive_ps=41, gemm16=1.09, cat=0.68, xv=0.62, expand=0.86),
     "ViT 768→3072": dict(naive=1.9, torch=2.5, naive_ps=26, gemm16=1.08, cat=0.25, xv=0.22, expand=0.88),
@@ -176,7 +176,7 @@ MEASURED = {
 
 
 def pieces(N, I, O):
-    """The hybrid-design pieces of DESIGN.md §5, each as one launch."""
+    """The hybrid-design pieces of docs/design.md §5, each as one launch."""
     return dict(gemm16=[gemm("[x|t][W|U]ᵀ", N, O, I + R, extra_bytes=O * BF16)],
                 cat=[ew("cat(x, t)", 2 * N * (I + R) * BF16)],
                 xv=[Launch("x @ V", N * I * BF16, tc_flops=2 * N * I * R)],
@@ -202,7 +202,7 @@ def tables() -> str:
             out.append(f"| {name} | {g.name} | {lin * 1e6:.0f} | " + " | ".join(f"{c:.2f}×" for c in cells)
                        + f" | {t(factored_torch(N, I, O, B, False, False), g) / lin:.2f}× | "
                        f"{t(naive(N, I, O, B, False), g) / lin:.2f}× |")
-    out.append("\n### Model vs DESIGN.md §5 measured H100 ratios (forward, multiple of F.linear)\n")
+    out.append("\n### Model vs docs/design.md §5 measured H100 ratios (forward, multiple of F.linear)\n")
     out.append("| shape | naive (fp32 merge, as coded) | naive (bf16 merge) | factored torch | naive per-sample (bf16 merge) "
                "| GEMM inner +16 | cat(x,t) | x@V | y += tUᵀ |")
     out.append("|---|---|---|---|---|---|---|---|---|")

@@ -4,7 +4,7 @@
 #   bash bench/scripts/triton_matrix.sh [VERSION ...]        # default: 3.6 3.8 3.9
 # Env: PMK_VENV_DIR (default ~/.cache/pmkernels-triton-matrix): venvs live in $PMK_VENV_DIR/triton-X.Y.
 #      PMK_TORCH_X_Y (e.g. PMK_TORCH_3_9): the torch requirement paired with Triton X.Y. Defaults: torch 2.11
-#      for 3.6 (the DESIGN.md §5 H100 image), torch 2.14.1 for 3.8 (CI); for 3.9 a torch that does not pin
+#      for 3.6 (the docs/design.md §5 H100 image), torch 2.14.1 for 3.8 (CI); for 3.9 a torch that does not pin
 #      another triton (a CPU build: torch==2.13.0+cpu from a local wheel directory or PyTorch's CPU index).
 # A venv is reused when its triton already matches; the active python is used when it has that triton. Prints one line per version; exit 1 if any failed.
 set -uo pipefail
