@@ -170,27 +170,39 @@ def check_same_dtype(named: list[tuple[str, torch.Tensor]]) -> None:
             )
 
 
+def _per_objective(t: object, name: str, K: int, dims: tuple[Optional[int], ...], dims_text: str
+                   ) -> list[torch.Tensor]:
+    """K floating tensors of shape ``dims`` (None: any size) from a (K, *dims) tensor or a sequence of K tensors.
+
+    Every tensor is checked (type, floating dtype, shape) before any compute; errors name ``name`` or
+    ``name[k]`` and the expected shape ``dims_text``.
+    """
+    def fits(shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(dims) and all(e is None or e == s for e, s in zip(dims, shape))
+
+    sizes = ", ".join("R" if e is None else str(e) for e in dims)
+    each = dims_text.replace(", R", ", R_k")  # one tensor of a sequence: its own rank R_k
+    if isinstance(t, torch.Tensor):
+        _check_tensor(name, t)
+        if t.dim() != len(dims) + 1 or t.shape[0] != K or not fits(tuple(t.shape[1:])):
+            raise ValueError(f"{name} must have shape (K, {dims_text}) = ({K}, {sizes}), got {tuple(t.shape)}")
+        return list(t.unbind(0))
+    if not isinstance(t, (list, tuple)):
+        raise TypeError(f"{name} must be a (K, {dims_text}) tensor or a sequence of K ({each}) tensors, "
+                        f"got {type(t).__name__}")
+    if len(t) != K:
+        raise ValueError(f"{name} must hold K = {K} tensors (one per objective), got {len(t)}")
+    for k, d in enumerate(t):
+        _check_tensor(f"{name}[{k}]", d)
+        if not fits(tuple(d.shape)):
+            raise ValueError(f"{name}[{k}] must have shape ({each}) = ({sizes.replace('R', 'R_k')}), "
+                             f"got {tuple(d.shape)}")
+    return list(t)
+
+
 def _delta_list(deltas: Deltas, K: int, out_features: int, in_features: int) -> list[torch.Tensor]:
     """The deltas as a list of K (out, in) floating tensors, from a (K, out, in) tensor or a sequence."""
-    if isinstance(deltas, torch.Tensor):
-        _check_tensor("deltas", deltas)
-        if deltas.dim() != 3 or deltas.shape != (K, out_features, in_features):
-            raise ValueError(
-                f"deltas must have shape (K, out, in) = ({K}, {out_features}, {in_features}), "
-                f"got {tuple(deltas.shape)}"
-            )
-        return list(deltas.unbind(0))
-    if not isinstance(deltas, (list, tuple)):
-        raise TypeError(f"deltas must be a (K, out, in) tensor or a sequence of K (out, in) tensors, "
-                        f"got {type(deltas).__name__}")
-    if len(deltas) != K:
-        raise ValueError(f"deltas must hold K = {K} tensors (one per objective), got {len(deltas)}")
-    for k, d in enumerate(deltas):
-        _check_tensor(f"deltas[{k}]", d)
-        if d.shape != (out_features, in_features):
-            raise ValueError(f"deltas[{k}] must have shape (out, in) = ({out_features}, {in_features}), "
-                             f"got {tuple(d.shape)}")
-    return list(deltas)
+    return _per_objective(deltas, "deltas", K, (out_features, in_features), "out, in")
 
 
 def check_weight_distances(
@@ -212,21 +224,7 @@ def check_weight_distances(
 
 def _factor_list(factors: Deltas, name: str, K: int, rows: int, rows_name: str) -> list[torch.Tensor]:
     """K 2-D factors (rows, R_k) from a (K, rows, R) tensor or a sequence of K tensors."""
-    if isinstance(factors, torch.Tensor):
-        if factors.dim() != 3 or factors.shape[0] != K or factors.shape[1] != rows:
-            raise ValueError(f"{name} must have shape (K, {rows_name}, R) = ({K}, {rows}, R), "
-                             f"got {tuple(factors.shape)}")
-        return list(factors.unbind(0))
-    if not isinstance(factors, (list, tuple)):
-        raise TypeError(f"{name} must be a (K, {rows_name}, R) tensor or a sequence of K ({rows_name}, R_k) "
-                        f"tensors, got {type(factors).__name__}")
-    if len(factors) != K:
-        raise ValueError(f"{name} must hold K = {K} tensors (one per objective), got {len(factors)}")
-    for k, f in enumerate(factors):
-        _check_tensor(f"{name}[{k}]", f)
-        if f.dim() != 2 or f.shape[0] != rows:
-            raise ValueError(f"{name}[{k}] must have shape ({rows_name}, R_k) = ({rows}, R_k), got {tuple(f.shape)}")
-    return list(factors)
+    return _per_objective(factors, name, K, (rows, None), f"{rows_name}, R")
 
 
 def check_low_rank_distances(

@@ -126,3 +126,9 @@ def test_bad_input(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         low_rank_distances(U, G, V, args["pref"], args["A"], args["B"], delta_sq=args["delta_sq"],
                            impl=args["impl"])
+
+
+def test_stacked_integer_factors_are_rejected_before_compute():
+    U, G, V, pref, A, B = make_lr(23, 19, 3, (2, 2, 2))
+    with pytest.raises(TypeError, match="A must be a floating tensor"):
+        low_rank_distances(U, G, V, pref, torch.ones(3, 23, 2, dtype=torch.int64), torch.stack(B))
