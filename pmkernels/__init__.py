@@ -11,10 +11,12 @@ from ._validation import check_pref_values
 from .low_rank_distances import low_rank_delta_sq, low_rank_distances
 from .reference import (core_matrix, reference_low_rank_distances, reference_pareto_linear,
                         reference_weight_distances)
+from .weight_distances import IMPLS as WEIGHT_DISTANCES_IMPLS
 from .weight_distances import cpp_available, weight_distances
 
 __all__ = [
     "IMPLS",
+    "WEIGHT_DISTANCES_IMPLS",
     "check_pref_values",
     "cpp_available",
     "core_matrix",

@@ -1,7 +1,7 @@
 """Configuration: pydantic models for the trainer and for ``paretomerge merge`` / ``eval`` files.
 
 This module sits below the code it configures: it imports nothing else of
-``paretomerge`` (the trainer, the program and the CLI import it).
+``paretomerge`` (only ``pmkernels``' impl names) (the trainer, the program and the CLI import it).
 
 A YAML file (see ``examples/merge_demo.yaml``)::
 
@@ -32,6 +32,7 @@ import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
 
+import pmkernels
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
@@ -187,8 +188,8 @@ class TrainerConfig(_Strict):
     checkpoint_every: Annotated[int, Field(ge=0)] = 0
     checkpoint_dir: Optional[str] = None
     progress: bool = True
-    impl: Literal["auto", "triton", "torch", "naive"] = "auto"
-    objective_impl: Literal["auto", "triton", "cpp", "torch", "naive"] = "auto"
+    impl: Literal[pmkernels.IMPLS] = "auto"  # pmkernels.pareto_linear's impls
+    objective_impl: Literal[pmkernels.WEIGHT_DISTANCES_IMPLS] = "auto"  # pmkernels.weight_distances' impls
 
     @field_validator("ideal", mode="before")
     @classmethod
