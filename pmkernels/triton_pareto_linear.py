@@ -353,6 +353,10 @@ def _gemm_smem(c: triton.Config, a_bytes: int, b_bytes: int, lora: bool, block_r
     return smem
 
 
+# Register rules that only older Triton codegen needs (the pruners are exact per installed version).
+_TRITON_BEFORE_3_8 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8)
+
+
 def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: int, capability: int,
                  b_dtype=None) -> list:
     """The _gemm_kernel configs the autotuner may try for this launch, in order; never empty.
@@ -375,6 +379,13 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
             continue
         if a_bytes == 4 and capability < 90 and acc_per_thread > 64:  # fp32 on sm_80: 128×128/4 warps spilled
             continue
+        if a_bytes == 2 and capability < 90 and c.num_stages >= 5:  # Triton 3.9, sm_80: 64×64×64 at 5 stages spilled 4 B
+            continue
+        if _TRITON_BEFORE_3_8 and capability < 90 and a_bytes == 2:
+            # Triton 3.6's sm_80 codegen (not 3.8/3.9's) spilled 8-72 B in the 128-accumulator half-precision
+            # tiles and 4 B in the 128×128 A tile of dU/dV (fp32 B cast in the loop): found by the AOT sweep.
+            if acc_per_thread > 64 or (b_bytes == 4 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] >= 128 * 128):
+                continue
         keep.append(c)
     return keep or [min(_GEMM_BUCKET_CONFIGS[bucket], key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora,
                                                                                    block_r))]
