@@ -205,16 +205,22 @@ def _delta_list(deltas: Deltas, K: int, out_features: int, in_features: int) -> 
     return _per_objective(deltas, "deltas", K, (out_features, in_features), "out, in")
 
 
-def check_weight_distances(
-    U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor, deltas: Deltas
-) -> list[torch.Tensor]:
-    """Validate the arguments of ``weight_distances``; return the deltas as a list of (out, in) tensors."""
+def _check_objective_factors(U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor) -> int:
+    """The factors and γ of a data-free objective op: U (out, r), G (r, r, K), V (in, r), pref (K,); return K."""
     _check_tensor("U", U)
     _check_tensor("V", V)
     if U.dim() != 2 or V.dim() != 2:
         raise ValueError(f"U must be (out, r) and V (in, r), got {tuple(U.shape)} and {tuple(V.shape)}")
     _, K = check_low_rank(U, G, V, U.shape[0], V.shape[0])
     check_pref_shape(pref, K)
+    return K
+
+
+def check_weight_distances(
+    U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor, deltas: Deltas
+) -> list[torch.Tensor]:
+    """Validate the arguments of ``weight_distances``; return the deltas as a list of (out, in) tensors."""
+    K = _check_objective_factors(U, G, V, pref)
     ds = _delta_list(deltas, K, U.shape[0], V.shape[0])
     check_same_device([("U", U), ("G", G), ("V", V), ("pref", pref)] + [(f"deltas[{k}]", d) for k, d in enumerate(ds)])
     check_same_dtype([("U", U), ("G", G), ("V", V)])
@@ -232,12 +238,7 @@ def check_low_rank_distances(
     delta_sq: Optional[torch.Tensor] = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Validate the arguments of ``low_rank_distances``; return A and B as lists of 2-D factors."""
-    _check_tensor("U", U)
-    _check_tensor("V", V)
-    if U.dim() != 2 or V.dim() != 2:
-        raise ValueError(f"U must be (out, r) and V (in, r), got {tuple(U.shape)} and {tuple(V.shape)}")
-    _, K = check_low_rank(U, G, V, U.shape[0], V.shape[0])
-    check_pref_shape(pref, K)
+    K = _check_objective_factors(U, G, V, pref)
     As = _factor_list(A, "A", K, U.shape[0], "out")
     Bs = _factor_list(B, "B", K, V.shape[0], "in")
     for k, (a, b) in enumerate(zip(As, Bs)):

@@ -87,6 +87,33 @@ def mutate(path: str, value):
     return d
 
 
+def assert_pool_objective_matches_dense(base: nn.Module, convert_kwargs: dict, noise: float, pref) -> None:
+    """DataFreeObjective.from_pool (what the trainer uses) equals the objective built from whole state dicts,
+    on a pool of two noisy copies of ``base`` converted with ``pm.convert(model, 2, **convert_kwargs)``."""
+    import paretomerge as pm
+    from paretomerge.methods.pareto_merging import DataFreeObjective
+    from paretomerge.pools import ModelPool
+
+    fts = {}
+    for k in range(2):
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(noise * torch.randn_like(p))
+        fts[f"t{k}"] = m
+    pool = ModelPool.from_modules(base, fts)
+    model = copy.deepcopy(base)
+    pm.convert(model, 2, **convert_kwargs)
+    with torch.no_grad():  # U = 0 at init: make the low-rank term count
+        for _, U, *_ in pm.layers.factored_weights(model):
+            U.normal_()
+    keys = [k for k, *_ in pm.layers.factored_weights(model)]
+    dense = DataFreeObjective(model, [pool.finetuned_state(k, keys) for k in range(2)], impl="torch")
+    lazy = DataFreeObjective.from_pool(model, pool, impl="torch")
+    p = torch.as_tensor(pref, dtype=torch.float32)
+    assert torch.allclose(lazy(p), dense(p), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- offline subprocesses
 @functools.lru_cache(maxsize=None)
 def unshare_works() -> bool:

@@ -11,7 +11,7 @@ import paretomerge as pm
 from paretomerge.layers import ParetoConv1x1, factored_weights, is_pointwise_conv
 from paretomerge.methods.pareto_merging import DataFreeObjective
 
-from helpers import rel_err
+from helpers import assert_pool_objective_matches_dense, rel_err
 
 
 def _layer(cin=7, cout=5, r=3, K=4, bias=True) -> ParetoConv1x1:
@@ -118,24 +118,5 @@ def test_bad_input():
 
 def test_data_free_objective_from_a_pool_reads_pointwise_conv_weights():
     """The trainer builds its objective with DataFreeObjective.from_pool: (out, in, 1, 1) weights read as (out, in)."""
-    import copy
-
-    from paretomerge.methods.pareto_merging import DataFreeObjective
-    from paretomerge.pools import ModelPool
-
     base = nn.Sequential(nn.Conv2d(5, 7, 1), nn.ReLU(), nn.Conv2d(7, 3, 1))
-    fts = {}
-    for k in range(2):
-        m = copy.deepcopy(base)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        fts[f"t{k}"] = m
-    pool = ModelPool.from_modules(base, fts)
-    model = copy.deepcopy(base)
-    pm.convert(model, 2, 2, include=["0", "2"])
-    keys = [k for k, *_ in pm.layers.factored_weights(model)]
-    dense = DataFreeObjective(model, [pool.finetuned_state(k, keys) for k in range(2)], impl="torch")
-    lazy = DataFreeObjective.from_pool(model, pool, impl="torch")
-    p = torch.tensor([0.5, 0.5])
-    assert torch.allclose(lazy(p), dense(p), rtol=1e-6)
+    assert_pool_objective_matches_dense(base, {"rank": 2, "include": ["0", "2"]}, 0.1, [0.5, 0.5])

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import copy
 
 import torch
 import torch.nn as nn
@@ -18,6 +17,8 @@ from paretomerge import llm  # noqa: E402
 from paretomerge.layers import ParetoConv1D, ParetoLinear, transposed_keys  # noqa: E402
 import pmkernels  # noqa: E402
 from pmkernels import reference_pareto_linear  # noqa: E402
+
+from helpers import assert_pool_objective_matches_dense  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 K, RANK, VOCAB = 3, 4, 96
@@ -447,25 +448,4 @@ def test_generate_per_row_through_triton_kernels_under_interpreter():
 
 def test_gpt2_data_free_objective_from_a_pool_matches_the_dense_one():
     """DataFreeObjective.from_pool (what the trainer uses) reads Conv1D's (in, out) tensors and transposes them."""
-    from paretomerge.methods.pareto_merging import DataFreeObjective
-    from paretomerge.pools import ModelPool
-
-    base = tiny_lm("gpt2")
-    fts = {}
-    for k in range(2):
-        m = copy.deepcopy(base)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        fts[f"t{k}"] = m
-    pool = ModelPool.from_modules(base, fts)
-    model = copy.deepcopy(base)
-    pm.convert(model, 2, 3, include="llm-all")
-    with torch.no_grad():
-        for _, U, *_ in pm.layers.factored_weights(model):
-            U.normal_()
-    keys = [k for k, *_ in pm.layers.factored_weights(model)]
-    dense = DataFreeObjective(model, [pool.finetuned_state(k, keys) for k in range(2)], impl="torch")
-    lazy = DataFreeObjective.from_pool(model, pool, impl="torch")
-    p = torch.tensor([0.3, 0.7])
-    assert torch.allclose(lazy(p), dense(p), rtol=1e-5)
+    assert_pool_objective_matches_dense(tiny_lm("gpt2"), {"rank": 3, "include": "llm-all"}, 0.01, [0.3, 0.7])
