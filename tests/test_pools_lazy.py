@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import json
 import weakref
 
@@ -143,3 +144,20 @@ def test_shape_mismatch_names_task_key_and_file(tmp_path):
     with pytest.raises(ArchitectureMismatchError,
                        match=r"task 'bad': key 'model.layers.0.self_attn.q_proj.weight' has shape \(16, 8\).*bad.safetensors"):
         ModelPool.from_state_dict_files(base, {"bad": f})
+
+
+@pytest.mark.parametrize("before", [None, "YES"])
+def test_hub_kernels_off_is_scoped(monkeypatch, before):
+    # transformers >= 5.25 kernelizes every from_pretrained with hub kernels unless USE_HUB_KERNELS says no:
+    # loads run with it off, and the caller's setting comes back afterwards, also after an error.
+    from paretomerge.pools.sources import hub_kernels_off
+
+    if before is None:
+        monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("USE_HUB_KERNELS", before)
+    with pytest.raises(RuntimeError):
+        with hub_kernels_off():
+            assert os.environ["USE_HUB_KERNELS"] == "NO"
+            raise RuntimeError("load failed")
+    assert os.environ.get("USE_HUB_KERNELS") == before

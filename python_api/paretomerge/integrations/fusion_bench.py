@@ -42,7 +42,7 @@ from ..layers import export, set_preference, single_preference
 from ..methods import merge
 from ..methods.pareto_merging import ParetoMergingTrainer
 from ..pools import ModelPool
-from ..pools.sources import LoaderSource, ModuleSource, Source, hf_safetensors_source
+from ..pools.sources import LoaderSource, ModuleSource, Source, hf_safetensors_source, hub_kernels_off
 from .factors import save_factors
 
 __all__ = ["RETURNS", "MappingSource", "ParetoMergingAlgorithm", "pool_from_fusion_bench"]
@@ -119,6 +119,13 @@ def _local_dir(modelpool, name: str) -> Optional[Path]:
     return Path(p) if isinstance(p, str) and Path(p).is_dir() else None
 
 
+def _load(modelpool, name: str):
+    """``modelpool.load_model(name)`` with transformers' hub kernels off (no downloads; the lazy
+    ``CausalLMPool`` builds on the meta device, which ``kernelize`` rejects)."""
+    with hub_kernels_off():
+        return modelpool.load_model(name)
+
+
 def pool_from_fusion_bench(modelpool) -> ModelPool:
     """A ``paretomerge.ModelPool`` over a FusionBench model pool (or a ``{name: nn.Module}`` mapping with
     ``_pretrained_``), reading the fine-tuned weights lazily where the pool allows; nothing is modified."""
@@ -133,7 +140,7 @@ def pool_from_fusion_bench(modelpool) -> ModelPool:
     names = list(modelpool.model_names)
     if not names:
         raise ValueError("modelpool has no fine-tuned models")
-    pre = modelpool.load_model(PRETRAINED)
+    pre = _load(modelpool, PRETRAINED)
     if _is_lazy_state_dict(pre):
         pre = _materialize(pre)
     if not isinstance(pre, nn.Module):
@@ -151,14 +158,14 @@ def pool_from_fusion_bench(modelpool) -> ModelPool:
         if lazy is not None:  # the directory's safetensors are exactly the model's state dict
             sources.append(lazy)
             continue
-        obj = modelpool.load_model(name)
+        obj = _load(modelpool, name)
         if _is_lazy_state_dict(obj) or (isinstance(obj, Mapping) and not isinstance(obj, nn.Module)):
             sources.append(MappingSource(obj, ref, aliases))
         elif isinstance(obj, nn.Module):  # instantiated on each load: keep only the last one in memory
             shapes = {k: tuple(v.shape) for k, v in obj.state_dict().items()}
             del obj
             sources.append(LoaderSource(
-                (lambda n=name: {k: v.detach() for k, v in modelpool.load_model(n).state_dict().items()}),
+                (lambda n=name: {k: v.detach() for k, v in _load(modelpool, n).state_dict().items()}),
                 shapes))
         else:
             raise TypeError(f"modelpool.load_model({name!r}) returned {type(obj).__name__}, "

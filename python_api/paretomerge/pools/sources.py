@@ -8,6 +8,7 @@ last one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from pathlib import Path
@@ -179,6 +180,27 @@ def file_source(path: PathLike) -> Source:
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
         del sd
         return LoaderSource(lambda: load_state_dict(p), shapes)
+
+
+@contextlib.contextmanager
+def hub_kernels_off():
+    """Load Hugging Face models with transformers' hub kernels off (``USE_HUB_KERNELS=NO``), restoring the
+    caller's setting on exit.
+
+    Since transformers 5.x, ``from_pretrained`` swaps layers for kernels fetched from the Hugging Face hub
+    whenever the ``kernels`` package is installed (transformers >= 5.25 depends on it). paretomerge never
+    downloads at run time, and a model built on the ``meta`` device (FusionBench's lazy ``CausalLMPool``)
+    is rejected by ``kernelize`` (``Unsupported device type 'meta'``). Older transformers ignore the variable.
+    """
+    old = os.environ.get("USE_HUB_KERNELS")
+    os.environ["USE_HUB_KERNELS"] = "NO"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("USE_HUB_KERNELS", None)
+        else:
+            os.environ["USE_HUB_KERNELS"] = old
 
 
 def hf_safetensors_source(d: Path, ref_shapes: Mapping[str, tuple[int, ...]]) -> Optional[Source]:
