@@ -223,6 +223,22 @@ def test_plots_render(tmp_path):
         plot_tradeoff(r, tmp_path / "x.png", tasks=("A", "Z"))
 
 
+def test_plots_of_a_report_without_named_scenarios(tmp_path):
+    # one panel of every result ("all results"), fronts on the two tasks, and the pair check shared by both
+    from paretomerge.evaluation.plots import plot_fronts, plot_scenarios, plot_tradeoff
+
+    r = Report(["A", "B"])
+    r.add("task_arithmetic", None, None, {"A": 0.6, "B": 0.6})
+    for g in (0.0, 0.5, 1.0):
+        r.add("pareto_merging_datafree", "grid", [g, 1 - g], {"A": 0.5 + 0.3 * g, "B": 0.8 - 0.3 * g})
+    for name, plot in (("s.png", plot_scenarios), ("t.png", plot_tradeoff), ("f.png", plot_fronts)):
+        plot(r, tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in (plot_tradeoff, plot_fronts):
+        with pytest.raises(ValueError, match="two different tasks"):
+            plot(r, tmp_path / "x.png", tasks=("A", "A"))
+
+
 @pytest.mark.parametrize("K", [2, 3])
 def test_hypervolume_depends_only_on_the_front(K):
     rng = np.random.default_rng(10 + K)
