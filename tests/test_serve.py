@@ -308,7 +308,8 @@ def test_stop_strings_seeded_sampling_and_prompt_lists(server, reference):
     cut = server.client.completions.create(model="pm", prompt="w20 w21", max_tokens=8, temperature=0, stop=[words[2]])
     assert cut.choices[0].text == full[: full.index(words[2])] and cut.choices[0].finish_reason == "stop"
     kw = dict(model="pm", prompt="w30 w31", max_tokens=6, temperature=1.0, top_p=0.9, seed=11)
-    assert server.client.completions.create(**kw).choices[0].text == server.client.completions.create(**kw).choices[0].text
+    first, again = (server.client.completions.create(**kw).choices[0].text for _ in range(2))
+    assert first == again
     two = server.client.completions.create(model="pm", prompt=["w20 w21", "w40"], max_tokens=8, temperature=0)
     assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == full
 
@@ -410,3 +411,13 @@ def test_cli_serve_bad_arguments_exit_2(ckpt, tmp_path, capsys):
     assert "missing.pt" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", ckpt, "--max-batch", "0"]) == 2
     assert capsys.readouterr().err.strip().endswith("--max-batch must be >= 1, got 0")
+    import socket
+
+    with socket.socket() as taken:  # a port something else listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", ckpt, "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"paretomerge serve: error: --host/--port: cannot listen on 127.0.0.1:{port}")

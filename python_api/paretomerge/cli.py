@@ -5,6 +5,7 @@
     paretomerge export --checkpoint CKPT --pref 0.4,0.2,0.2,0.2 --out model.safetensors [--format hf|peft]
     paretomerge generate --checkpoint CKPT --pref 0.7,0.3 [--pref 0.2,0.8] [--prompts FILE]
     paretomerge serve  --checkpoint CKPT [--tokenizer DIR] [--host 127.0.0.1] [--port 8000] [--max-batch 32]
+                       [--batch-wait-ms 10]
     paretomerge eval   --checkpoint CKPT --config FILE.yaml [--prefs equal,priority,onehot] [--out DIR]
     paretomerge validate FILE.yaml [...]
     paretomerge plan   CONFIG.yaml [--lowrank-rank R]
