@@ -379,6 +379,31 @@ def test_client_that_disconnects_frees_its_slot(server):
     assert server.client.completions.create(model="pm", prompt="w5", max_tokens=2, temperature=0).choices[0].text
 
 
+def test_client_that_disconnects_while_generating_leaves_the_batch(server, reference):
+    """Read one streamed chunk (the row is generating), hang up: the row ends early ('cancelled'), while a
+    request batched with it still gets its whole answer."""
+    for attempt in range(3):  # the row must still be generating when the hang-up is noticed; retried if not
+        before = server.request("GET", "/health")[1]
+        other = ThreadPoolExecutor(1).submit(
+            server.client.completions.create, model="pm", prompt="w7 w8", max_tokens=40, temperature=0)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "w5 w6", "max_tokens": POSITIONS - 3,
+                                                                 "temperature": 0, "stream": True}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.readline().startswith(b"data: ")
+        conn.sock.shutdown(2)
+        conn.close()
+        assert other.result(timeout=60).choices[0].text == reference("w7 w8", [0.5, 0.5], 40)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            after = server.request("GET", "/health")[1]
+            if after["cancelled"] - before["cancelled"] == 1:
+                return
+            time.sleep(0.05)
+    pytest.fail(f"the hung-up row was never cancelled in 3 attempts: {before} -> {after}")
+
+
 @pytest.mark.slow  # its own server process (~15 s on a loaded 2-core VM)
 def test_sigterm_drains_requests_in_flight_and_exits_0(ckpt, reference):
     s = Server(ckpt, "--max-batch", "8", "--batch-wait-ms", "1500")
@@ -411,6 +436,8 @@ def test_cli_serve_bad_arguments_exit_2(ckpt, tmp_path, capsys):
     assert "missing.pt" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", ckpt, "--max-batch", "0"]) == 2
     assert capsys.readouterr().err.strip().endswith("--max-batch must be >= 1, got 0")
+    assert main(["serve", "--checkpoint", ckpt, "--device", "gpu0"]) == 2
+    assert "--device must be a torch device" in capsys.readouterr().err
     import socket
 
     with socket.socket() as taken:  # a port something else listens on

@@ -81,8 +81,13 @@ class ServedModel:
 
     @classmethod
     def from_checkpoint(cls, ckpt_path, tokenizer_dir=None, device: str = "cpu") -> "ServedModel":
+        """The model and tokenizer of a causal-LM checkpoint (see ``program.lm_from_checkpoint``) on ``device``."""
         from .program import lm_from_checkpoint
 
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
         model, tok, ck = lm_from_checkpoint(ckpt_path, tokenizer_dir)
         return cls(model.to(device), tok, int(ck["num_objectives"]), name=Path(ckpt_path).stem,
                    task_names=list(ck.get("task_names") or []) or None)
