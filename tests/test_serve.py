@@ -406,25 +406,31 @@ def test_client_that_disconnects_while_generating_leaves_the_batch(server, refer
 
 @pytest.mark.slow  # its own server process (~15 s on a loaded 2-core VM)
 def test_sigterm_drains_requests_in_flight_and_exits_0(ckpt, reference):
-    s = Server(ckpt, "--max-batch", "8", "--batch-wait-ms", "1500")
+    """SIGTERM while four streamed requests are generating (each has had its first chunk): every stream is
+    finished, whole and equal to the request alone, then the server exits 0."""
+    s = Server(ckpt, "--max-batch", "8", "--batch-wait-ms", "100")
     try:
-        results: dict[int, str] = {}
+        texts: dict[int, str] = {}
+        started = [threading.Event() for _ in range(4)]
 
         def ask(i: int) -> None:
-            results[i] = s.client.completions.create(model="pm", prompt=f"w{10 + i} w{20 + i}", max_tokens=12,
-                                                     temperature=0, extra_body={"preference": [i / 3, 1 - i / 3]}
-                                                     ).choices[0].text
+            out = []
+            for chunk in s.client.completions.create(model="pm", prompt=f"w{10 + i} w{20 + i}", max_tokens=30,
+                                                     temperature=0, stream=True,
+                                                     extra_body={"preference": [i / 3, 1 - i / 3]}):
+                out.append(chunk.choices[0].text)
+                started[i].set()
+            texts[i] = "".join(out)
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.5)  # the requests are in (waiting for their batch) when SIGTERM comes
+        assert all(e.wait(60) for e in started)
         s.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(120)
         assert s.proc.wait(timeout=60) == 0
-        assert {i: results.get(i) for i in range(4)} == {
-            i: reference(f"w{10 + i} w{20 + i}", [i / 3, 1 - i / 3], 12) for i in range(4)}
+        assert texts == {i: reference(f"w{10 + i} w{20 + i}", [i / 3, 1 - i / 3], 30) for i in range(4)}
     finally:
         s.stop()
 
