@@ -147,6 +147,36 @@ def test_batcher_row_cancelled_while_generating_stops_and_others_finish():
     assert [e[1] for e in evs if e[0] == 1][-1] == "done" and [e for e in evs if e[0] == 1][-1][2] == ("length", 10)
 
 
+def test_incremental_detokenization_equals_decoding_everything():
+    """Byte-level BPE (SmolLM2's kind) with multi-byte characters split across tokens: the text streamed piece by
+    piece equals decode(all ids), with and without stop strings held back."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from paretomerge.batching import _TextStream
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["héllo wörld ✓ 你好 naïve café 🙂 déjà vu"] * 3, vocab_size=300, min_frequency=1,
+                            show_progress=False)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    g = torch.Generator().manual_seed(0)
+    loop = asyncio.new_event_loop()
+    try:
+        for trial in range(20):
+            ids = torch.randint(0, tok.vocab_size, (int(torch.randint(1, 30, (), generator=g)),), generator=g).tolist()
+            stop = ("zzzz",) if trial % 2 else ()
+            job = Job(0, [1], PREFS[0][:K], 5, asyncio.Queue(), loop, stop=stop)
+            sent: list = []
+            job._send = lambda kind, value, sent=sent: sent.append((kind, value))
+            stream = _TextStream(job, tok)
+            for t in ids:
+                assert stream.on_token(t) is None
+            stream.on_finish("length")
+            assert "".join(v for k, v in sent if k == "text") == tok.decode(ids, skip_special_tokens=True), ids
+            assert sent[-1] == ("done", ("length", len(ids)))
+    finally:
+        loop.close()
+
+
 def test_batcher_bad_arguments():
     m = converted("llama")
     with pytest.raises(ValueError, match="max_batch"):

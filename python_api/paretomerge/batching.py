@@ -187,27 +187,40 @@ class Job:
 
 
 class _TextStream:
-    """A job's detokenizer: decodes the generated ids, finds stop strings, sends the text not yet sent."""
+    """A job's detokenizer: turns the generated ids into text incrementally, finds stop strings, sends the text
+    not yet sent.
+
+    Each step decodes only a short window: the text of tokens[prefix:] minus that of tokens[prefix:read]
+    is what the new token adds (the window's first token keeps word-boundary handling, e.g. a
+    SentencePiece leading space, out of the difference). A step whose text ends in an incomplete UTF-8
+    character adds nothing yet; the window moves on once it decodes cleanly.
+    """
 
     def __init__(self, job: Job, tokenizer) -> None:
         self.job, self.tokenizer = job, tokenizer
         self.tokens: list[int] = []
+        self.prefix = self.read = 0
         self.text, self.sent = "", 0
         self.hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string's prefix may end the text
         self.stop_string = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def on_token(self, token: int) -> Optional[str]:
         if self.job.cancelled.is_set():
             return "cancelled"
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        before = self._decode(self.tokens[self.prefix:self.read])
+        after = self._decode(self.tokens[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.tokens)
         cut = min((i for i in (self.text.find(s) for s in self.job.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stop_string = self.text[:cut], True
             return "stop"
         safe = len(self.text) - self.hold
-        while safe > self.sent and self.text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
-            safe -= 1
         if safe > self.sent:
             self.job._send("text", self.text[self.sent:safe])
             self.sent = safe
@@ -216,6 +229,9 @@ class _TextStream:
     def on_finish(self, reason: str) -> None:
         if reason == "cancelled":
             return
+        if self.read < len(self.tokens) and not self.stop_string:  # the tail not yet taken (as decode shows it)
+            window = self._decode(self.tokens[self.prefix:])
+            self.text += window[len(self._decode(self.tokens[self.prefix:self.read])):]
         if len(self.text) > self.sent:
             self.job._send("text", self.text[self.sent:])
         eos = reason == "stop" and not self.stop_string  # EOS was generated: it counts as a completion token
