@@ -147,6 +147,39 @@ def test_batcher_row_cancelled_while_generating_stops_and_others_finish():
     assert [e[1] for e in evs if e[0] == 1][-1] == "done" and [e for e in evs if e[0] == 1][-1][2] == ("length", 10)
 
 
+def test_batcher_failure_reaches_only_unfinished_rows_and_the_worker_goes_on():
+    import functools
+
+    m = converted("llama")
+    calls = {"n": 0}
+    forward = m.forward
+
+    @functools.wraps(forward)
+    def failing_second_call(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first decode step, after the prefill
+            raise RuntimeError("device lost")
+        return forward(*a, **k)
+
+    m.forward = failing_second_call
+    loop = asyncio.new_event_loop()
+    try:
+        events: asyncio.Queue = asyncio.Queue()
+        b = Batcher(m, _WordTokenizer(), max_batch=4, batch_wait_s=0.3, pad_token_id=PAD)
+        b.submit(_job(0, [5, 6, 7], PREFS[1], 1, loop, events))  # done after the prefill's token
+        b.submit(_job(1, [8, 9], PREFS[2], 5, loop, events))
+        time.sleep(1.0)
+        b.submit(_job(2, [8, 9], PREFS[2], 3, loop, events))  # a later batch works
+        b.close(timeout=60)
+        loop.run_until_complete(asyncio.sleep(0.01))
+        evs = _drain(loop, events)
+    finally:
+        loop.close()
+    kinds = {i: [e[1] for e in evs if e[0] == i] for i in range(3)}
+    assert kinds[0] == ["text", "done"] and kinds[1] == ["text", "error"] and kinds[2][-1] == "done"
+    assert [e[2] for e in evs if e[1] == "error"] == ["RuntimeError: device lost"]
+
+
 def test_incremental_detokenization_equals_decoding_everything():
     """Byte-level BPE (SmolLM2's kind) with multi-byte characters split across tokens: the text streamed piece by
     piece equals decode(all ids), with and without stop strings held back."""

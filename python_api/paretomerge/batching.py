@@ -202,7 +202,7 @@ class _TextStream:
         self.prefix = self.read = 0
         self.text, self.sent = "", 0
         self.hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string's prefix may end the text
-        self.stop_string = False
+        self.stop_string = self.finished = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -227,6 +227,7 @@ class _TextStream:
         return None
 
     def on_finish(self, reason: str) -> None:
+        self.finished = True
         if reason == "cancelled":
             return
         if self.read < len(self.tokens) and not self.stop_string:  # the tail not yet taken (as decode shows it)
@@ -311,9 +312,10 @@ class Batcher:
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-        rows = []
+        rows, streams = [], []
         for job in jobs:
             stream = _TextStream(job, self.tokenizer)
+            streams.append(stream)
             gen = None
             if job.temperature > 0:
                 gen = torch.Generator(device=self.device)
@@ -325,6 +327,7 @@ class Batcher:
                                   stream.on_token, functools.partial(self._finished, stream)))
         try:
             decode_rows(self.model, rows, pad_token_id=self.pad_token_id, eos_token_ids=self.eos_token_ids)
-        except Exception as e:  # noqa: BLE001 - reported to every request of the batch; the server goes on
-            for job in jobs:
-                job._send("error", f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - reported to every unfinished request of the batch; the server goes on
+            for stream in streams:
+                if not stream.finished:
+                    stream.job._send("error", f"{type(e).__name__}: {e}")
