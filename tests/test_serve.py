@@ -28,7 +28,7 @@ from paretomerge.batching import Batcher, DecodeRow, Job, decode_rows  # noqa: E
 from paretomerge.program import lm_from_checkpoint  # noqa: E402
 
 from helpers import ROOT  # noqa: E402
-from test_llm import EOS, PAD, PREFS, VOCAB, _save_tiny_tokenizer, converted, left_padded, tiny_lm  # noqa: E402
+from test_llm import EOS, PAD, PREFS, VOCAB, _save_tiny_tokenizer, converted, left_padded  # noqa: E402
 
 K = 2
 POSITIONS = 64
