@@ -4,6 +4,8 @@
     paretomerge merge  --config FILE.yaml [--fresh] [--nproc N]     (or: torchrun --nproc-per-node N -m paretomerge merge ...)
     paretomerge export --checkpoint CKPT --pref 0.4,0.2,0.2,0.2 --out model.safetensors [--format hf|peft]
     paretomerge generate --checkpoint CKPT --pref 0.7,0.3 [--pref 0.2,0.8] [--prompts FILE]
+    paretomerge serve  --checkpoint CKPT [--tokenizer DIR] [--host 127.0.0.1] [--port 8000] [--max-batch 32]
+                       [--batch-wait-ms 10]
     paretomerge eval   --checkpoint CKPT --config FILE.yaml [--prefs equal,priority,onehot] [--out DIR]
     paretomerge validate FILE.yaml [...]
     paretomerge plan   CONFIG.yaml [--lowrank-rank R]
@@ -182,6 +184,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import ServedModel, run_server
+
+    with _input_errors():
+        served = ServedModel.from_checkpoint(args.checkpoint, args.tokenizer, device=args.device)
+        return run_server(served, host=args.host, port=args.port, max_batch=args.max_batch,
+                          batch_wait_ms=args.batch_wait_ms, log_level=args.log_level,
+                          announce=lambda line: print(line, flush=True))
+
+
 def cmd_eval(args) -> int:
     from .config import load_config
     from .program import evaluate_checkpoint
@@ -292,6 +304,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     g.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="serve a causal-LM checkpoint over an OpenAI-compatible HTTP API, one "
+                                      "preference per request",
+                        description="GET /health, GET /v1/models, POST /v1/completions and /v1/chat/completions "
+                                    "(OpenAI schema plus 'preference': K floats summing to 1, default equal). "
+                                    "Concurrent requests with different preferences share one batch. SIGTERM "
+                                    "finishes the requests in flight and exits 0. See docs/serve.md.")
+    sv.add_argument("--checkpoint", required=True, help="Pareto Merging checkpoint of a Hugging Face causal LM")
+    sv.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's model dir)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
+    sv.add_argument("--max-batch", type=int, default=32,
+                    help="most requests decoded together; 1 turns batching off (default: %(default)s)")
+    sv.add_argument("--batch-wait-ms", type=float, default=10.0,
+                    help="how long a batch waits for more requests after its first (default: %(default)s)")
+    sv.add_argument("--device", default="cpu", help="torch device of the model (default: %(default)s)")
+    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (default: %(default)s)")
+    sv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint over a preference set, write report.json")
     ev.add_argument("--checkpoint", required=True, help="Pareto Merging checkpoint")

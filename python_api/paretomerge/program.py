@@ -25,8 +25,8 @@ from .pools import ModelPool
 from .pools.architectures import build_architecture
 
 __all__ = ["OutputLockedError", "base_merge", "evaluate_checkpoint", "export_checkpoint", "export_checkpoint_dir",
-           "generate_from_checkpoint", "load_pool", "load_tensors", "model_from_checkpoint", "output_lock",
-           "run_identity", "run_merge"]
+           "generate_from_checkpoint", "lm_from_checkpoint", "load_pool", "load_tensors", "model_from_checkpoint",
+           "output_lock", "run_identity", "run_merge"]
 
 
 def base_merge(cfg: MergeConfig, pool: ModelPool) -> nn.Module:
@@ -305,6 +305,25 @@ def export_checkpoint_dir(ckpt_path, prefs: Sequence[Sequence[float]], out_dir, 
     return export_peft(model, list(prefs), out_dir, overwrite=overwrite, task_names=ck["task_names"])
 
 
+def lm_from_checkpoint(ckpt_path, tokenizer_dir=None) -> tuple[torch.nn.Module, object, dict]:
+    """(model, tokenizer, checkpoint) of a causal-LM checkpoint. The tokenizer comes from ``tokenizer_dir``
+    or the checkpoint's architecture directory (local files only), pads on the left, and pads with EOS
+    when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    from .llm import check_hf_dir
+
+    model, ck = model_from_checkpoint(ckpt_path)
+    tok_dir = tokenizer_dir or ((ck.get("meta") or {}).get("architecture") or {}).get("dir")
+    if tok_dir is None:
+        raise ValueError("--tokenizer is required: the checkpoint names no Hugging Face directory")
+    tok = AutoTokenizer.from_pretrained(str(check_hf_dir(tok_dir, "--tokenizer")), local_files_only=True)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, ck
+
+
 @torch.no_grad()
 def generate_from_checkpoint(ckpt_path, prompts: Sequence[str], prefs: Sequence[Sequence[float]], *,
                              tokenizer_dir=None, max_new_tokens: int = 32, sample: bool = False,
@@ -314,23 +333,14 @@ def generate_from_checkpoint(ckpt_path, prompts: Sequence[str], prefs: Sequence[
     The tokenizer comes from ``tokenizer_dir`` or the checkpoint's architecture directory.
     Returns [{"prompt", "pref", "completion"}] in prompt-major order.
     """
-    from transformers import AutoTokenizer
-
-    from .llm import check_hf_dir, generate
+    from .llm import generate
 
     if not prompts:
         raise ValueError("no prompts given (--prompts FILE, or lines on stdin)")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    model, ck = model_from_checkpoint(ckpt_path)
+    model, tok, ck = lm_from_checkpoint(ckpt_path, tokenizer_dir)
     _check_prefs(prefs, ck)
-    tok_dir = tokenizer_dir or ((ck.get("meta") or {}).get("architecture") or {}).get("dir")
-    if tok_dir is None:
-        raise ValueError("--tokenizer is required: the checkpoint names no Hugging Face directory")
-    tok = AutoTokenizer.from_pretrained(str(check_hf_dir(tok_dir, "--tokenizer")), local_files_only=True)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     rows = [(t, list(p)) for t in prompts for p in prefs]
     enc = tok([t for t, _ in rows], return_tensors="pt", padding=True)
     torch.manual_seed(seed)
