@@ -30,18 +30,34 @@ DEADLINE_S = 90.0
 
 
 # ----------------------------------------------------------------------------- the run every process builds
-def _build(mode="datafree", steps=6, ckpt_dir=None, every=0, dist=None, lr=0.05):
+def _demo_trainer(**changes) -> dict:
+    """The trainer section of the merge.yaml ``paretomerge demo`` writes (unlabeled mode: diversity and anchor on)."""
+    from paretomerge.demo import TASKS, DemoConfig, merge_config_dict
+
+    return {**merge_config_dict(DemoConfig(), TASKS)["trainer"], **changes}
+
+
+def _build(mode="datafree", steps=6, ckpt_dir=None, every=0, dist=None, lr=0.05, trainer=None, masked=False):
+    """Tiny's converted model, K = 3 tasks; ``trainer``: a whole trainer config (dict) instead of the default one;
+    ``masked``: logits_fn returns (per-position logits, a ragged mask), as a causal LM's does."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     base = Tiny()
     fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()} for _ in range(K)]
     heads = [nn.Linear(12, 5) for _ in range(K)]
     data = [torch.randn(40, 6, 12, generator=g) for _ in range(K)]
-    cfg = TrainerConfig(mode=mode, steps=steps, lr=lr, batch_size=8, rank=2, rank_mlp=3, include="attention+mlp",
-                        checkpoint_dir=ckpt_dir, checkpoint_every=every, progress=False, reg_frobenius=1e-3,
-                        diversity=0.0, objective_impl="torch")
+    common = dict(mode=mode, steps=steps, checkpoint_dir=ckpt_dir, checkpoint_every=every, progress=False,
+                  objective_impl="torch")
+    if trainer is None:
+        cfg = TrainerConfig(lr=lr, batch_size=8, rank=2, rank_mlp=3, include="attention+mlp", reg_frobenius=1e-3,
+                            diversity=0.0, **common)
+    else:
+        cfg = TrainerConfig(**{**trainer, **common})
 
     def logits_fn(m, k, x):
+        if masked:  # positions 0..n_i of sample i count, n_i from its input: token counts differ between ranks
+            h = m(x)
+            return heads[k](h), torch.arange(h.shape[1]) <= (x[:, 0, 0].abs() * 4).long().unsqueeze(1)
         return heads[k](m(x).mean(1))
 
     return ParetoMergingTrainer(copy.deepcopy(base), None, cfg, finetuned=fts, logits_fn=logits_fn, unlabeled=data,
@@ -64,6 +80,19 @@ def _job(job: str, rank: int, world: int, tmp: Path) -> object:
         t = _build(mode="unlabeled", steps=4, ckpt_dir=str(tmp / "cku"), every=4, dist=dist)
         t.train()
         return {"history": t.history}
+    if job in UNLABELED_JOBS:  # the demo's trainer config (diversity, anchor), per sample, masked entropies
+        t = _build(mode="unlabeled", steps=4, ckpt_dir=str(tmp / f"ck_{job}"), every=4, dist=dist,
+                   **UNLABELED_JOBS[job])
+        t.train()
+        return {"history": t.history}
+    if job == "resume_differs":  # node-local output directories: rank 0 has a checkpoint (step 3), rank 1 none
+        t = _build(steps=6, dist=dist)
+        t.train(resume=tmp / "ck2" / "last.pt" if rank == 0 else None)
+        return "no error"
+    if job == "resume_fails_on_one":  # rank 1's checkpoint is missing: rank 0 must not go on alone
+        t = _build(steps=6, dist=dist)
+        t.train(resume=tmp / "ck2" / ("last.pt" if rank == 0 else "missing.pt"))
+        return "no error"
     if job == "mismatch":  # rank 1 was given another learning rate
         _build(steps=2, dist=dist, lr=0.05 if rank == 0 else 0.01)
         return "no error"
@@ -76,6 +105,14 @@ def _job(job: str, rank: int, world: int, tmp: Path) -> object:
     if job == "fsdp2":
         return _fsdp2_step(dist)
     raise ValueError(job)
+
+
+UNLABELED_JOBS = {
+    "unlabeled_demo": dict(trainer=_demo_trainer()),
+    "unlabeled_demo_per_sample": dict(trainer=_demo_trainer(per_sample=True)),
+    "unlabeled_masked": dict(trainer=_demo_trainer(diversity=0.0, per_sample=False), masked=True),
+    "unlabeled_masked_per_sample": dict(trainer=_demo_trainer(diversity=0.0, per_sample=True), masked=True),
+}
 
 
 def _tiny_llama():
@@ -163,7 +200,8 @@ def _spawn(jobs: list, world: int, tmp: Path, deadline_s: float = DEADLINE_S) ->
 def two_ranks(tmp_path_factory):
     """One 2-process group runs the data-free, unlabeled, FSDP2 and mismatch jobs (process start-up is the cost)."""
     tmp = tmp_path_factory.mktemp("two_ranks")
-    return tmp, _spawn(["datafree", "unlabeled", "fsdp2", "mismatch"], 2, tmp)
+    return tmp, _spawn(["datafree", "unlabeled", *UNLABELED_JOBS, "fsdp2", "resume_differs", "resume_fails_on_one",
+                        "mismatch"], 2, tmp)
 
 
 def _ok(results: list) -> list:
@@ -254,6 +292,31 @@ def test_unlabeled_ddp_equals_single_process_on_the_whole_batch(two_ranks):
     for r in res:
         _assert_same_history(r["history"], single.history)
     _assert_same_state(load_checkpoint(tmp_path / "cku" / "last.pt"), load_checkpoint(tmp_path / "cku1" / "last.pt"))
+
+
+@pytest.mark.parametrize("job", list(UNLABELED_JOBS))
+def test_unlabeled_every_term_equals_single_process(two_ranks, job):
+    """The demo's own trainer config: the batch-diversity term's mean prediction, the anchor, per-sample γ and
+    masked (ragged) entropies are the whole batch's at 2 processes, as in one."""
+    tmp_path, results = two_ranks
+    res = _ok(results[job])
+    single = _build(mode="unlabeled", steps=4, ckpt_dir=str(tmp_path / f"ck_{job}_1"), every=4, **UNLABELED_JOBS[job])
+    single.train()
+    for r in res:
+        _assert_same_history(r["history"], single.history)
+    _assert_same_state(load_checkpoint(tmp_path / f"ck_{job}" / "last.pt"),
+                       load_checkpoint(tmp_path / f"ck_{job}_1" / "last.pt"))
+
+
+def test_ranks_resuming_different_checkpoints_fail_on_every_rank_not_hang(two_ranks):
+    res = two_ranks[1]["resume_differs"]
+    for r in res:
+        assert isinstance(r, dict) and r["error"].startswith("DistributedSetupError"), r
+        assert "the processes resume from different states: rank 0 resumes" in r["error"]
+        assert "at step 3, rank 1 starts at step 0 (no checkpoint)" in r["error"]
+    res = two_ranks[1]["resume_fails_on_one"]
+    assert res[1]["error"].startswith("FileNotFoundError") and "missing.pt" in res[1]["error"], res[1]
+    assert res[0]["error"].startswith("DistributedSetupError: rank 1 failed: FileNotFoundError"), res[0]
 
 
 def test_ranks_that_disagree_on_the_run_fail_on_every_rank(two_ranks):

@@ -11,8 +11,9 @@ Two ways to split the work (see docs/distributed.md):
   own layers' parameters. (``torch.distributed.nn.functional.all_reduce`` would all-reduce that gradient
   again in the backward, a second collective that returns world_size × ∂L/∂f.)
 * **unlabeled data, DDP-style**: every rank holds the whole model and a 1/world_size slice of each step's
-  batch; :func:`mean_across_ranks` averages the per-shard objectives (again one all-reduce of K floats
-  with an identity backward) and :func:`average_gradients` averages the Pareto parameters' gradients
+  batch; :func:`mean_across_ranks` averages the per-shard batch statistics (mean entropies and mean
+  predictions: one all-reduce, identity backward, or a second all-reduce in the backward with per-sample γ,
+  where each rank's loss is over its own samples) and :func:`average_gradients` averages the Pareto parameters' gradients
   (one all-reduce of their total size), which makes a step equal to the single-process step on the
   concatenated batch.
 
@@ -145,10 +146,20 @@ def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
     return _SumIdentityBackward.apply(t, 1.0)
 
 
-def mean_across_ranks(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    """(1/N) Σ_ranks t, differentiable with identity backward: with gradients then *averaged* over ranks
-    (:func:`average_gradients`) a parameter's gradient is (1/N) Σ_r ∂L/∂f · ∂t_r/∂θ = ∂L/∂θ."""
-    return _SumIdentityBackward.apply(t, 1.0 / world_size)
+def mean_across_ranks(t: torch.Tensor, world_size: int, *, same_loss: bool = True) -> torch.Tensor:
+    """(1/N) Σ_ranks t, differentiable.
+
+    ``same_loss``: the loss formed from the result is the same on every rank (so is its gradient ∂L/∂t̄): the
+    backward is the identity, and with gradients then *averaged* over ranks (:func:`average_gradients`) a
+    parameter's gradient is (1/N) Σ_r ∂L/∂t̄ · ∂t_r/∂θ = ∂L/∂θ. Otherwise (each rank's loss L_r is over its own
+    samples, the whole loss their mean) the backward is a second all-reduce, the mean over ranks of ∂L_r/∂t̄
+    (``torch.distributed.nn.functional.all_reduce``), which is ∂L/∂t̄ of the whole loss.
+    """
+    if same_loss:
+        return _SumIdentityBackward.apply(t, 1.0 / world_size)
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t) / world_size
 
 
 def average_gradients(params: Sequence[torch.Tensor], world_size: int) -> None:
