@@ -31,8 +31,9 @@ a :class:`NonFiniteTrainingError` before anything is written.
 Distributed (``dist=`` a :class:`paretomerge.distributed.DistContext`, see docs/distributed.md): in
 the data-free mode the converted weights are sharded over ranks, each rank holds only its shard's
 deltas and steps only its shard's parameters; in the unlabeled mode each rank takes a 1/world_size
-slice of every batch and gradients are averaged. Checkpoints are world-size independent (rank 0
-gathers the shards and alone writes them).
+slice of every batch (and of per-sample γ), every batch statistic is all-reduced to the whole batch's and
+gradients are averaged, so a step equals the single-process one. Checkpoints are world-size independent
+(rank 0 gathers the shards and alone writes them); ranks that resume different states fail together.
 """
 from __future__ import annotations
 
