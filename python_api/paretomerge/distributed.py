@@ -13,9 +13,9 @@ Two ways to split the work (see docs/distributed.md):
 * **unlabeled data, DDP-style**: every rank holds the whole model and a 1/world_size slice of each step's
   batch; :func:`mean_across_ranks` averages the per-shard batch statistics (mean entropies and mean
   predictions: one all-reduce, identity backward, or a second all-reduce in the backward with per-sample γ,
-  where each rank's loss is over its own samples) and :func:`average_gradients` averages the Pareto parameters' gradients
-  (one all-reduce of their total size), which makes a step equal to the single-process step on the
-  concatenated batch.
+  where each rank's loss is over its own samples) and :func:`average_gradients` averages the Pareto
+  parameters' gradients (one all-reduce of their total size), which makes a step equal to the
+  single-process step on the concatenated batch.
 
 :class:`DistContext` is what the trainer and the program get; ``None`` means one process.
 """
@@ -30,8 +30,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "DistributedSetupError", "RankLostError", "average_gradients", "init_from_env", "mean_across_ranks",
-           "shard_layers", "sum_across_ranks", "DEFAULT_TIMEOUT_S"]
+__all__ = ["DistContext", "DistributedSetupError", "RankLostError", "average_gradients", "init_from_env",
+           "mean_across_ranks", "shard_layers", "sum_across_ranks", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this on a dead or stuck rank raises
 
@@ -200,8 +200,8 @@ def mean_across_ranks(t: torch.Tensor, world_size: int, *, same_loss: bool = Tru
 
     ``same_loss``: the loss formed from the result is the same on every rank (so is its gradient ∂L/∂t̄): the
     backward is the identity, and with gradients then *averaged* over ranks (:func:`average_gradients`) a
-    parameter's gradient is (1/N) Σ_r ∂L/∂t̄ · ∂t_r/∂θ = ∂L/∂θ. Otherwise (each rank's loss L_r is over its own
-    samples, the whole loss their mean) the backward is a second all-reduce, the mean over ranks of ∂L_r/∂t̄
+    parameter's gradient is (1/N) Σ_r ∂L/∂t̄ · ∂t_r/∂θ = ∂L/∂θ. Otherwise (each rank's loss L_r is over its
+    own samples, the whole loss their mean) the backward is a second all-reduce, the mean over ranks of ∂L_r/∂t̄
     (as ``torch.distributed.nn.functional.all_reduce``), which is ∂L/∂t̄ of the whole loss.
     """
     return (_SumIdentityBackward if same_loss else _SumSumBackward).apply(t, 1.0 / world_size)
