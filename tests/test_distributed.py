@@ -30,18 +30,34 @@ DEADLINE_S = 90.0
 
 
 # ----------------------------------------------------------------------------- the run every process builds
-def _build(mode="datafree", steps=6, ckpt_dir=None, every=0, dist=None, lr=0.05):
+def _demo_trainer(**changes) -> dict:
+    """The trainer section of the merge.yaml ``paretomerge demo`` writes (unlabeled mode: diversity and anchor on)."""
+    from paretomerge.demo import TASKS, DemoConfig, merge_config_dict
+
+    return {**merge_config_dict(DemoConfig(), TASKS)["trainer"], **changes}
+
+
+def _build(mode="datafree", steps=6, ckpt_dir=None, every=0, dist=None, lr=0.05, trainer=None, masked=False):
+    """Tiny's converted model, K = 3 tasks; ``trainer``: a whole trainer config (dict) instead of the default one;
+    ``masked``: logits_fn returns (per-position logits, a ragged mask), as a causal LM's does."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     base = Tiny()
     fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()} for _ in range(K)]
     heads = [nn.Linear(12, 5) for _ in range(K)]
     data = [torch.randn(40, 6, 12, generator=g) for _ in range(K)]
-    cfg = TrainerConfig(mode=mode, steps=steps, lr=lr, batch_size=8, rank=2, rank_mlp=3, include="attention+mlp",
-                        checkpoint_dir=ckpt_dir, checkpoint_every=every, progress=False, reg_frobenius=1e-3,
-                        diversity=0.0, objective_impl="torch")
+    common = dict(mode=mode, steps=steps, checkpoint_dir=ckpt_dir, checkpoint_every=every, progress=False,
+                  objective_impl="torch")
+    if trainer is None:
+        cfg = TrainerConfig(lr=lr, batch_size=8, rank=2, rank_mlp=3, include="attention+mlp", reg_frobenius=1e-3,
+                            diversity=0.0, **common)
+    else:
+        cfg = TrainerConfig(**{**trainer, **common})
 
     def logits_fn(m, k, x):
+        if masked:  # positions 0..n_i of sample i count, n_i from its input: token counts differ between ranks
+            h = m(x)
+            return heads[k](h), torch.arange(h.shape[1]) <= (x[:, 0, 0].abs() * 4).long().unsqueeze(1)
         return heads[k](m(x).mean(1))
 
     return ParetoMergingTrainer(copy.deepcopy(base), None, cfg, finetuned=fts, logits_fn=logits_fn, unlabeled=data,
@@ -64,6 +80,18 @@ def _job(job: str, rank: int, world: int, tmp: Path) -> object:
         t = _build(mode="unlabeled", steps=4, ckpt_dir=str(tmp / "cku"), every=4, dist=dist)
         t.train()
         return {"history": t.history}
+    if job in EQUALITY_JOBS:  # the demo's trainer config (diversity, anchor), per sample, masked entropies
+        t = _build(steps=4, ckpt_dir=str(tmp / f"ck_{job}"), every=4, dist=dist, **EQUALITY_JOBS[job])
+        t.train()
+        return {"history": t.history}
+    if job == "resume_differs":  # node-local output directories: rank 0 has a checkpoint (step 3), rank 1 none
+        t = _build(steps=6, dist=dist)
+        t.train(resume=tmp / "ck2" / "last.pt" if rank == 0 else None)
+        return "no error"
+    if job == "resume_fails_on_one":  # rank 1's checkpoint is missing: rank 0 must not go on alone
+        t = _build(steps=6, dist=dist)
+        t.train(resume=tmp / "ck2" / ("last.pt" if rank == 0 else "missing.pt"))
+        return "no error"
     if job == "mismatch":  # rank 1 was given another learning rate
         _build(steps=2, dist=dist, lr=0.05 if rank == 0 else 0.01)
         return "no error"
@@ -76,6 +104,16 @@ def _job(job: str, rank: int, world: int, tmp: Path) -> object:
     if job == "fsdp2":
         return _fsdp2_step(dist)
     raise ValueError(job)
+
+
+EQUALITY_JOBS = {
+    "unlabeled_demo": dict(mode="unlabeled", trainer=_demo_trainer()),
+    "unlabeled_demo_per_sample": dict(mode="unlabeled", trainer=_demo_trainer(per_sample=True)),
+    "unlabeled_masked": dict(mode="unlabeled", trainer=_demo_trainer(diversity=0.0), masked=True),
+    "unlabeled_masked_per_sample": dict(mode="unlabeled", trainer=_demo_trainer(diversity=0.0, per_sample=True),
+                                        masked=True),
+    "datafree_per_sample": dict(trainer=_demo_trainer(per_sample=True, batch_size=4, lr=0.01)),
+}
 
 
 def _tiny_llama():
@@ -163,7 +201,8 @@ def _spawn(jobs: list, world: int, tmp: Path, deadline_s: float = DEADLINE_S) ->
 def two_ranks(tmp_path_factory):
     """One 2-process group runs the data-free, unlabeled, FSDP2 and mismatch jobs (process start-up is the cost)."""
     tmp = tmp_path_factory.mktemp("two_ranks")
-    return tmp, _spawn(["datafree", "unlabeled", "fsdp2", "mismatch"], 2, tmp)
+    return tmp, _spawn(["datafree", "unlabeled", *EQUALITY_JOBS, "fsdp2", "resume_differs", "resume_fails_on_one",
+                        "mismatch"], 2, tmp)
 
 
 def _ok(results: list) -> list:
@@ -256,6 +295,31 @@ def test_unlabeled_ddp_equals_single_process_on_the_whole_batch(two_ranks):
     _assert_same_state(load_checkpoint(tmp_path / "cku" / "last.pt"), load_checkpoint(tmp_path / "cku1" / "last.pt"))
 
 
+@pytest.mark.parametrize("job", list(EQUALITY_JOBS))
+def test_every_term_and_per_sample_pref_equal_single_process(two_ranks, job):
+    """The demo's own trainer config: the batch-diversity term's mean prediction, the anchor, per-sample γ and
+    masked (ragged) entropies are the whole batch's at 2 processes, as in one (per-sample γ data-free too)."""
+    tmp_path, results = two_ranks
+    res = _ok(results[job])
+    single = _build(steps=4, ckpt_dir=str(tmp_path / f"ck_{job}_1"), every=4, **EQUALITY_JOBS[job])
+    single.train()
+    for r in res:
+        _assert_same_history(r["history"], single.history)
+    _assert_same_state(load_checkpoint(tmp_path / f"ck_{job}" / "last.pt"),
+                       load_checkpoint(tmp_path / f"ck_{job}_1" / "last.pt"))
+
+
+def test_ranks_resuming_different_checkpoints_fail_on_every_rank_not_hang(two_ranks):
+    res = two_ranks[1]["resume_differs"]
+    for r in res:
+        assert isinstance(r, dict) and r["error"].startswith("DistributedSetupError"), r
+        assert "the processes resume from different states: rank 0 resumes" in r["error"]
+        assert "at step 3, rank 1 starts at step 0 (no checkpoint)" in r["error"]
+    res = two_ranks[1]["resume_fails_on_one"]
+    assert res[1]["error"].startswith("FileNotFoundError") and "missing.pt" in res[1]["error"], res[1]
+    assert res[0]["error"].startswith("DistributedSetupError: rank 1 failed: FileNotFoundError"), res[0]
+
+
 def test_ranks_that_disagree_on_the_run_fail_on_every_rank(two_ranks):
     res = two_ranks[1]["mismatch"]
     for r in res:
@@ -312,3 +376,75 @@ def test_cli_nproc_2_runs_torchrun_and_resumes_at_1(tmp_path):
     cfg["trainer"]["steps"] = 4
     assert main(["merge", "--config", str(write_config(tmp_path, cfg))]) == 0
     assert load_checkpoint(tmp_path / "out" / "pareto_merged.pt")["step"] == 4
+
+
+# ----------------------------------------------------------------------------- manual launches (one process per rank)
+def _launch_ranks(configs: list, timeout_s: float = 20) -> list:
+    """Start ``paretomerge merge --config configs[r]`` as rank r of len(configs), as torchrun (or a job scheduler,
+    one process per node) would: RANK/WORLD_SIZE/MASTER_* set, no launcher around them."""
+    port = _free_port()
+    procs = []
+    for r, path in enumerate(configs):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "RANK": str(r), "LOCAL_RANK": str(r),
+               "WORLD_SIZE": str(len(configs)), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "paretomerge", "merge", "--config", str(path),
+                                       "--dist-timeout", str(timeout_s)], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def _finish(proc, timeout_s: float = 2 * DEADLINE_S) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"still running after {timeout_s}s") from None
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_cli_ranks_with_different_checkpoints_stop_at_once_with_one_line(tmp_path):
+    """Node-local output directories: rank 0's holds checkpoints/last.pt (step 2), rank 1's is empty. Before,
+    both waited in different collectives until --dist-timeout."""
+    from _pool_files import write_config, write_pool
+
+    from paretomerge.cli import main
+
+    cfg = write_pool(tmp_path)
+    cfg["trainer"].update(steps=2, objective_impl="torch")
+    cfg["output"]["dir"] = "node0"
+    assert main(["merge", "--config", str(write_config(tmp_path, cfg, "node0.yaml"))]) == 0
+    cfg["trainer"]["steps"] = 4
+    configs = [write_config(tmp_path, cfg, "node0.yaml")]
+    cfg["output"]["dir"] = "node1"
+    configs.append(write_config(tmp_path, cfg, "node1.yaml"))
+    for r, p in enumerate(_launch_ranks(configs, timeout_s=600)):
+        rc, err = _finish(p)  # within 2 * DEADLINE_S, far below the collectives' timeout
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err[-3000:]
+        assert err.startswith(f"paretomerge merge: error (rank {r}): the processes resume from different states: "
+                              f"rank 0 resumes "), err
+        assert "at step 2, rank 1 starts at step 0 (no checkpoint)" in err, err
+    assert load_checkpoint(tmp_path / "node0" / "checkpoints" / "last.pt")["step"] == 2  # untouched
+
+
+@pytest.mark.slow
+def test_cli_a_rank_whose_peer_is_killed_says_one_line_and_exits_2(tmp_path):
+    """SIGKILL one rank of a manual launch: the survivor's collective fails (gloo: connection closed), which it
+    reports in one line with exit status 2 (before: a raw gloo traceback, exit 1)."""
+    import signal
+
+    from _pool_files import write_config, write_pool
+
+    cfg = write_pool(tmp_path)
+    cfg["trainer"].update(steps=10**6, checkpoint_every=1, objective_impl="torch")
+    procs = _launch_ranks([write_config(tmp_path, cfg)] * 2, timeout_s=60)
+    last = tmp_path / "out" / "checkpoints" / "last.pt"
+    end = time.monotonic() + 2 * DEADLINE_S
+    while not last.exists() and time.monotonic() < end and procs[0].poll() is None:
+        time.sleep(0.2)  # training has started on both ranks once rank 0 wrote a checkpoint
+    procs[1].send_signal(signal.SIGKILL)
+    rc, err = _finish(procs[0])
+    procs[1].communicate()
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err[-3000:]
+    assert err.startswith("paretomerge merge: error (rank 0): lost the other processes in "), err

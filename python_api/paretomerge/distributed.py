@@ -11,10 +11,11 @@ Two ways to split the work (see docs/distributed.md):
   own layers' parameters. (``torch.distributed.nn.functional.all_reduce`` would all-reduce that gradient
   again in the backward, a second collective that returns world_size × ∂L/∂f.)
 * **unlabeled data, DDP-style**: every rank holds the whole model and a 1/world_size slice of each step's
-  batch; :func:`mean_across_ranks` averages the per-shard objectives (again one all-reduce of K floats
-  with an identity backward) and :func:`average_gradients` averages the Pareto parameters' gradients
-  (one all-reduce of their total size), which makes a step equal to the single-process step on the
-  concatenated batch.
+  batch; :func:`mean_across_ranks` averages the per-shard batch statistics (mean entropies and mean
+  predictions: one all-reduce, identity backward, or a second all-reduce in the backward with per-sample γ,
+  where each rank's loss is over its own samples) and :func:`average_gradients` averages the Pareto
+  parameters' gradients (one all-reduce of their total size), which makes a step equal to the
+  single-process step on the concatenated batch.
 
 :class:`DistContext` is what the trainer and the program get; ``None`` means one process.
 """
@@ -22,20 +23,42 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "DistributedSetupError", "average_gradients", "init_from_env", "mean_across_ranks",
-           "shard_layers", "sum_across_ranks", "DEFAULT_TIMEOUT_S"]
+__all__ = ["DistContext", "DistributedSetupError", "RankLostError", "average_gradients", "init_from_env",
+           "mean_across_ranks", "shard_layers", "sum_across_ranks", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this on a dead or stuck rank raises
 
 
 class DistributedSetupError(RuntimeError):
-    """The process group cannot be set up or the ranks disagree (config, pool, output directory)."""
+    """The process group cannot be set up or the ranks disagree (config, pool, output directory, checkpoint)."""
+
+
+class RankLostError(DistributedSetupError):
+    """A collective failed: another process died (or was killed), or did not answer within the timeout."""
+
+
+@contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """Raise a collective's failure (gloo: a RuntimeError naming the socket; nccl/store: ``dist.DistError``)
+    as a one-line :class:`RankLostError` naming this rank and the collective."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise RankLostError(f"lost the other processes in {what}: another process died or did not answer within "
+                            f"the timeout (--dist-timeout) ({_first_sentence(e)})") from e
+
+
+def _first_sentence(e: BaseException) -> str:
+    """'Type: the first line of the message', without gloo's advice after it."""
+    first = (str(e).splitlines() or [""])[0].split(" This is typically")[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -50,18 +73,21 @@ class DistContext:
         return self.rank == 0
 
     def barrier(self) -> None:
-        dist.barrier()
+        with _collective("barrier"):
+            dist.barrier()
 
     def all_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with _collective("all_gather_object"):
+            dist.all_gather_object(out, obj)
         return out
 
     def gather_to_main(self, obj: Any) -> Optional[list[Any]]:
         """Every rank's ``obj`` on rank 0 (in rank order); None elsewhere."""
         out: Optional[list[Any]] = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, out, dst=0)
+        with _collective("gather_object"):
+            dist.gather_object(obj, out, dst=0)
         return out
 
     def raise_if_any(self, error: Optional[BaseException]) -> None:
@@ -76,7 +102,8 @@ class DistContext:
     def any_flag(self, flag: bool) -> bool:
         """Collective: True when ``flag`` is True on some rank."""
         t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        with _collective("all_reduce"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
 
@@ -102,7 +129,11 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> Optional[DistContext]
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except dist.DistError as e:  # e.g. a peer that never joined: the store times out
+        raise RankLostError(f"rank {os.environ['RANK']} of {world} could not join the process group at "
+                            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({_first_sentence(e)})") from e
     return DistContext(dist.get_rank(), dist.get_world_size())
 
 
@@ -131,13 +162,32 @@ class _SumIdentityBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: torch.Tensor, scale: float) -> torch.Tensor:
-        out = t.detach().clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out)
-        return out * scale if scale != 1.0 else out
+        return _all_reduce_sum(t, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
+
+
+class _SumSumBackward(torch.autograd.Function):
+    """Forward: all-reduce (sum) over ranks. Backward: all-reduce (sum) of the upstream gradients (as
+    ``torch.distributed.nn.functional.all_reduce``, with this module's one-line error on a lost rank)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return _all_reduce_sum(t, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_reduce_sum(grad, ctx.scale), None
+
+
+def _all_reduce_sum(t: torch.Tensor, scale: float) -> torch.Tensor:
+    out = t.detach().clone(memory_format=torch.contiguous_format)
+    with _collective("all_reduce"):
+        dist.all_reduce(out)
+    return out * scale if scale != 1.0 else out
 
 
 def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -145,10 +195,16 @@ def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
     return _SumIdentityBackward.apply(t, 1.0)
 
 
-def mean_across_ranks(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    """(1/N) Σ_ranks t, differentiable with identity backward: with gradients then *averaged* over ranks
-    (:func:`average_gradients`) a parameter's gradient is (1/N) Σ_r ∂L/∂f · ∂t_r/∂θ = ∂L/∂θ."""
-    return _SumIdentityBackward.apply(t, 1.0 / world_size)
+def mean_across_ranks(t: torch.Tensor, world_size: int, *, same_loss: bool = True) -> torch.Tensor:
+    """(1/N) Σ_ranks t, differentiable.
+
+    ``same_loss``: the loss formed from the result is the same on every rank (so is its gradient ∂L/∂t̄): the
+    backward is the identity, and with gradients then *averaged* over ranks (:func:`average_gradients`) a
+    parameter's gradient is (1/N) Σ_r ∂L/∂t̄ · ∂t_r/∂θ = ∂L/∂θ. Otherwise (each rank's loss L_r is over its
+    own samples, the whole loss their mean) the backward is a second all-reduce, the mean over ranks of ∂L_r/∂t̄
+    (as ``torch.distributed.nn.functional.all_reduce``), which is ∂L/∂t̄ of the whole loss.
+    """
+    return (_SumIdentityBackward if same_loss else _SumSumBackward).apply(t, 1.0 / world_size)
 
 
 def average_gradients(params: Sequence[torch.Tensor], world_size: int) -> None:
@@ -156,7 +212,8 @@ def average_gradients(params: Sequence[torch.Tensor], world_size: int) -> None:
     if not params:
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)
+    with _collective("all_reduce"):
+        dist.all_reduce(flat)
     flat /= world_size
     i = 0
     for p in params:

@@ -5,7 +5,8 @@ import math
 
 import torch
 
-__all__ = ["entropy", "marginal_entropy_gap", "masked_entropy", "per_sample_entropy"]
+__all__ = ["entropy", "marginal_entropy_gap", "masked_entropy", "mean_prediction", "mean_prediction_gap",
+           "per_sample_entropy"]
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -39,8 +40,17 @@ def masked_entropy(logits: torch.Tensor, mask: torch.Tensor, per_sample: bool = 
     return (h * w).sum() / w.sum().clamp_min(1)
 
 
+def mean_prediction(logits: torch.Tensor) -> torch.Tensor:
+    """mean_i softmax(logits_i) over the batch dim 0, in fp32: logits (B, C) -> (C,)."""
+    return torch.softmax(logits.float(), dim=-1).mean(0)
+
+
+def mean_prediction_gap(p: torch.Tensor) -> torch.Tensor:
+    """log C − H(p) of a mean prediction p (..., C) (``mean_prediction``; summed over any leading dims)."""
+    return math.log(p.shape[-1]) + (p * torch.log(p.clamp_min(1e-12))).sum()
+
+
 def marginal_entropy_gap(logits: torch.Tensor) -> torch.Tensor:
     """log C − H(mean_i softmax(logits_i)): 0 when the batch's predictions cover the classes evenly,
     log C when every sample predicts the same class (the collapse entropy minimisation drifts to)."""
-    p = torch.softmax(logits.float(), dim=-1).mean(0)
-    return math.log(logits.shape[-1]) + (p * torch.log(p.clamp_min(1e-12))).sum()
+    return mean_prediction_gap(mean_prediction(logits))

@@ -54,7 +54,7 @@ import pmkernels
 from pmkernels import check_pref_values
 
 from ...layers import factored_weights, transposed_keys, use_preference
-from ..losses import entropy, marginal_entropy_gap, masked_entropy, per_sample_entropy
+from ..losses import masked_entropy, mean_prediction, mean_prediction_gap, per_sample_entropy
 
 SCALARIZATIONS = ("stch", "tch", "linear")
 
@@ -252,7 +252,8 @@ LogitsFn = Callable[[nn.Module, int, torch.Tensor], torch.Tensor]
 
 
 def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[torch.Tensor],
-                       pref: torch.Tensor, diversity: float = 0.0) -> torch.Tensor:
+                       pref: torch.Tensor, diversity: float = 0.0,
+                       batch_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Entropy objectives of the merged model at preference(s) ``pref``.
 
     batches[k]: an unlabeled input batch of task k; ``logits_fn(model, k, x)``
@@ -271,30 +272,52 @@ def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[
     information-maximisation term of SHOT/IM): a free low-rank update otherwise minimises entropy by
     predicting one class for every input. It is a batch statistic: with per-sample preferences it is
     computed over task k's whole batch and added to every row.
+
+    batch_mean: for a batch split over processes in equal shards (``batches`` then hold this process's
+    shard): maps a 1-D tensor of means over the shard to the means over the whole batch (the trainer passes
+    the mean over ranks, one all-reduce, identity backward). Every batch statistic goes through it in one
+    call: the mean entropies (the masked entropy's sums of entropy and of positions), and p̄; per-sample
+    entropies are the shard's own. None: the batches are whole.
     """
-    if pref.dim() == 1:
-        with use_preference(pref):
-            out = []
-            for k, x in enumerate(batches):
-                logits, mask = _logits_mask(logits_fn(model, k, x), diversity)
-                f = entropy(logits) if mask is None else masked_entropy(logits, mask)
-                if diversity:
-                    f = f + diversity * marginal_entropy_gap(logits)
-                out.append(f)
-            return torch.stack(out)
-    B = pref.shape[0]
-    cols = []
-    for k, x in enumerate(batches):
-        if x.shape[0] != B:
-            raise ValueError(f"per-sample preferences: batch of task {k} has {x.shape[0]} samples, pref has "
-                             f"{B} rows")
-        with use_preference(pref):
+    per_sample = pref.dim() == 2
+    if per_sample:
+        for k, x in enumerate(batches):
+            if x.shape[0] != pref.shape[0]:
+                raise ValueError(f"per-sample preferences: batch of task {k} has {x.shape[0]} samples, pref has "
+                                 f"{pref.shape[0]} rows")
+    entropies, stats = [], []  # stats[k]: task k's batch statistics, means over the (shard of the) batch
+    with use_preference(pref):
+        for k, x in enumerate(batches):
             logits, mask = _logits_mask(logits_fn(model, k, x), diversity)
-        col = per_sample_entropy(logits) if mask is None else masked_entropy(logits, mask, per_sample=True)
+            if per_sample:
+                entropies.append(per_sample_entropy(logits) if mask is None
+                                 else masked_entropy(logits, mask, per_sample=True))
+                parts = []
+            elif mask is None:
+                parts = [per_sample_entropy(logits).mean().reshape(1)]
+            else:  # Σ H·mask / B and Σ mask / B: their ratio is the mean entropy over the masked positions
+                w = mask.to(torch.float32)
+                parts = [torch.stack([(per_sample_entropy(logits) * w).sum(), w.sum()]) / mask.shape[0]]
+            if diversity:
+                parts.append(mean_prediction(logits).reshape(-1))
+            stats.append((parts, logits.shape[-1]))
+    sizes = [[t.numel() for t in parts] for parts, _ in stats]
+    if any(sizes):  # one call (one all-reduce when distributed) for every task's statistics
+        flat = torch.cat([t for parts, _ in stats for t in parts])
+        means = iter((flat if batch_mean is None else batch_mean(flat)).split(sum(sizes, [])))
+    cols = []
+    for k, (parts, C) in enumerate(stats):
+        got = [next(means) for _ in parts]
+        if per_sample:
+            f = entropies[k]
+        elif got[0].numel() == 1:
+            f = got[0][0]
+        else:  # a batch without a masked position gives 0, as masked_entropy
+            f = got[0][0] / got[0][1].clamp_min(torch.finfo(torch.float32).tiny)
         if diversity:
-            col = col + diversity * marginal_entropy_gap(logits)
-        cols.append(col)
-    return torch.stack(cols, dim=1)
+            f = f + diversity * mean_prediction_gap(got[-1].view(-1, C))
+        cols.append(f)
+    return torch.stack(cols, dim=-1)
 
 
 def _logits_mask(out, diversity: float):

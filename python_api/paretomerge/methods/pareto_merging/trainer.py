@@ -31,11 +31,13 @@ a :class:`NonFiniteTrainingError` before anything is written.
 Distributed (``dist=`` a :class:`paretomerge.distributed.DistContext`, see docs/distributed.md): in
 the data-free mode the converted weights are sharded over ranks, each rank holds only its shard's
 deltas and steps only its shard's parameters; in the unlabeled mode each rank takes a 1/world_size
-slice of every batch and gradients are averaged. Checkpoints are world-size independent (rank 0
-gathers the shards and alone writes them).
+slice of every batch (and of per-sample γ), every batch statistic is all-reduced to the whole batch's and
+gradients are averaged, so a step equals the single-process one. Checkpoints are world-size independent
+(rank 0 gathers the shards and alone writes them); ranks that resume different states fail together.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -46,7 +48,8 @@ import torch
 import torch.nn as nn
 
 from ...config import TrainerConfig
-from ...distributed import DistContext, average_gradients, mean_across_ranks, shard_layers, sum_across_ranks
+from ...distributed import (DistContext, DistributedSetupError, average_gradients, mean_across_ranks, shard_layers,
+                            sum_across_ranks)
 from ...io import atomic_write
 from ...layers import convert, factored_weights, pareto_layers, pareto_parameters
 from ..merge_utils import LayerwiseMerge
@@ -198,8 +201,6 @@ class ParetoMergingTrainer:
             owner = shard_layers([W.numel() for *_, W in slots], self.dist.world_size)
             self.shard_keys = {s[0] for s, o in zip(slots, owner) if o == self.dist.rank}
         if self.dist is not None and cfg.mode == "unlabeled":
-            if cfg.per_sample:
-                raise ValueError("trainer.per_sample: not supported with several processes in mode 'unlabeled'")
             if cfg.batch_size % self.dist.world_size:
                 raise ValueError(f"trainer.batch_size ({cfg.batch_size}, the global batch per task) must be a "
                                  f"multiple of the number of processes ({self.dist.world_size})")
@@ -309,12 +310,22 @@ class ParetoMergingTrainer:
         return out
 
     def objectives(self, pref: torch.Tensor, batches: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
-        """Raw (unnormalised) objectives: (K,) for pref (K,); (B, K) for per-sample pref (B, K)."""
+        """Raw (unnormalised) objectives: (K,) for pref (K,); (B, K) for per-sample pref (B, K).
+
+        Distributed unlabeled mode: ``batches`` are this rank's shards (and a per-sample ``pref`` holds their
+        rows); every batch statistic (mean entropies, mean predictions) is the whole batch's (one all-reduce).
+        """
         if self.cfg.mode == "datafree":
             return self._datafree(pref)
+        batch_mean = None
+        if self.dist is not None:  # means over this rank's shard -> the whole batch's (equal shards)
+            # Per-sample γ: each rank's loss is the mean over its own rows, so the gradient of a batch statistic
+            # is the mean of the ranks' gradients (a second all-reduce, in the backward).
+            batch_mean = functools.partial(mean_across_ranks, world_size=self.dist.world_size,
+                                           same_loss=pref.dim() == 1)
         return entropy_objectives(self._forward_model(), self.logits_fn,
                                   batches if batches is not None else self._batches(), pref,
-                                  diversity=self.cfg.diversity)
+                                  diversity=self.cfg.diversity, batch_mean=batch_mean)
 
     def _datafree(self, pref: torch.Tensor) -> torch.Tensor:
         if pref.dim() == 1:
@@ -348,6 +359,11 @@ class ParetoMergingTrainer:
         else:
             pref = self._sample_pref(None)
         batches = None if cfg.mode == "datafree" else self._batches()
+        # Distributed unlabeled, per sample: this rank's samples are the rows idx[rank::world_size] of the
+        # global batch (``_batches``), so it takes those rows of γ.
+        split_rows = cfg.per_sample and self.dist is not None and batches is not None
+        if split_rows:
+            pref = pref[self.dist.rank::self.dist.world_size]
         raw = self.objectives(pref, batches)
         reg = None
         if cfg.reg_frobenius or cfg.reg_orthogonal:
@@ -357,8 +373,6 @@ class ParetoMergingTrainer:
             parts = torch.cat([raw.reshape(-1)] + ([reg.reshape(1)] if reg is not None else []))
             total = sum_across_ranks(parts)
             raw, reg = total[:raw.numel()].view_as(raw), (total[-1] if reg is not None else None)
-        elif self.dist is not None:
-            raw = mean_across_ranks(raw, self.dist.world_size)  # per-shard mean entropies -> the batch's
         f = self.normalizer(raw)
         if cfg.mode == "unlabeled" and cfg.anchor:
             f = f + cfg.anchor * self.anchor_normalizer(self._datafree(pref))
@@ -366,7 +380,13 @@ class ParetoMergingTrainer:
         loss = scal.mean()
         if reg is not None:
             loss = loss + reg
-        return loss, (f.detach() if f.dim() == 1 else f.detach().mean(0))
+        f_mean = f.detach() if f.dim() == 1 else f.detach().mean(0)
+        if split_rows:
+            # Each rank's loss is the mean over its own rows (its gradient, averaged over ranks, is the whole
+            # batch's); the loss and f reported (and checked for finiteness) are the whole batch's, on every rank.
+            whole = mean_across_ranks(torch.cat([loss.detach().reshape(1), f_mean]), self.dist.world_size)
+            loss, f_mean = loss + (whole[0] - loss.detach()), whole[1:]
+        return loss, f_mean
 
     # ------------------------------------------------------------------ non-finite guard
     def _first_nonfinite_parameter(self) -> Optional[str]:
@@ -392,8 +412,7 @@ class ParetoMergingTrainer:
     # ------------------------------------------------------------------ loop
     def train(self, resume: Union[None, str, Path] = None, steps: Optional[int] = None) -> nn.Module:
         """Run until ``steps`` (default cfg.steps) total steps; ``resume`` a checkpoint path first."""
-        if resume is not None:
-            self.load_state(load_checkpoint(resume, map_location=self.device))
+        self._resume(resume)
         total = self.cfg.steps if steps is None else steps
         self._fit_normalizer()
         was_training = self.model.training
@@ -437,6 +456,43 @@ class ParetoMergingTrainer:
         return self.model
 
     # ------------------------------------------------------------------ state
+    def _resume(self, resume: Union[None, str, Path]) -> None:
+        """Load ``resume`` if given. Distributed: collective; every rank must be at the same step and have
+        loaded the same state (or none): ranks resuming different checkpoints (node-local output directories,
+        one with a checkpoint and one without) would otherwise wait for each other in different collectives
+        until the timeout. A rank failing to load fails every rank."""
+        error, loaded = None, None
+        try:
+            if resume is not None:
+                self.load_state(load_checkpoint(resume, map_location=self.device))
+                loaded = self._state_fingerprint() if self.dist is not None else None
+        except Exception as e:  # noqa: BLE001 - raised on every rank below
+            if self.dist is None:
+                raise
+            error = e
+        if self.dist is None:
+            return
+        self.dist.raise_if_any(error)
+        states = self.dist.all_objects({"checkpoint": None if resume is None else str(resume), "step": self.step,
+                                        "state": loaded})
+        bad = [r for r, st in enumerate(states) if (st["step"], st["state"]) != (states[0]["step"], states[0]["state"])]
+        if bad:
+            def where(r: int) -> str:
+                ck = states[r]["checkpoint"]
+                return (f"rank {r} resumes {ck!r} at step {states[r]['step']}" if ck is not None
+                        else f"rank {r} starts at step {states[r]['step']} (no checkpoint)")
+            raise DistributedSetupError(
+                f"the processes resume from different states: {where(0)}, {where(bad[0])}; every rank must see the "
+                f"same checkpoint (one shared output directory), or remove the checkpoints on every node")
+
+    def _state_fingerprint(self) -> str:
+        """sha256 of the step, the trained tensors (U, G, V, λ) and the γ/batch generator's state (just after
+        loading a checkpoint every rank holds all of them)."""
+        h = hashlib.sha256(str(self.step).encode())
+        for t in self.params + ([self.lam] if self.lam is not None else []) + [self.generator.get_state()]:
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def state(self) -> dict:
         self.bake_adamerging()
         return {
