@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "See examples/merge_demo.yaml.")
     m.add_argument("--config", required=True, help="YAML config (paths relative to the file)")
     m.add_argument("--fresh", action="store_true",
-                   help="delete OUTPUT/checkpoints of an earlier run first instead of resuming (a checkpoint of "
-                        "a different config or pool is refused without this)")
+                   help="delete an earlier run's outputs first (OUTPUT/checkpoints, pareto_merged.pt, report.json) "
+                        "instead of resuming (a checkpoint of a different config or pool is refused without this)")
     m.add_argument("--nproc", type=int, default=1,
                    help="train on N local processes (torch.distributed via torchrun; gloo on CPU, nccl on GPU): "
                         "data-free shards the layers, unlabeled shards each batch (default: %(default)s)")
@@ -336,7 +336,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:  # SIGINT or SIGTERM: the atomic writers have removed their temp files
         name = "SIGTERM" if isinstance(e, _Terminated) else "SIGINT"
-        print(f"paretomerge {args.command}: interrupted ({name}); outputs not completed were not written",
+        print(f"paretomerge {args.command}: interrupted ({name}); nothing was left half written",
               file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
     except (ConfigError, ValueError, OSError, KeyError, _InputError, NonFiniteTrainingError, RunMismatchError,

@@ -157,14 +157,17 @@ def run_identity(cfg: MergeConfig) -> dict:
 
 
 def _prepare_output(out: Path, fresh: bool) -> None:
-    """With the lock held: remove temp files a killed run left; with ``fresh``, the old checkpoints."""
+    """With the lock held: remove temp files a killed run left; with ``fresh``, every output of the earlier run
+    (its checkpoints, and its pareto_merged.pt and report.json, so a fresh run killed before it finishes
+    leaves no old result that looks like its own)."""
     ck = out / "checkpoints"
     for d in (out, ck):
         remove_stale_temp_files(d, lambda name: bool(_RUN_OUTPUT.fullmatch(name)))
-    if fresh and ck.is_dir():
-        for f in ck.iterdir():
-            if _RUN_OUTPUT.fullmatch(f.name) and f.is_file():
-                f.unlink()
+    if fresh:
+        for d in (out, ck):
+            for f in (d.iterdir() if d.is_dir() else ()):
+                if _RUN_OUTPUT.fullmatch(f.name) and f.is_file():
+                    f.unlink()
 
 
 def run_merge(cfg, fresh: bool = False, dist: Optional[DistContext] = None) -> Path:
