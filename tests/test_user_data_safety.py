@@ -85,35 +85,30 @@ def test_a_second_writer_of_the_same_target_fails_at_once(tmp_path):
 _KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from paretomerge.io import atomic_directory, atomic_write
-target = Path(sys.argv[1])
-def die(tmp):
-    Path(tmp).write_bytes(b"partial")
+from paretomerge.io import atomic_directory
+with atomic_directory(Path(sys.argv[1])) as tmp:
+    (tmp / "part").write_bytes(b"partial")
     os.kill(os.getpid(), signal.SIGKILL)
-if sys.argv[2] == "dir":
-    with atomic_directory(target) as tmp:
-        die(tmp / "part")
-else:
-    atomic_write(target, die)
 """
 
 
-@pytest.mark.parametrize("kind", ["dir", "file"])
-def test_a_killed_write_is_cleaned_by_the_next_write_of_that_target(tmp_path, kind):
+def test_a_killed_write_is_cleaned_by_the_next_write_of_that_target(tmp_path):
     target = tmp_path / "model"
     foreign = [tmp_path / ".notes.tmp-abcdefgh", tmp_path / ".other.abcdefgh.tmp"]  # another target's: kept
     foreign[0].mkdir()
     foreign[1].write_text("x")
-    r = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(target), kind], env=ENV, capture_output=True)
+    r = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(target)], env=ENV, capture_output=True)
     assert r.returncode == -signal.SIGKILL
     left = [n for n in _temp_entries(tmp_path) if n.startswith(".model.")]
-    assert any(n.startswith(".model.tmp-") if kind == "dir" else n.endswith(".tmp") for n in left), left
-    if kind == "dir":
-        with atomic_directory(target) as tmp:
-            (tmp / "v").write_text("1")
-    else:
-        atomic_write(target, lambda p: Path(p).write_text("1"))
+    assert any(n.startswith(".model.tmp-") for n in left) and ".model.lock" in left, left  # SIGKILL: left
+    with atomic_directory(target) as tmp:
+        (tmp / "v").write_text("1")
     assert _temp_entries(tmp_path) == sorted(p.name for p in foreign)  # ours (and the lock file) gone
+    # atomic_write's temp files likewise (as a killed write leaves them: same names, an unlocked lock file)
+    (tmp_path / ".model.safetensors.k2j_x9a0.tmp").write_bytes(b"partial")
+    (tmp_path / ".model.safetensors.lock").write_bytes(b"")
+    atomic_write(tmp_path / "model.safetensors", lambda p: Path(p).write_text("1"))
+    assert _temp_entries(tmp_path) == sorted(p.name for p in foreign)
 
 
 def test_sigterm_during_export_leaves_nothing_and_says_one_line(tmp_path):
@@ -382,17 +377,20 @@ def test_fresh_removes_the_earlier_result_before_training(tmp_path, monkeypatch)
     from paretomerge import program
 
     path = write_config(tmp_path, write_pool(tmp_path))
-    assert main(["merge", "--config", str(path)]) == 0
-    final = tmp_path / "out" / "pareto_merged.pt"
-    assert final.is_file()
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    earlier = [out / "pareto_merged.pt", out / "report.json", out / "checkpoints" / "last.pt",
+               out / "checkpoints" / "step000002.pt"]
+    for f in earlier + [out / "notes.txt"]:
+        f.write_bytes(b"an earlier run's")
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # the fresh run dies before it writes its result
 
     monkeypatch.setattr(program, "_run_merge_locked", killed)
     assert main(["merge", "--config", str(path), "--fresh"]) == 128 + signal.SIGINT
-    assert not final.exists()  # was: the old run's result, looking like the new one's
-    assert not any((tmp_path / "out" / "checkpoints").iterdir())
+    assert not any(f.exists() for f in earlier)  # was: the old pareto_merged.pt, looking like the new run's
+    assert (out / "notes.txt").exists()  # not a run output: kept
 
 
 # ----------------------------------------------------------------------------- MAP
