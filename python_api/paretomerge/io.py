@@ -267,10 +267,10 @@ def atomic_directory(path: PathLike, *, overwrite: bool = False, name: str = "ou
                 raise FileExistsError(f"{name}: {str(target)!r} already exists; pass overwrite=True (--overwrite) "
                                       f"to replace it")
             if not _is_earlier_export(target):
-                what = "a directory" if target.is_dir() and not target.is_symlink() else "not a directory"
-                raise FileExistsError(f"{name}: {str(target)!r} is {what} that paretomerge did not write (no "
-                                      f"{EXPORT_MARKER} in it); overwrite replaces only an earlier export: "
-                                      f"remove it yourself or choose another path")
+                what = (f"a directory that paretomerge did not write (no {EXPORT_MARKER} in it)"
+                        if target.is_dir() and not target.is_symlink() else "a file, not a paretomerge export")
+                raise FileExistsError(f"{name}: {str(target)!r} is {what}; overwrite replaces only an earlier "
+                                      f"export: remove it yourself or choose another path")
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             yield tmp

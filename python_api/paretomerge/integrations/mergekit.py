@@ -62,7 +62,7 @@ def _factors(path: str) -> ParetoFactors:
         try:
             _OPEN[key] = ParetoFactors(p)
         except FactorsFileError as e:
-            raise FactorsFileError(f"pareto_merging: parameter 'factors': {e}") from None
+            raise FactorsFileError(f"pareto_merging: parameter 'factors': {str(e).removeprefix('factors: ')}") from None
     return _OPEN[key]
 
 
