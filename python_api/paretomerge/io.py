@@ -102,6 +102,10 @@ def target_lock(path: PathLike) -> Iterator[Path]:
             os.close(fd)
             raise OutputLockedError(f"{str(target)!r} is being written by another process (it holds "
                                     f"{str(lock)!r})") from None
+        except OSError:  # a filesystem without flock (ENOLCK): write unlocked and clean nothing (unsafe then)
+            os.close(fd)
+            yield target
+            return
         # the holder before us may have unlinked the file after we opened it: lock the file the path names
         st = os.fstat(fd)
         try:
