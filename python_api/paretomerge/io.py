@@ -24,7 +24,8 @@ import torch.nn as nn
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["EXPORT_MARKER", "OutputLockedError", "atomic_directory", "atomic_write", "is_safetensors",
+__all__ = ["EXPORT_MARKER", "OutputLockedError", "atomic_directory", "atomic_write", "check_export_target",
+           "is_safetensors",
            "load_state_dict", "remove_stale_temp_files", "save_model", "save_state_dict", "target_lock",
            "unwrap_state_dict"]
 
@@ -250,8 +251,21 @@ def unwrap_state_dict(obj: Any, path: PathLike) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _is_earlier_export(target: Path) -> bool:
-    return target.is_dir() and not target.is_symlink() and (target / EXPORT_MARKER).is_file()
+def check_export_target(path: PathLike, overwrite: bool = False, name: str = "out") -> Path:
+    """``path`` as ``atomic_directory`` may write it (FileExistsError naming ``name`` otherwise): new, or with
+    ``overwrite`` an earlier export (a directory holding ``EXPORT_MARKER``). Exporters call it before any work;
+    ``atomic_directory`` checks again under the target's lock."""
+    target = Path(os.path.abspath(path))
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{name}: {str(target)!r} already exists; pass overwrite=True (--overwrite) "
+                                  f"to replace it")
+        if not (target.is_dir() and not target.is_symlink() and (target / EXPORT_MARKER).is_file()):
+            what = (f"a directory that paretomerge did not write (no {EXPORT_MARKER} in it)"
+                    if target.is_dir() and not target.is_symlink() else "a file, not a paretomerge export")
+            raise FileExistsError(f"{name}: {str(target)!r} is {what}; overwrite replaces only an earlier "
+                                  f"export: remove it yourself or choose another path")
+    return target
 
 
 @contextmanager
@@ -266,15 +280,7 @@ def atomic_directory(path: PathLike, *, overwrite: bool = False, name: str = "ou
     It is replaced only after the new tree is complete. Holds ``target_lock(path)`` throughout.
     """
     with target_lock(path) as target:
-        if target.exists() or target.is_symlink():
-            if not overwrite:
-                raise FileExistsError(f"{name}: {str(target)!r} already exists; pass overwrite=True (--overwrite) "
-                                      f"to replace it")
-            if not _is_earlier_export(target):
-                what = (f"a directory that paretomerge did not write (no {EXPORT_MARKER} in it)"
-                        if target.is_dir() and not target.is_symlink() else "a file, not a paretomerge export")
-                raise FileExistsError(f"{name}: {str(target)!r} is {what}; overwrite replaces only an earlier "
-                                      f"export: remove it yourself or choose another path")
+        check_export_target(target, overwrite, name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             yield tmp

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from pmkernels import core_matrix
 
-from .io import PathLike, atomic_directory
+from .io import PathLike, atomic_directory, check_export_target
 from .layers import ParetoConv1D, ParetoLinear, as_preference, export, pareto_layers, single_preference, use_preference
 from .layers.preference import PrefLike
 
@@ -117,6 +117,7 @@ def export_hf(model: nn.Module, pref: PrefLike, out_dir: PathLike, *, overwrite:
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"model must be a Hugging Face PreTrainedModel (with save_pretrained), got "
                         f"{type(model).__name__}")
+    check_export_target(out_dir, overwrite, "out_dir")  # before the work
     plain = _saveable(export(model, pref))
     with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", kind="hf") as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
@@ -191,6 +192,7 @@ def export_peft(model: nn.Module, prefs: Union[Mapping[str, PrefLike], Sequence[
     r0 = ranks[names[0]]
     odd = {n: r for n, r in ranks.items() if r != r0}
     target = Path(out_dir)
+    check_export_target(target, overwrite, "out_dir")  # before the work
     with atomic_directory(target, overwrite=overwrite, name="out_dir", kind="peft") as tmp:
         base = _saveable(base_model(model))
         base.save_pretrained(tmp / "base", safe_serialization=True)

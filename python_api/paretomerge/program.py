@@ -16,7 +16,7 @@ import torch.nn as nn
 from .config import ConfigError, MergeConfig
 from .distributed import DistContext
 from .evaluation import Report, evaluate_tasks, preference_set
-from .io import OutputLockedError, load_state_dict, remove_stale_temp_files, save_model
+from .io import OutputLockedError, check_export_target, load_state_dict, remove_stale_temp_files, save_model
 from .layers import export
 from .layers.convert import QKV_PRESETS
 from .methods import merge
@@ -282,6 +282,7 @@ def export_checkpoint_dir(ckpt_path, prefs: Sequence[Sequence[float]], out_dir, 
 
     if fmt not in ("hf", "peft"):
         raise ValueError(f"--format must be 'hf', 'peft' or 'safetensors', got {fmt!r}")
+    check_export_target(out_dir, overwrite, "--out")  # before loading anything
     model, ck = model_from_checkpoint(ckpt_path)
     _check_prefs(prefs, ck)
     if fmt == "hf":
