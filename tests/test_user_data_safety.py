@@ -55,6 +55,11 @@ def test_overwrite_replaces_only_an_earlier_export(tmp_path):
         (tmp / "v").write_text("2")
     assert (tmp_path / "exp" / "v").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "exp", "mine"]  # no temp entry, no lock
+    (tmp_path / "link").symlink_to(tmp_path / "exp")  # a link is not replaced, even to an export
+    with pytest.raises(FileExistsError, match="a symbolic link"):
+        with atomic_directory(tmp_path / "link", overwrite=True):
+            pass
+    assert (tmp_path / "link").is_symlink()
 
 
 def test_out_dot_names_the_working_directory(tmp_path, monkeypatch):

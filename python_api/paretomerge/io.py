@@ -261,8 +261,9 @@ def check_export_target(path: PathLike, overwrite: bool = False, name: str = "ou
             raise FileExistsError(f"{name}: {str(target)!r} already exists; pass overwrite=True (--overwrite) "
                                   f"to replace it")
         if not (target.is_dir() and not target.is_symlink() and (target / EXPORT_MARKER).is_file()):
-            what = (f"a directory that paretomerge did not write (no {EXPORT_MARKER} in it)"
-                    if target.is_dir() and not target.is_symlink() else "a file, not a paretomerge export")
+            what = ("a symbolic link, not a paretomerge export" if target.is_symlink() else
+                    f"a directory that paretomerge did not write (no {EXPORT_MARKER} in it)" if target.is_dir()
+                    else "a file, not a paretomerge export")
             raise FileExistsError(f"{name}: {str(target)!r} is {what}; overwrite replaces only an earlier "
                                   f"export: remove it yourself or choose another path")
     return target
@@ -291,8 +292,24 @@ def atomic_directory(path: PathLike, *, overwrite: bool = False, name: str = "ou
         os.chmod(tmp, 0o777 & ~_umask())
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
+            with _signals_deferred():  # never stop between the two renames (the target would be missing)
+                os.replace(target, old / "x")
+                os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (delivered when the block ends) where the OS allows it."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
