@@ -106,8 +106,8 @@ def check_delta_sq_values(delta_sq: torch.Tensor, A: Sequence[torch.Tensor], B: 
         exact = float(low_rank_delta_sq([a], [b])[0])
         scale = float(a.double().pow(2).sum() * b.double().pow(2).sum())  # ‖A Bᵀ‖² ≤ ‖A‖² ‖B‖²
         if exact > 1e-6 * scale:
-            raise ValueError(f"delta_sq[{k}] is 0 but ‖A[{k}] B[{k}]ᵀ‖² = {exact:.6g}; pass low_rank_delta_sq(A, B) "
-                             f"(or delta_sq=None)")
+            raise ValueError(f"delta_sq[{k}] is 0 but ‖A[{k}] B[{k}]ᵀ‖² = {exact:.6g}; pass "
+                             f"low_rank_delta_sq(A, B) (or delta_sq=None)")
 
 
 def check_pref_shape(pref: torch.Tensor, K: int, x: Optional[torch.Tensor] = None, *, name: str = "pref") -> bool:

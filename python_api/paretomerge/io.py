@@ -4,8 +4,9 @@
 ``os.replace``-s it over the target, so a reader never sees a half-written
 file. Every write holds a lock on its target (``.<name>.lock`` beside it, removed
 when the write ends) and, under it, first removes the temporary entries a killed
-earlier write of the same target left (``remove_stale_temp_files``). Shared tensors (tied weights) and non-contiguous views are stored as
-independent contiguous copies, which safetensors requires.
+earlier write of the same target left (``remove_stale_temp_files``). Shared
+tensors (tied weights) and non-contiguous views are stored as independent
+contiguous copies, which safetensors requires.
 ``load_state_dict`` reads safetensors, or a torch checkpoint with
 ``weights_only=True`` (no arbitrary unpickling).
 """
