@@ -7,7 +7,7 @@ Public ops:
     low_rank_distances(U, G, V, pref, A, B, *, delta_sq=None, impl="auto") -> (K,)
 """
 from .pareto_linear import IMPLS, merged_weight, pareto_linear, resolve_impl, triton_available
-from ._validation import check_pref_values
+from ._validation import check_finite, check_pref_values
 from .low_rank_distances import low_rank_delta_sq, low_rank_distances
 from .reference import (core_matrix, reference_low_rank_distances, reference_pareto_linear,
                         reference_weight_distances)
@@ -17,6 +17,7 @@ from .weight_distances import cpp_available, weight_distances
 __all__ = [
     "IMPLS",
     "WEIGHT_DISTANCES_IMPLS",
+    "check_finite",
     "check_pref_values",
     "cpp_available",
     "core_matrix",

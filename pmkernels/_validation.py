@@ -82,6 +82,34 @@ def check_pref_values(pref: torch.Tensor, *, name: str = "pref", normalize: bool
     return pref
 
 
+def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Check every entry of ``t`` is finite (no NaN or inf): a host sync, for data checked once."""
+    if not bool(torch.isfinite(t.detach()).all()):
+        bad = int((~torch.isfinite(t.detach())).sum())
+        raise ValueError(f"{name} must contain only finite values, got {bad} NaN/inf entr{'y' if bad == 1 else 'ies'} "
+                         f"(shape {tuple(t.shape)})")
+    return t
+
+
+def check_delta_sq_values(delta_sq: torch.Tensor, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]) -> None:
+    """Check ``delta_sq`` (K,) can be ‖A_k B_kᵀ‖²: finite and >= 0, and 0 only where A_k B_kᵀ is 0 (a wrong
+    constant shifts f_k, and a negative one can make it negative). Zero entries are checked against the
+    factors (``low_rank_delta_sq`` of those k only); positive ones are trusted (that is the constant's point)."""
+    check_finite("delta_sq", delta_sq)
+    d = delta_sq.detach()
+    if bool((d < 0).any()):
+        raise ValueError(f"delta_sq must be >= 0 (squared norms ‖A_k B_kᵀ‖²), got {d.tolist()}")
+    from .reference import low_rank_delta_sq
+
+    for k in (d == 0).nonzero().flatten().tolist():
+        a, b = A[k].detach(), B[k].detach()
+        exact = float(low_rank_delta_sq([a], [b])[0])
+        scale = float(a.double().pow(2).sum() * b.double().pow(2).sum())  # ‖A Bᵀ‖² ≤ ‖A‖² ‖B‖²
+        if exact > 1e-6 * scale:
+            raise ValueError(f"delta_sq[{k}] is 0 but ‖A[{k}] B[{k}]ᵀ‖² = {exact:.6g}; pass "
+                             f"low_rank_delta_sq(A, B) (or delta_sq=None)")
+
+
 def check_pref_shape(pref: torch.Tensor, K: int, x: Optional[torch.Tensor] = None, *, name: str = "pref") -> bool:
     """Check pref is (K,) or, with x given, (B, K) with B == x.shape[0]; return True if per-sample."""
     _check_tensor(name, pref)

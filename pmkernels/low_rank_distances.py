@@ -27,7 +27,7 @@ import torch
 
 from . import reference
 from ._dispatch import register_op, resolve_impl as _resolve
-from ._validation import Deltas, check_low_rank_distances, check_pref_values
+from ._validation import Deltas, check_delta_sq_values, check_low_rank_distances, check_pref_values
 
 __all__ = ["LR_IMPLS", "low_rank_delta_sq", "low_rank_distances"]
 
@@ -63,12 +63,15 @@ def low_rank_distances(U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: 
     (computed here when None). Differentiable w.r.t. U, G, V and pref.
     impl: "auto" (= "torch") | "torch" | "naive". The result is float32
     (float64 when U, G, V are float64). ``check_values=False`` skips pref's
-    value checks (a host sync), as in ``weight_distances``.
+    and delta_sq's value checks (host syncs), as in ``weight_distances``: delta_sq must be finite,
+    >= 0, and 0 only for a zero A_k B_kᵀ.
     """
     As, Bs = check_low_rank_distances(U, G, V, pref, A, B, delta_sq)
     impl = _resolve("low_rank_distances", impl, U.device)
     if check_values or normalize:
         pref = check_pref_values(pref, normalize=normalize)
+    if check_values and delta_sq is not None:
+        check_delta_sq_values(delta_sq, As, Bs)
     if impl == "naive":
         return reference.naive_low_rank_distances(U, G, V, pref, As, Bs)
     return reference.torch_low_rank_distances(U, G, V, pref, As, Bs, delta_sq)

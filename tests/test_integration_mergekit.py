@@ -99,7 +99,7 @@ def test_pareto_merging_equals_export_at_two_preferences(dirs, pool, trained, tm
     assert not torch.equal(outs[0][keys[0]], outs[1][keys[0]])  # the preference matters
 
 
-def test_pareto_merging_errors_are_clear(dirs, pool, trained, tmp_path, no_network):
+def test_pareto_merging_errors_are_clear(dirs, pool, trained, tmp_path, no_network, capsys):
     factors = tmp_path / "f.safetensors"
     save_factors(trained, factors, base={"method": "ties", "k": 0.3, "lam": 0.8, "scope": "tensor"})
 
@@ -110,8 +110,9 @@ def test_pareto_merging_errors_are_clear(dirs, pool, trained, tmp_path, no_netwo
         run({"factors": str(factors), "preference": "0.5, 0.5"})
     with pytest.raises(ValueError, match="preference must be K numbers"):
         run({"factors": str(factors), "preference": "half, half"})
-    with pytest.raises(FileNotFoundError, match="factors"):
+    with pytest.raises(SystemExit) as e:  # checked before MergeKit starts: one line, exit 2
         run({"factors": str(tmp_path / "nope.safetensors"), "preference": "0.2,0.3,0.5"})
+    assert e.value.code == 2 and "parameter 'factors': no such file" in capsys.readouterr().err
     wrong_base = tmp_path / "wrong_base.safetensors"  # the factors say task arithmetic: the rebuilt base differs
     save_factors(trained, wrong_base, base={"method": "task_arithmetic", "lam": 0.3})
     with pytest.raises(ValueError, match="not the one the Pareto factors were trained on"):

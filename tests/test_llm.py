@@ -292,9 +292,13 @@ def test_export_refuses_existing_target_and_writes_nothing_half(tmp_path):
     with pytest.raises(ValueError, match="prefs"):  # a bad γ after nothing is written: no temp dir left
         llm.export_peft(m, [[0.2, 0.3, 0.5], [0.9, 0.9, 0.9]], tmp_path / "new")
     assert sorted(os.listdir(tmp_path)) == ["out"]
-    llm.export_hf(m, [0.2, 0.3, 0.5], target, overwrite=True)
-    assert (target / "config.json").is_file() and not (target / "keep").exists()
-    assert sorted(os.listdir(tmp_path)) == ["out"]
+    with pytest.raises(FileExistsError, match="did not write"):  # overwrite replaces only an earlier export
+        llm.export_hf(m, [0.2, 0.3, 0.5], target, overwrite=True)
+    assert (target / "keep").read_text() == "x"
+    llm.export_hf(m, [0.2, 0.3, 0.5], tmp_path / "hf")
+    llm.export_hf(m, [0.2, 0.3, 0.5], tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["hf", "out"]
 
 
 def test_export_peft_rejects_non_linear_pareto_layers(tmp_path):

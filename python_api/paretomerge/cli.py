@@ -252,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "See examples/merge_demo.yaml.")
     m.add_argument("--config", required=True, help="YAML config (paths relative to the file)")
     m.add_argument("--fresh", action="store_true",
-                   help="delete OUTPUT/checkpoints of an earlier run first instead of resuming (a checkpoint of "
-                        "a different config or pool is refused without this)")
+                   help="delete an earlier run's outputs first (OUTPUT/checkpoints, pareto_merged.pt, report.json) "
+                        "instead of resuming (a checkpoint of a different config or pool is refused without this)")
     m.add_argument("--nproc", type=int, default=1,
                    help="train on N local processes (torch.distributed via torchrun; gloo on CPU, nccl on GPU): "
                         "data-free shards the layers, unlabeled shards each batch (default: %(default)s)")
@@ -338,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt so every write in progress removes its temp files."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -350,8 +358,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    import signal
+    import threading
+
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:  # SIGINT or SIGTERM: the atomic writers have removed their temp files
+        name = "SIGTERM" if isinstance(e, _Terminated) else "SIGINT"
+        print(f"paretomerge {args.command}: interrupted ({name}); nothing was left half written",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
     except (ConfigError, ValueError, OSError, KeyError, _InputError, NonFiniteTrainingError, RunMismatchError,
             OutputLockedError, DistributedSetupError) as e:
         # Expected failures (bad config, missing/corrupt file, bad input, a run that cannot go on): one line,
@@ -362,6 +380,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"paretomerge {args.command}: error{'' if rank is None else f' (rank {rank})'}: "
               f"{msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

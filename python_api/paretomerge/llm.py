@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from pmkernels import core_matrix
 
-from .io import PathLike, atomic_directory
+from .io import PathLike, atomic_directory, check_export_target
 from .layers import ParetoConv1D, ParetoLinear, as_preference, export, pareto_layers, single_preference, use_preference
 from .layers.preference import PrefLike
 
@@ -76,6 +76,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, prefs: PrefLike, *,
     def setting(name: str) -> int:
         return int(generate_kwargs.get(name, getattr(gc, name, 1)) or 1)
 
+    # A model with a fixed context (GPT-2's learned positions fail with an index error past n_positions)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    new_tokens = generate_kwargs.get("max_new_tokens", getattr(gc, "max_new_tokens", None))
+    needed = input_ids.shape[1] + (int(new_tokens) if new_tokens is not None else 0)
+    if isinstance(limit, int) and needed > limit:
+        raise ValueError(f"input_ids: prompts of {input_ids.shape[1]} tokens (padded) plus max_new_tokens = "
+                         f"{new_tokens} need {needed} positions but the model has {limit} "
+                         f"(config.max_position_embeddings); shorten the prompts or max_new_tokens")
     # generate runs B · num_beams rows in beam search, else B · num_return_sequences, each prompt's adjacent
     expand = setting("num_beams") if setting("num_beams") > 1 else setting("num_return_sequences")
     p = _prefs_for_batch(prefs, input_ids.shape[0], expand)
@@ -109,8 +117,9 @@ def export_hf(model: nn.Module, pref: PrefLike, out_dir: PathLike, *, overwrite:
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"model must be a Hugging Face PreTrainedModel (with save_pretrained), got "
                         f"{type(model).__name__}")
+    check_export_target(out_dir, overwrite, "out_dir")  # before the work
     plain = _saveable(export(model, pref))
-    with atomic_directory(out_dir, overwrite=overwrite, name="out_dir") as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, name="out_dir", kind="hf") as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
     return Path(out_dir)
 
@@ -169,16 +178,22 @@ def export_peft(model: nn.Module, prefs: Union[Mapping[str, PrefLike], Sequence[
     named = dict(prefs) if isinstance(prefs, Mapping) else {f"pref_{i}": p for i, p in enumerate(prefs)}
     if not named:
         raise ValueError("prefs must hold at least one preference")
-    for n in named:
-        if not isinstance(n, str) or not n or "/" in n or n.startswith("."):
-            raise ValueError(f"prefs: adapter name {n!r} must be a non-empty string without '/' or a leading '.'")
+    for n in named:  # each name is a directory: one path component, nothing the filesystem refuses
+        if not isinstance(n, str) or not n or n.startswith(".") or any(c in n for c in "/\\\0"):
+            raise ValueError(f"prefs: adapter name {n!r} must be a non-empty string without '/', '\\', a NUL "
+                             f"byte or a leading '.'")
     checked = {n: single_preference(p, name=f"prefs[{n!r}]") for n, p in named.items()}
     names, layers, fan_in_fan_out = _lora_targets(model)
+    K = layers[names[0]].G.shape[-1]
+    for n, p in checked.items():
+        if p.shape[0] != K:
+            raise ValueError(f"prefs[{n!r}] has {p.shape[0]} entries but the model has K = {K} objectives")
     ranks = {n: layers[n].rank for n in names}
     r0 = ranks[names[0]]
     odd = {n: r for n, r in ranks.items() if r != r0}
     target = Path(out_dir)
-    with atomic_directory(target, overwrite=overwrite, name="out_dir") as tmp:
+    check_export_target(target, overwrite, "out_dir")  # before the work
+    with atomic_directory(target, overwrite=overwrite, name="out_dir", kind="peft") as tmp:
         base = _saveable(base_model(model))
         base.save_pretrained(tmp / "base", safe_serialization=True)
         base_path = str((target / "base").resolve())

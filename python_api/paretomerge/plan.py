@@ -84,9 +84,10 @@ def safetensors_bytes(paths: Union[PathLike, list[PathLike]]) -> int:
     return total
 
 
-def meta_model(config, auto_class: str = "AutoModelForCausalLM", dtype: Optional[torch.dtype] = None) -> nn.Module:
+def meta_model(config, auto_class="AutoModelForCausalLM", dtype: Optional[torch.dtype] = None) -> nn.Module:
     """A Hugging Face model of ``config`` (a PretrainedConfig or a local directory with config.json) on the meta
-    device: every tensor has its shape and dtype, none has storage."""
+    device: every tensor has its shape and dtype, none has storage. ``auto_class``: a transformers auto class
+    or model class, or its name."""
     import transformers
 
     if not isinstance(config, transformers.PretrainedConfig):
@@ -97,8 +98,13 @@ def meta_model(config, auto_class: str = "AutoModelForCausalLM", dtype: Optional
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    cls = getattr(transformers, auto_class, None) if isinstance(auto_class, str) else auto_class
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"auto_class: {auto_class!r} is not a transformers auto class")
     with torch.device("meta"):
-        return getattr(transformers, auto_class).from_config(config, dtype=dtype)
+        if hasattr(cls, "from_config"):  # an auto class
+            return cls.from_config(config, dtype=dtype)
+        return cls._from_config(config, dtype=dtype)  # a model class (PreTrainedModel's config constructor)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -129,6 +135,15 @@ def memory_plan(model: nn.Module, K: int, trainer: Optional[TrainerConfig] = Non
         tensors.update({id(b): b for n, b in m._buffers.items()
                         if b is not None and n not in m._non_persistent_buffers_set})
     model_bytes = sum(_nbytes(t) for t in tensors.values())
+    # a rank whose U (out, r) or G (r, r, K) cannot exist (more bytes than a tensor's size can count) is a
+    # config error, not the storage overflow building it on the meta device would raise
+    largest = max((max(t.shape) for t in tensors.values() if t.dim()), default=1)
+    for name, r in (("trainer.rank", trainer.rank), ("trainer.rank_mlp", trainer.rank_mlp)):
+        if r is not None and max(largest * r, r * r * K) * 8 >= 2**63:
+            from .config import ConfigError
+
+            raise ConfigError(name, f"{r} is too large: a Pareto layer's U (out, r) or G (r, r, K) would hold "
+                                    f"more elements than a tensor can (largest dimension {largest}, K = {K})")
     convert_for_config(model, K, trainer)
     slots = factored_weights(model)
     pareto = sum(_nbytes(U) + _nbytes(G) + _nbytes(V) for _, U, G, V, _ in slots)
@@ -164,14 +179,16 @@ def plan_for_config(cfg, lowrank_R: Optional[int] = None) -> MemoryPlan:
     pool, the adapters' file bytes.
     """
     from .config import ConfigError
-    from .pools.architectures import build_architecture
+    from .pools.architectures import build_architecture, hf_model_class
 
     p = cfg.pool
     K = len(p.finetuned)
     pre = cfg.path(p.pretrained)
     base_bytes = adapter_bytes = None
     if p.format in ("hf", "peft"):
-        model = meta_model(pre, "AutoModel" if p.format == "hf" else p.auto_class)
+        if not (pre / "config.json").is_file():
+            raise ConfigError("pool.pretrained", f"{str(pre)!r} is not a local Hugging Face model directory")
+        model = meta_model(pre, hf_model_class(pre, p.auto_class))  # the class merge builds
         files = _hf_weight_files(pre)
         base_bytes = safetensors_bytes(files) if files else None
         if p.format == "peft":

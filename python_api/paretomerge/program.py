@@ -16,13 +16,13 @@ import torch.nn as nn
 from .config import ConfigError, MergeConfig
 from .distributed import DistContext
 from .evaluation import Report, evaluate_tasks, preference_set
-from .io import load_state_dict, remove_stale_temp_files, save_model
+from .io import OutputLockedError, check_export_target, load_state_dict, remove_stale_temp_files, save_model
 from .layers import export
 from .layers.convert import QKV_PRESETS
 from .methods import merge
 from .methods.pareto_merging import ParetoMergingTrainer, RunMismatchError, load_checkpoint, reconvert
 from .pools import ModelPool
-from .pools.architectures import build_architecture
+from .pools.architectures import build_architecture, hf_model_class
 
 __all__ = ["OutputLockedError", "base_merge", "evaluate_checkpoint", "export_checkpoint", "export_checkpoint_dir",
            "generate_from_checkpoint", "lm_from_checkpoint", "load_pool", "load_tensors", "model_from_checkpoint",
@@ -78,13 +78,11 @@ def load_pool(cfg: MergeConfig):
     if p.format == "open_clip":
         return _compressed(cfg, ModelPool.from_open_clip_checkpoints(pre, fts, heads_paths or None, trusted=p.trusted))
     heads = {t: _head_from_state(load_state_dict(f)) for t, f in heads_paths.items()} or None
-    auto = _hf_auto_class(p.auto_class)
+    if not (pre / "config.json").is_file():
+        raise ConfigError("pool.pretrained", f"{str(pre)!r} is not a local Hugging Face model directory")
+    auto = hf_model_class(pre, p.auto_class)
     if p.format == "peft":
-        if not (pre / "config.json").is_file():
-            raise ConfigError("pool.pretrained", f"{str(pre)!r} is not a local Hugging Face model directory")
-        import transformers
-
-        model = (auto or transformers.AutoModel).from_pretrained(str(pre), local_files_only=True).eval()
+        model = auto.from_pretrained(str(pre), local_files_only=True).eval()
         pool = ModelPool.from_peft_adapters(model, fts)
     else:
         pool = ModelPool.from_hf_dirs(pre, fts, auto_class=auto)
@@ -123,10 +121,6 @@ LOCK_FILE = ".paretomerge.lock"
 _RUN_OUTPUT = re.compile(r"pareto_merged\.pt|report\.json|last\.pt|step\d{6}\.pt")  # the files a merge run writes
 
 
-class OutputLockedError(RuntimeError):
-    """Another run holds the output directory."""
-
-
 @contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on the output directory ``out`` (``filelock``; fails at once if taken)."""
@@ -163,14 +157,17 @@ def run_identity(cfg: MergeConfig) -> dict:
 
 
 def _prepare_output(out: Path, fresh: bool) -> None:
-    """With the lock held: remove temp files a killed run left; with ``fresh``, the old checkpoints."""
+    """With the lock held: remove temp files a killed run left; with ``fresh``, every output of the earlier run
+    (its checkpoints, and its pareto_merged.pt and report.json, so a fresh run killed before it finishes
+    leaves no old result that looks like its own)."""
     ck = out / "checkpoints"
     for d in (out, ck):
         remove_stale_temp_files(d, lambda name: bool(_RUN_OUTPUT.fullmatch(name)))
-    if fresh and ck.is_dir():
-        for f in ck.iterdir():
-            if _RUN_OUTPUT.fullmatch(f.name) and f.is_file():
-                f.unlink()
+    if fresh:
+        for d in (out, ck):
+            for f in (d.iterdir() if d.is_dir() else ()):
+                if _RUN_OUTPUT.fullmatch(f.name) and f.is_file():
+                    f.unlink()
 
 
 def run_merge(cfg, fresh: bool = False, dist: Optional[DistContext] = None) -> Path:
@@ -209,8 +206,8 @@ def _run_merge_locked(cfg, out: Path, dist: Optional[DistContext]) -> Path:
     arch = cfg.pool.architecture
     arch = None if arch is None else arch.model_dump()
     if cfg.pool.format == "hf":  # rebuilt from the pretrained directory's config.json
-        arch = {"kind": "hf", "dir": str(cfg.path(cfg.pool.pretrained).resolve()),
-                "auto_class": cfg.pool.auto_class or "AutoModel"}
+        pre = cfg.path(cfg.pool.pretrained).resolve()
+        arch = {"kind": "hf", "dir": str(pre), "auto_class": hf_model_class(pre, cfg.pool.auto_class).__name__}
     meta = {"architecture": arch, "base": cfg.base.method}
     trainer = ParetoMergingTrainer(model, pool, tcfg, logits_fn=logits_fn_of(pool) if unlabeled else None,
                                    unlabeled=unlabeled, meta=meta, identity=run_identity(cfg), dist=dist)
@@ -270,17 +267,6 @@ def evaluate_checkpoint(ckpt_path, cfg, specs: Sequence[str], priority: float = 
 
 
 # ----------------------------------------------------------------------------- causal LMs (paretomerge.llm)
-def _hf_auto_class(name: Optional[str]):
-    if name is None:
-        return None
-    import transformers
-
-    auto = getattr(transformers, name, None)
-    if auto is None or not hasattr(auto, "from_pretrained"):
-        raise ConfigError("pool.auto_class", f"{name!r} is not a transformers auto class")
-    return auto
-
-
 def _check_prefs(prefs: Sequence[Sequence[float]], ck: Mapping) -> None:
     K = int(ck["num_objectives"])
     for p in prefs:
@@ -296,6 +282,7 @@ def export_checkpoint_dir(ckpt_path, prefs: Sequence[Sequence[float]], out_dir, 
 
     if fmt not in ("hf", "peft"):
         raise ValueError(f"--format must be 'hf', 'peft' or 'safetensors', got {fmt!r}")
+    check_export_target(out_dir, overwrite, "--out")  # before loading anything
     model, ck = model_from_checkpoint(ckpt_path)
     _check_prefs(prefs, ck)
     if fmt == "hf":

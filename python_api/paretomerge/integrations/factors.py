@@ -22,7 +22,7 @@ from ..config import BaseConfig, plain_data
 from ..io import PathLike, atomic_write
 from ..layers import factored_weights
 
-__all__ = ["FACTORS_FORMAT", "ParetoFactors", "save_factors", "weight_stats"]
+__all__ = ["FACTORS_FORMAT", "FactorsFileError", "ParetoFactors", "save_factors", "weight_stats"]
 
 FACTORS_FORMAT = "paretomerge-factors-v1"
 
@@ -64,6 +64,10 @@ def save_factors(model: nn.Module, path: PathLike, *, base: Mapping[str, Any],
     return [s[0] for s in slots]
 
 
+class FactorsFileError(ValueError):
+    """A Pareto factors file that cannot be read (corrupt, truncated, not one, bad metadata); names the file."""
+
+
 class ParetoFactors:
     """A factors file opened for reading: ``keys`` (the factored weights), ``task_names``, ``base``
     (a ``BaseConfig``), ``factors(key)`` -> (U, G, V), ``check_base(key, W)``."""
@@ -74,16 +78,29 @@ class ParetoFactors:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"factors: no such Pareto factors file {str(path)!r}")
-        with safe_open(str(self.path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            names = list(f.keys())
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                names = list(f.keys())
+        except Exception as e:  # safetensors' own error on a corrupt / truncated file: name the file
+            raise FactorsFileError(f"factors: {str(path)!r} is not a readable safetensors file "
+                                   f"({type(e).__name__}: {e})") from None
         if meta.get("format") != FACTORS_FORMAT:
-            raise ValueError(f"factors: {str(path)!r} is not a Pareto factors file (metadata format "
-                             f"{meta.get('format')!r}, expected {FACTORS_FORMAT!r}); write one with "
-                             f"paretomerge.integrations.factors.save_factors")
-        self.task_names: list[str] = json.loads(meta["task_names"])
-        self.base = BaseConfig(**json.loads(meta["base"]))
+            raise FactorsFileError(f"factors: {str(path)!r} is not a Pareto factors file (metadata format "
+                                   f"{meta.get('format')!r}, expected {FACTORS_FORMAT!r}); write one with "
+                                   f"paretomerge.integrations.factors.save_factors")
+        try:
+            self.task_names: list[str] = [str(t) for t in json.loads(meta["task_names"])]
+            self.base = BaseConfig(**json.loads(meta["base"]))
+        except Exception as e:  # noqa: BLE001 - missing / malformed metadata (KeyError, JSON, pydantic)
+            raise FactorsFileError(f"factors: {str(path)!r} has unreadable metadata ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
         self.keys = sorted({n.rsplit(":", 1)[0] for n in names})
+        parts = {n for n in names}
+        broken = [k for k in self.keys if not all(f"{k}:{x}" in parts for x in ("U", "G", "V", "W_stats"))]
+        if broken:
+            raise FactorsFileError(f"factors: {str(path)!r}: weight {broken[0]!r} lacks some of its tensors "
+                                   f"(:U, :G, :V, :W_stats)")
 
     @property
     def num_objectives(self) -> int:

@@ -43,7 +43,7 @@ import pmkernels
 from ..layers import single_preference
 from ..methods.merge_utils import add_delta, sum_task_vectors
 from ..methods.ties import ties_tensor
-from .factors import ParetoFactors, save_factors
+from .factors import FactorsFileError, ParetoFactors, save_factors
 
 __all__ = ["METHOD_NAME", "base_merge_tensor", "main", "parse_preference", "pareto_merging_method", "register",
            "save_factors"]
@@ -59,7 +59,10 @@ def _factors(path: str) -> ParetoFactors:
         raise FileNotFoundError(f"pareto_merging: parameter 'factors': no such file {str(p)!r}")
     key = (str(p), p.stat().st_mtime_ns)
     if key not in _OPEN:
-        _OPEN[key] = ParetoFactors(p)
+        try:
+            _OPEN[key] = ParetoFactors(p)
+        except FactorsFileError as e:
+            raise FactorsFileError(f"pareto_merging: parameter 'factors': {str(e).removeprefix('factors: ')}") from None
     return _OPEN[key]
 
 
@@ -135,8 +138,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     register()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and not args[0].startswith("-") and Path(args[0]).is_file():
-        _check_local_paths(yaml.safe_load(Path(args[0]).read_text()))
+        cfg = yaml.safe_load(Path(args[0]).read_text())
+        _check_local_paths(cfg)
+        _check_factors(cfg)
     run_yaml.main(args=args, prog_name="paretomerge-mergekit", standalone_mode=argv is None)
+
+
+def _check_factors(cfg) -> None:
+    """Open a ``pareto_merging`` config's factors file before MergeKit starts: a missing or corrupt one is one
+    line naming the file and the ``factors`` parameter, not a traceback from inside the merge."""
+    params = cfg.get("parameters") if isinstance(cfg, dict) and cfg.get("merge_method") == METHOD_NAME else None
+    factors = params.get("factors") if isinstance(params, dict) else None
+    if isinstance(factors, str):
+        try:
+            _factors(factors)
+        except (FileNotFoundError, FactorsFileError) as e:
+            print(f"paretomerge-mergekit: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def _check_local_paths(cfg) -> None:

@@ -10,10 +10,18 @@
 4. Run NSGA-III (``pymoo``, Das–Dennis reference directions) on the K surrogates (maximised) over
    the box [low, high]^K and keep every non-dominated solution (the amortized Pareto front).
 5. A user's γ picks one solution: MAP leaves the choice to the practitioner ("solutions with
-   various trade-offs … based on diverse preferences"); the rule here is the solution maximising
-   Σ_k γ_k m̃_k(c), m̃_k the surrogate min–max normalised over the front (so γ = e_k picks the front's
-   best predicted solution on task k, and the weighting is scale-free). Serving a new γ costs this
+   various trade-offs … based on diverse preferences"); the rule here is weighted (augmented)
+   Tchebycheff, the scalarisation Pareto Merging itself trains with: the solution minimising
+   max_k γ_k (1 − m̃_k(c)) + ρ Σ_k γ_k (1 − m̃_k(c)), m̃_k the surrogate min–max normalised over the
+   front (1 = the front's best on task k, so the ideal point is 1) and ρ = 1e-4 breaking ties toward
+   non-dominated points. Unlike a weighted sum, which can only ever pick points on the front's convex
+   hull, every point of the front (non-convex parts included) is the choice of some γ; γ = e_k picks the
+   front's best predicted solution on task k, and the rule is scale-free. Serving a new γ costs this
    lookup plus one merge — no evaluation, no training.
+
+The surrogates of a bounded metric (accuracy, for ``MAP``) are clipped to its range (``metric_range``):
+a quadratic extrapolates past it (e.g. −3.67 or 1.76 "accuracy" at the box's corners), and NSGA-III
+would chase those impossible values and the normalisation in step 5 would be stretched by them.
 
 ``amortized_front(metric_fn, K, …)`` runs steps 1–4 for any metric function of c (used on toy
 problems in the tests); ``MAP(pool, val, …)`` is the method on a model pool.
@@ -37,6 +45,8 @@ __all__ = ["MAP", "MapFront", "QuadraticSurrogate", "amortized_front", "map_merg
            "num_quadratic_coefficients", "sample_coefficients"]
 
 SAMPLERS = ("sobol", "lhs")
+TCHEBYCHEFF_RHO = 1e-4  # the augmented term of the γ → solution rule: ties go to non-dominated points
+ACCURACY_RANGE = (0.0, 1.0)  # MAP's metric
 
 
 def num_quadratic_coefficients(K: int) -> int:
@@ -54,14 +64,18 @@ def quadratic_features(c: np.ndarray) -> np.ndarray:
 
 @dataclass
 class QuadraticSurrogate:
-    """m̂(c) = features(c) · w for one task; ``r2_holdout`` on samples left out of the first fit."""
+    """m̂(c) = features(c) · w for one task, clipped to ``bounds`` (the metric's range) when given;
+    ``r2_holdout`` on samples left out of the first fit."""
 
     weights: np.ndarray              # (P,)
     r2_holdout: Optional[float]      # None when too few samples were left to hold any out
     r2_train: float
+    bounds: Optional[tuple[float, float]] = None
 
     def __call__(self, c: np.ndarray) -> np.ndarray:
-        return quadratic_features(c) @ self.weights
+        y = quadratic_features(c) @ self.weights
+        # a metric cannot leave its range (accuracy is in [0, 1]); the quadratic extrapolates past it
+        return y if self.bounds is None else np.clip(y, *self.bounds)
 
 
 def _r2(y: np.ndarray, yhat: np.ndarray) -> float:
@@ -70,18 +84,22 @@ def _r2(y: np.ndarray, yhat: np.ndarray) -> float:
     return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res <= 1e-24 else 0.0)
 
 
-def fit_quadratic(c: np.ndarray, y: np.ndarray, holdout: float = 0.2) -> QuadraticSurrogate:
+def fit_quadratic(c: np.ndarray, y: np.ndarray, holdout: float = 0.2,
+                  bounds: Optional[tuple[float, float]] = None) -> QuadraticSurrogate:
     """Least-squares quadratic of y (n,) on c (n, K); the last ⌈holdout·n⌉ samples are held out for R²
-    (when the rest still has P samples), then the surrogate is refit on all of them."""
+    (when the rest still has P samples), then the surrogate is refit on all of them. ``bounds``: the
+    metric's range, which predictions (and so the R²s) are clipped to."""
     X = quadratic_features(c)
     n, P = X.shape
     h = int(np.ceil(holdout * n))
     r2_ho = None
     if h >= 2 and n - h >= P:
         w, *_ = np.linalg.lstsq(X[: n - h], y[: n - h], rcond=None)
-        r2_ho = _r2(y[n - h:], X[n - h:] @ w)
+        r2_ho = _r2(y[n - h:], QuadraticSurrogate(w, None, 0.0, bounds)(c[n - h:]))
     w, *_ = np.linalg.lstsq(X, y, rcond=None)
-    return QuadraticSurrogate(w, r2_ho, _r2(y, X @ w))
+    s = QuadraticSurrogate(w, r2_ho, 0.0, bounds)
+    s.r2_train = _r2(y, s(c))
+    return s
 
 
 def sample_coefficients(budget: int, K: int, low: float = 0.0, high: float = 1.0, sampler: str = "sobol",
@@ -153,11 +171,13 @@ class MapFront:
         return [s.r2_holdout for s in self.surrogates]
 
     def select(self, pref: Sequence[float]) -> np.ndarray:
-        """The coefficient vector of the solution maximising Σ_k γ_k m̃_k (see the module doc)."""
+        """The coefficient vector of the solution minimising the augmented Tchebycheff distance
+        max_k γ_k (1 − m̃_k) + ρ Σ_k γ_k (1 − m̃_k) to the front's ideal point (see the module doc)."""
         g = np.asarray(_check_pref(pref, self.predicted.shape[1]), dtype=np.float64)
         lo, hi = self.predicted.min(0), self.predicted.max(0)
-        norm = (self.predicted - lo) / np.where(hi > lo, hi - lo, 1.0)
-        return self.solutions[int(np.argmax(norm @ g))]
+        gap = 1.0 - (self.predicted - lo) / np.where(hi > lo, hi - lo, 1.0)  # 0 at the front's best on task k
+        weighted = gap * g
+        return self.solutions[int(np.argmin(weighted.max(1) + TCHEBYCHEFF_RHO * weighted.sum(1)))]
 
 
 def _check_budget(budget, K: int) -> None:
@@ -170,8 +190,12 @@ def _check_budget(budget, K: int) -> None:
 
 def amortized_front(metric_fn: Callable[[np.ndarray], Sequence[float]], K: int, *, budget: int = 32,
                     low: float = 0.0, high: float = 1.0, sampler: str = "sobol", seed: int = 0,
-                    holdout: float = 0.2, n_gen: int = 100, n_partitions: Optional[int] = None) -> MapFront:
-    """MAP's steps 1–4 for ``metric_fn(c) -> metrics`` (higher is better) of coefficient vectors c (K,)."""
+                    holdout: float = 0.2, n_gen: int = 100, n_partitions: Optional[int] = None,
+                    metric_range: Optional[tuple[float, float]] = None) -> MapFront:
+    """MAP's steps 1–4 for ``metric_fn(c) -> metrics`` (higher is better) of coefficient vectors c (K,).
+
+    ``metric_range``: (low, high) the metrics cannot leave (e.g. (0, 1) for accuracy); the surrogates'
+    predictions are clipped to it (see the module doc). None: unbounded metrics, no clipping."""
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be a positive int, got {K!r}")
     _check_budget(budget, K)
@@ -180,15 +204,20 @@ def amortized_front(metric_fn: Callable[[np.ndarray], Sequence[float]], K: int, 
         raise ValueError(f"map.low must be < map.high, got {low} and {high}")
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"map.holdout must be in [0, 1), got {holdout}")
+    if metric_range is not None:
+        metric_range = (check_number(metric_range[0], "map.metric_range[0]"),
+                        check_number(metric_range[1], "map.metric_range[1]"))
+        if not metric_range[0] < metric_range[1]:
+            raise ValueError(f"map.metric_range must be (low, high) with low < high, got {metric_range}")
     c = sample_coefficients(budget, K, low, high, sampler, seed)
     t0 = time.perf_counter()
     y = np.asarray([np.asarray(metric_fn(ci), dtype=np.float64).reshape(-1) for ci in c])
     eval_time = time.perf_counter() - t0
     t1 = time.perf_counter()
-    surrogates = [fit_quadratic(c, y[:, k], holdout) for k in range(y.shape[1])]
+    surrogates = [fit_quadratic(c, y[:, k], holdout, metric_range) for k in range(y.shape[1])]
     X, F = nsga3_front(surrogates, K, low, high, n_gen=n_gen, seed=seed, n_partitions=n_partitions)
     return MapFront(c, y, surrogates, X, F, budget, eval_time, time.perf_counter() - t1,
-                    {"sampler": sampler, "low": low, "high": high, "seed": seed})
+                    {"sampler": sampler, "low": low, "high": high, "seed": seed, "metric_range": metric_range})
 
 
 def _check_val(val, task_names: Sequence[str]) -> dict:
@@ -255,7 +284,7 @@ class MAP:
         return out
 
     def fit(self) -> MapFront:
-        self.front = amortized_front(self.metrics, len(self.tasks), **self.options)
+        self.front = amortized_front(self.metrics, len(self.tasks), metric_range=ACCURACY_RANGE, **self.options)
         return self.front
 
     def coefficients(self, pref: Sequence[float]) -> np.ndarray:

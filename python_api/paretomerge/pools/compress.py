@@ -234,7 +234,10 @@ class CompressedTaskVectors:
                    json.loads(meta.get("sq_errors", "{}")))
 
     def check_against(self, base_shapes: Mapping[str, tuple[int, ...]], origin: str = "compressed task vectors") -> None:
-        """Every key names a pretrained tensor of the same shape (ValueError naming the origin, task and key)."""
+        """Every key names a pretrained tensor of the same shape and every value is finite (ValueError naming the
+        origin, task and key: a NaN factor would make every merge from this pool NaN)."""
+        from pmkernels import check_finite
+
         for t in self.tasks:
             for key, d in self.factors[t].items():
                 if key not in base_shapes:
@@ -242,7 +245,11 @@ class CompressedTaskVectors:
                 if tuple(d.shape) != tuple(base_shapes[key]):
                     raise ValueError(f"{origin}: task {t!r}: tensor {key!r} has shape {d.shape} (A Bᵀ) but the "
                                      f"pretrained model's is {tuple(base_shapes[key])}")
+                for part, f in (("A", d.A), ("B", d.B)):
+                    check_finite(f"{origin}: task {t!r}: factor {part} of {key!r}", f)
             for key, v in self.dense.get(t, {}).items():
                 if key not in base_shapes or tuple(v.shape) != tuple(base_shapes[key]):
                     raise ValueError(f"{origin}: task {t!r}: dense tensor {key!r} of shape {tuple(v.shape)} does "
                                      f"not match the pretrained model ({base_shapes.get(key)})")
+                if v.is_floating_point():
+                    check_finite(f"{origin}: task {t!r}: dense tensor {key!r}", v)

@@ -357,11 +357,15 @@ class ModelPool:
         """From local Hugging Face model directories (``from_pretrained(dir, local_files_only=True)``).
 
         Only existing local directories are accepted: a hub name is rejected, nothing is downloaded.
-        ``auto_class``: the class whose ``from_pretrained`` builds the model; default: the class named by
-        the pretrained directory's config.json ``architectures`` (e.g. ``LlamaForCausalLM``, so a causal LM
-        keeps its head and its state-dict keys match the saved files, which are then read lazily), else
-        ``transformers.AutoModel``. Fine-tuned models are loaded one at a time, when their weights are needed.
+        ``auto_class``: the class (or its name) whose ``from_pretrained`` builds the model; default: the class
+        named by the pretrained directory's config.json ``architectures`` (e.g. ``LlamaForCausalLM``, so a causal
+        LM keeps its head and its state-dict keys match the saved files, which are then read lazily; see
+        ``pools.architectures.hf_model_class``). Directories whose config.json differ in ``model_type`` or
+        ``architectures`` are an ``ArchitectureMismatchError`` before any model is built. Fine-tuned models are
+        loaded one at a time, when their weights are needed.
         """
+        from .architectures import check_hf_configs, hf_model_class
+
         _check_mapping(finetuned_dirs, "finetuned_dirs")
         dirs = {"pretrained_dir": pretrained_dir, **{f"finetuned_dirs[{t!r}]": d for t, d in finetuned_dirs.items()}}
         for what, d in dirs.items():
@@ -373,8 +377,8 @@ class ModelPool:
                     f"pass the directory")
             if not (p / "config.json").is_file():
                 raise FileNotFoundError(f"{what}: {str(d)!r} has no config.json; not a Hugging Face model directory")
-        if auto_class is None:
-            auto_class = _hf_architecture_class(Path(pretrained_dir))
+        check_hf_configs(dirs)
+        auto_class = hf_model_class(pretrained_dir, auto_class, field="auto_class")
 
         def load(d):
             m = auto_class.from_pretrained(str(d), local_files_only=True)
@@ -395,21 +399,6 @@ class ModelPool:
             sources.append(LoaderSource((lambda d=d: {k: v.detach() for k, v in load(d).state_dict().items()}),
                                          shapes))
         return cls(pretrained, list(finetuned_dirs), sources)
-
-
-def _hf_architecture_class(d: Path):
-    """The transformers class config.json's ``architectures`` names (the one the model was saved from),
-    else ``transformers.AutoModel``."""
-    import json
-
-    import transformers
-
-    try:
-        names = json.loads((d / "config.json").read_text()).get("architectures") or []
-    except (ValueError, AttributeError):
-        names = []
-    cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
-    return cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
 
 
 def _check_mapping(m, name: str) -> None:
