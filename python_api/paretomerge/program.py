@@ -23,6 +23,7 @@ from .methods import merge
 from .methods.pareto_merging import ParetoMergingTrainer, RunMismatchError, load_checkpoint, reconvert
 from .pools import ModelPool
 from .pools.architectures import build_architecture, hf_model_class
+from .pools.sources import load_hf_model
 
 __all__ = ["OutputLockedError", "base_merge", "evaluate_checkpoint", "export_checkpoint", "export_checkpoint_dir",
            "generate_from_checkpoint", "lm_from_checkpoint", "load_pool", "load_tensors", "model_from_checkpoint",
@@ -82,7 +83,7 @@ def load_pool(cfg: MergeConfig):
         raise ConfigError("pool.pretrained", f"{str(pre)!r} is not a local Hugging Face model directory")
     auto = hf_model_class(pre, p.auto_class)
     if p.format == "peft":
-        model = auto.from_pretrained(str(pre), local_files_only=True).eval()
+        model = load_hf_model(auto, pre)
         pool = ModelPool.from_peft_adapters(model, fts)
     else:
         pool = ModelPool.from_hf_dirs(pre, fts, auto_class=auto)

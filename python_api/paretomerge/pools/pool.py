@@ -37,7 +37,7 @@ import torch.nn as nn
 from ..io import PathLike
 from .compress import CompressedTaskVectors, LowRankDelta, check_rank_or_keep, truncated_svd
 from .sources import (FactoredSource, LoaderSource, ModuleSource, SafetensorsSource, Source, file_source,
-                      hf_safetensors_source)
+                      hf_safetensors_source, load_hf_model)
 
 __all__ = ["ArchitectureMismatchError", "ModelPool", "check_same_architecture", "is_float"]
 
@@ -381,9 +381,7 @@ class ModelPool:
         auto_class = hf_model_class(pretrained_dir, auto_class, field="auto_class")
 
         def load(d):
-            m = auto_class.from_pretrained(str(d), local_files_only=True)
-            m.eval()
-            return m
+            return load_hf_model(auto_class, d)
 
         pretrained = load(pretrained_dir)
         ref = {k: tuple(v.shape) for k, v in pretrained.state_dict().items()}

@@ -203,6 +203,12 @@ def hub_kernels_off():
             os.environ["USE_HUB_KERNELS"] = old
 
 
+def load_hf_model(model_class, d: PathLike) -> nn.Module:
+    """``model_class.from_pretrained(d)`` from the local directory only, hub kernels off, in eval mode."""
+    with hub_kernels_off():
+        return model_class.from_pretrained(str(d), local_files_only=True).eval()
+
+
 def hf_safetensors_source(d: Path, ref_shapes: Mapping[str, tuple[int, ...]]) -> Optional[Source]:
     """A lazy source over a HF directory's safetensors (single or sharded) when their keys and shapes are
     exactly those of the model's state dict; else None (renamed or tied keys: load through transformers)."""
