@@ -8,7 +8,8 @@ pareto_linear:
   materialise W(γ) (B copies of it when γ is per sample), then ``F.linear`` /
   ``bmm``. The baseline of the benchmarks.
 * ``torch_pareto_linear``: the factored form
-  ``x Wᵀ + b + ((x V) M(γ)ᵀ) Uᵀ``; never builds an (out, in) temporary.
+  ``x Wᵀ + b + (x V M(γ)ᵀ) Uᵀ`` with one output allocation; never builds an
+  (out, in) temporary.
 
 weight_distances (f_k = ‖U M(γ) Vᵀ − D_k‖²_F, see ``pmkernels.weight_distances``):
 
@@ -46,11 +47,20 @@ def merged_weight(
 
     weight (out, in), U (out, r), G (r, r, K), V (in, r), pref (K,) -> (out, in);
     pref (B, K) -> (B, out, in).
+
+    The one definition of W(γ): the naive path, ``pmkernels.merged_weight``, ``paretomerge.export`` and
+    ``paretomerge.fixed_preference`` all compute it here, so their weights agree bit for bit.
     """
     M = core_matrix(G, pref)
     acc = M.dtype
-    delta = U.to(acc) @ M @ V.to(acc).transpose(-1, -2)
-    return (weight.to(acc) + delta).to(weight.dtype)
+    UM = U.to(acc) @ M  # (..., out, r): M folded into U first, r×r work only
+    Vt = V.to(acc).t()
+    # one (out, in) buffer in fp32: the base is copied in and the low-rank product accumulated onto it
+    if pref.dim() == 1:
+        merged = weight.to(acc, copy=True).addmm_(UM, Vt)
+    else:
+        merged = weight.to(acc).expand(UM.shape[0], -1, -1).clone().baddbmm_(UM, Vt.expand(UM.shape[0], -1, -1))
+    return merged.to(weight.dtype)
 
 
 def _as_batches(x: torch.Tensor) -> torch.Tensor:
@@ -108,17 +118,24 @@ def torch_pareto_linear(
     V: torch.Tensor,
     pref: torch.Tensor,
 ) -> torch.Tensor:
-    """Factored form: F.linear(x, W, b) + ((x V) M(γ)ᵀ) Uᵀ; rank-sized temporaries only.
+    """Factored form x Wᵀ + b + t Uᵀ with t = x V M(γ)ᵀ; rank-sized temporaries only.
 
-    The (N, r) intermediates are kept in fp32; the expand runs in x's dtype.
+    One (N, out) allocation: ``F.linear`` writes the base product and ``addmm_`` adds the rank-r
+    update into it (nothing saves F.linear's output for backward, so the in-place add is safe under
+    autograd). A shared γ is folded into V once per call (V M(γ)ᵀ: an (in, r) product, in fp32, then
+    in x's dtype), so t is one GEMM; a per-sample γ needs x V (N, r) and one batched (B, L, r)·(B, r, r)
+    product, kept in fp32.
     """
     M = core_matrix(G, pref)
-    xv = (x @ V).to(M.dtype)  # (..., r)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     if pref.dim() == 1:
-        t = xv @ M.t()
+        t = x2 @ (V.to(M.dtype) @ M.t()).to(x.dtype)  # (N, r)
     else:
-        t = torch.bmm(_as_batches(xv), M.transpose(1, 2)).reshape(xv.shape)
-    return F.linear(x, weight, bias) + t.to(x.dtype) @ U.t()
+        xv = _as_batches(x @ V).to(M.dtype)  # (B, L, r)
+        t = torch.bmm(xv, M.transpose(1, 2)).to(x.dtype).reshape(-1, V.shape[1])
+    y = F.linear(x2, weight, bias)
+    y.addmm_(t, U.t())
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 # ---------------------------------------------------------------------------------------- weight_distances
