@@ -20,7 +20,8 @@ weight_distances (f_k = ‖U M(γ) Vᵀ − D_k‖²_F, see ``pmkernels.weight_d
   projections Uᵀ D_k V); no (out, in) temporary besides D_k V.
 
 All take validated inputs (see ``pmkernels.pareto_linear`` /
-``pmkernels.weight_distances``) and are differentiable through plain autograd.
+``pmkernels.weight_distances``) and are differentiable through plain autograd, except
+``torch_pareto_linear`` with a shared γ, whose last step has its own (first-order) backward.
 """
 from __future__ import annotations
 
@@ -109,6 +110,42 @@ def naive_pareto_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+class _SharedPrefLinear(torch.autograd.Function):
+    """y = x Wᵀ + b + (x A) Uᵀ for one shared γ (A = V M(γ)ᵀ, (in, r), built by the caller under autograd).
+
+    Its own backward so that dx = dy W + (dy U) Aᵀ is one buffer (``addmm_`` into dy W) instead of two
+    branches that autograd allocates and adds; t = x A (N, r) is saved, not recomputed. First-order only.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, U, A):
+        t = x2 @ A  # (N, r)
+        y = F.linear(x2, weight, bias)
+        y.addmm_(t, U.t())
+        ctx.save_for_backward(x2, weight, U, A, t)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2, weight, U, A, t = ctx.saved_tensors
+        need_x, need_w, need_b, need_u, need_a = ctx.needs_input_grad
+        dx = dw = db = dU = dA = None
+        dt = dy @ U if (need_x or need_a) else None  # (N, r)
+        if need_x:
+            dx = (dy @ weight).addmm_(dt, A.t())
+        if need_w:
+            dw = dy.t() @ x2
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        if need_u:
+            dU = dy.t() @ t
+        if need_a:
+            dA = x2.t() @ dt
+        return dx, dw, db, dU, dA
+
+
 def torch_pareto_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -121,20 +158,21 @@ def torch_pareto_linear(
     """Factored form x Wᵀ + b + t Uᵀ with t = x V M(γ)ᵀ; rank-sized temporaries only.
 
     One (N, out) allocation: ``F.linear`` writes the base product and ``addmm_`` adds the rank-r
-    update into it (nothing saves F.linear's output for backward, so the in-place add is safe under
-    autograd). A shared γ is folded into V once per call (V M(γ)ᵀ: an (in, r) product, in fp32, then
-    in x's dtype), so t is one GEMM; a per-sample γ needs x V (N, r) and one batched (B, L, r)·(B, r, r)
-    product, kept in fp32.
+    update into it. A shared γ is folded into V once per call (A = V M(γ)ᵀ: an (in, r) product, in
+    fp32, then in x's dtype), so t = x A is one GEMM, and backward writes dx in one buffer
+    (``_SharedPrefLinear``). A per-sample γ needs x V (N, r) and one batched (B, L, r)·(B, r, r) product,
+    kept in fp32; plain autograd (nothing saves F.linear's output, so the in-place add is safe).
     """
     M = core_matrix(G, pref)
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     if pref.dim() == 1:
-        t = x2 @ (V.to(M.dtype) @ M.t()).to(x.dtype)  # (N, r)
+        A = (V.to(M.dtype) @ M.t()).to(x.dtype)  # (in, r)
+        y = _SharedPrefLinear.apply(x2, weight, bias, U, A)
     else:
         xv = _as_batches(x @ V).to(M.dtype)  # (B, L, r)
         t = torch.bmm(xv, M.transpose(1, 2)).to(x.dtype).reshape(-1, V.shape[1])
-    y = F.linear(x2, weight, bias)
-    y.addmm_(t, U.t())
+        y = F.linear(x2, weight, bias)
+        y.addmm_(t, U.t())
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
