@@ -71,18 +71,19 @@ def cuda_capability(device: torch.device) -> int:
 
 # Where merging W(γ) once per call (out·in·r MACs and a few passes over an (out, in) fp32 buffer) beats
 # the factored path's per-row low-rank work (N·(in+out)·r MACs in rank-16 GEMMs, one more pass over x
-# and the output): N ≥ MERGE_FIRST_ROWS · in·out/(in+out). Measured with
+# and the output): N ≥ MERGE_FIRST_ROWS[dtype] · in·out/(in+out). Measured with
 # `bench/scripts/time_pareto_linear_cpu.py crossover` (2-core Xeon VM with AVX-512/AMX, 1 thread, r = 16,
-# K = 8, shared γ, forward; bench/RESULTS.md "pareto_linear on CPU"): naive/torch time crossed 1 at
-# N ≈ 1–2 × in·out/(in+out) in fp32 and 0.5–4 × in bf16 (square 64…768); 4 is the conservative end,
-# so auto never picks a path measured slower (it leaves some wins to the factored path instead).
-MERGE_FIRST_ROWS = 4
+# K = 8, shared γ, forward, square 64…768; bench/RESULTS.md "pareto_linear on CPU"): naive/torch time
+# fell below 1 from N = 2–4 × in·out/(in+out) in fp32; in bf16 (AMX makes the GEMM, not the merge, fast)
+# from N ≤ 1 × for in ≤ 384 but only from ≈ 5 × at 768. Both factors are the conservative end, so auto
+# does not pick a path measured slower (it leaves some bf16 wins to the factored path instead).
+MERGE_FIRST_ROWS = {torch.float32: 4, torch.float64: 4, torch.bfloat16: 6, torch.float16: 6}
 
 
-def merge_first_is_faster(n_rows: int, d_in: int, d_out: int) -> bool:
+def merge_first_is_faster(n_rows: int, d_in: int, d_out: int, dtype: torch.dtype = torch.float32) -> bool:
     """True when a CPU forward of ``pareto_linear`` with one shared γ over ``n_rows`` rows is faster
     merging W(γ) first (impl "naive") than factored (impl "torch"); see ``MERGE_FIRST_ROWS``."""
-    return n_rows * (d_in + d_out) >= MERGE_FIRST_ROWS * d_in * d_out
+    return n_rows * (d_in + d_out) >= MERGE_FIRST_ROWS.get(dtype, 4) * d_in * d_out
 
 
 def resolve_impl(op: str, impl: str, device: torch.device) -> str:

@@ -65,8 +65,9 @@ def pareto_linear(
     W(γ), per sample if needed), "triton" (fused kernels; fp32/bf16/fp16 on
     CUDA, fp32/fp16 under the interpreter, else TypeError), "auto" (Triton on
     CUDA when available, else torch; on CPU "naive" for a shared γ over
-    N ≥ 4·in·out/(in+out) rows when no gradient flows into W(γ): measured
-    faster there, see ``pmkernels._dispatch.MERGE_FIRST_ROWS``).
+    N ≥ c·in·out/(in+out) rows (c = 4 in fp32, 6 in bf16/fp16) when no
+    gradient flows into W(γ): measured faster there, see
+    ``pmkernels._dispatch.MERGE_FIRST_ROWS``).
     """
     check_pareto_linear(x, weight, bias, U, G, V, pref)
     if check_values or normalize:
@@ -91,7 +92,7 @@ def _merge_first(x, weight, U, G, V, pref) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (weight, U, G, V, pref)):
         return False
-    return merge_first_is_faster(x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0])
+    return merge_first_is_faster(x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0], x.dtype)
 
 
 def merged_weight(

@@ -246,14 +246,16 @@ def _auto_picks(monkeypatch, *args, grad=False):
 def test_auto_merges_first_for_a_shared_pref_over_many_rows(monkeypatch):
     from pmkernels._dispatch import MERGE_FIRST_ROWS, merge_first_is_faster
 
-    d = 8  # in·out/(in+out) = 4: merge first from N = 4 · MERGE_FIRST_ROWS rows
-    assert merge_first_is_faster(4 * MERGE_FIRST_ROWS, d, d) and not merge_first_is_faster(4 * MERGE_FIRST_ROWS - 1, d, d)
-    many = [t.float() for t in make_problem(N=(4 * MERGE_FIRST_ROWS,), d_in=d, d_out=d)]
-    few = [t.float() for t in make_problem(N=(4 * MERGE_FIRST_ROWS - 1,), d_in=d, d_out=d)]
+    d, c = 8, MERGE_FIRST_ROWS[torch.float32]  # in·out/(in+out) = 4: merge first from N = 4c rows
+    assert merge_first_is_faster(4 * c, d, d) and not merge_first_is_faster(4 * c - 1, d, d)
+    c16 = MERGE_FIRST_ROWS[torch.bfloat16]
+    assert merge_first_is_faster(4 * c16, d, d, torch.bfloat16) and not merge_first_is_faster(4 * c16 - 1, d, d, torch.bfloat16)
+    many = [t.float() for t in make_problem(N=(4 * c,), d_in=d, d_out=d)]
+    few = [t.float() for t in make_problem(N=(4 * c - 1,), d_in=d, d_out=d)]
     assert _auto_picks(monkeypatch, *many) == "naive"
     assert _auto_picks(monkeypatch, *few) == "torch"
     # per-sample γ: naive would build B weights
-    per_sample = [t.float() for t in make_problem(N=(2, 4 * MERGE_FIRST_ROWS), d_in=d, d_out=d, per_sample=True)]
+    per_sample = [t.float() for t in make_problem(N=(2, 4 * c), d_in=d, d_out=d, per_sample=True)]
     assert _auto_picks(monkeypatch, *per_sample) == "torch"
     # a gradient into W(γ) (the factors train): naive's backward would need dyᵀx; only dx is fine
     many[3].requires_grad_(True)
