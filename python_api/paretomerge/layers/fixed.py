@@ -13,8 +13,8 @@ Two ways to put them back (``exact``):
   is open (one per nesting level).
 * ``exact=False``: PEFT's ``merge_adapter``/``unmerge_adapter``: W ← W(γ) on entry and
   W ← W(γ) − U M(γ) Vᵀ on exit, no extra weight memory, but the restored W differs from the original
-  by the rounding of the two additions (measured in bench/RESULTS.md, "Fixed preference": about 1 ulp
-  of W where it changes; in bf16 that is 2⁻⁸ relative, and it accumulates over repeated blocks).
+  by the rounding of the two additions (bench/RESULTS.md, "Fixed preference": one 768² layer,
+  ‖W'−W‖/‖W‖ = 2e-4 in bf16 and 6e-9 in fp32 after one block, 1.7e-3 and 5e-8 after 100 blocks).
 
 The state lives on the layers (``_fixed_levels``, one entry per open block); layers whose forward
 finds it non-empty take the plain path (``fixed_forward``).
