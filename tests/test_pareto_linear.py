@@ -264,3 +264,20 @@ def test_auto_merges_first_for_a_shared_pref_over_many_rows(monkeypatch):
     many[3].requires_grad_(False)
     many[0].requires_grad_(True)
     assert _auto_picks(monkeypatch, *many, grad=True) == "naive"
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("which", NAMES)
+def test_gradient_of_each_input_alone(which, per_sample):
+    # the shared-γ torch path has its own backward: every subset of needs_input_grad must be right
+    args64 = list(make_problem(per_sample=per_sample))
+    i = NAMES.index(which)
+    args64[i] = args64[i].clone().requires_grad_(True)
+    args32 = [t.detach().float() for t in args64]
+    args32[i].requires_grad_(True)
+    dy = torch.randn(3, 5, 23, dtype=torch.float64)
+    reference_pareto_linear(*args64).backward(dy)
+    pareto_linear(*args32, impl="torch").backward(dy.float())
+    _, scales = term_scales(reference_pareto_linear, args64, dy)
+    assert_close_terms(args32[i].grad, args64[i].grad, scales[i], 1e-5, f"grad of {which}")
+    assert all(t.grad is None for j, t in enumerate(args32) if j != i and t is not None)
