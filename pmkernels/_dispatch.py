@@ -6,7 +6,9 @@ Each op declares its implementations as a tuple (``pareto_linear.IMPLS``,
 
 * ``"auto"``: the fused Triton kernels on CUDA when the op has them and they
   import; the C++ CPU kernel on CPU when the op has one and it builds;
-  otherwise the factored PyTorch path (``"torch"``).
+  otherwise the factored PyTorch path (``"torch"``). ``pareto_linear`` then
+  refines a CPU ``"torch"`` to ``"naive"`` where merging W(γ) first is faster
+  (``merge_first_is_faster``).
 * ``"triton"``: needs the op's Triton module to import (else
   ``NotImplementedError``) and CUDA tensors, or CPU tensors under the Triton
   interpreter (``TRITON_INTERPRET=1``; else ``ValueError``).
@@ -65,6 +67,23 @@ def cuda_capability(device: torch.device) -> int:
     kernels' config pruners."""
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
+
+
+# Where merging W(γ) once per call (out·in·r MACs and a few passes over an (out, in) fp32 buffer) beats
+# the factored path's per-row low-rank work (N·(in+out)·r MACs in rank-16 GEMMs, one more pass over x
+# and the output): N ≥ MERGE_FIRST_ROWS[dtype] · in·out/(in+out). Measured with
+# `bench/scripts/time_pareto_linear_cpu.py crossover` (2-core Xeon VM with AVX-512/AMX, 1 thread, r = 16,
+# K = 8, shared γ, forward, square 64…768; bench/RESULTS.md "pareto_linear on CPU"): naive/torch time
+# fell below 1 from N = 2–4 × in·out/(in+out) in fp32; in bf16 (AMX makes the GEMM, not the merge, fast)
+# from N ≤ 1 × for in ≤ 384 but only from ≈ 5 × at 768. Both factors are the conservative end, so auto
+# does not pick a path measured slower (it leaves some bf16 wins to the factored path instead).
+MERGE_FIRST_ROWS = {torch.float32: 4, torch.float64: 4, torch.bfloat16: 6, torch.float16: 6}
+
+
+def merge_first_is_faster(n_rows: int, d_in: int, d_out: int, dtype: torch.dtype = torch.float32) -> bool:
+    """True when a CPU forward of ``pareto_linear`` with one shared γ over ``n_rows`` rows is faster
+    merging W(γ) first (impl "naive") than factored (impl "torch"); see ``MERGE_FIRST_ROWS``."""
+    return n_rows * (d_in + d_out) >= MERGE_FIRST_ROWS.get(dtype, 4) * d_in * d_out
 
 
 def resolve_impl(op: str, impl: str, device: torch.device) -> str:

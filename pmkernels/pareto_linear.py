@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._dispatch import register_op, resolve_impl as _resolve, triton_importable
+from ._dispatch import merge_first_is_faster, register_op, resolve_impl as _resolve, triton_importable
 from ._validation import check_merged_weight, check_pareto_linear, check_pref_values
 
 IMPLS = ("auto", "triton", "torch", "naive")
@@ -64,12 +64,18 @@ def pareto_linear(
     impl: "torch" (factored, rank-sized temporaries), "naive" (materialises
     W(γ), per sample if needed), "triton" (fused kernels; fp32/bf16/fp16 on
     CUDA, fp32/fp16 under the interpreter, else TypeError), "auto" (Triton on
-    CUDA when available, else torch).
+    CUDA when available, else torch; on CPU "naive" for a shared γ over
+    N ≥ c·in·out/(in+out) rows (c = 4 in fp32, 6 in bf16/fp16) when no
+    gradient flows into W(γ): measured faster there, see
+    ``pmkernels._dispatch.MERGE_FIRST_ROWS``).
     """
     check_pareto_linear(x, weight, bias, U, G, V, pref)
     if check_values or normalize:
         pref = check_pref_values(pref, normalize=normalize)
+    auto = impl == "auto"
     impl = resolve_impl(impl, x.device)
+    if auto and impl == "torch" and _merge_first(x, weight, U, G, V, pref):
+        impl = "naive"
     if impl == "naive":
         return reference.naive_pareto_linear(x, weight, bias, U, G, V, pref)
     if impl == "torch":
@@ -77,6 +83,16 @@ def pareto_linear(
     from .triton_pareto_linear import triton_pareto_linear
 
     return triton_pareto_linear(x, weight, bias, U, G, V, pref)
+
+
+def _merge_first(x, weight, U, G, V, pref) -> bool:
+    """auto on CPU: merge W(γ) first (impl "naive") for a shared γ over enough rows, when no gradient
+    would flow into W(γ) (naive's backward would then need the (out, in) product dyᵀx; dx alone is fine)."""
+    if x.device.type != "cpu" or pref.dim() != 1:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (weight, U, G, V, pref)):
+        return False
+    return merge_first_is_faster(x.numel() // max(x.shape[-1], 1), weight.shape[1], weight.shape[0], x.dtype)
 
 
 def merged_weight(

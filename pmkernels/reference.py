@@ -8,7 +8,8 @@ pareto_linear:
   materialise W(γ) (B copies of it when γ is per sample), then ``F.linear`` /
   ``bmm``. The baseline of the benchmarks.
 * ``torch_pareto_linear``: the factored form
-  ``x Wᵀ + b + ((x V) M(γ)ᵀ) Uᵀ``; never builds an (out, in) temporary.
+  ``x Wᵀ + b + (x V M(γ)ᵀ) Uᵀ`` with one output allocation; never builds an
+  (out, in) temporary.
 
 weight_distances (f_k = ‖U M(γ) Vᵀ − D_k‖²_F, see ``pmkernels.weight_distances``):
 
@@ -19,7 +20,8 @@ weight_distances (f_k = ‖U M(γ) Vᵀ − D_k‖²_F, see ``pmkernels.weight_d
   projections Uᵀ D_k V); no (out, in) temporary besides D_k V.
 
 All take validated inputs (see ``pmkernels.pareto_linear`` /
-``pmkernels.weight_distances``) and are differentiable through plain autograd.
+``pmkernels.weight_distances``) and are differentiable through plain autograd, except
+``torch_pareto_linear`` with a shared γ, whose last step has its own (first-order) backward.
 """
 from __future__ import annotations
 
@@ -46,11 +48,20 @@ def merged_weight(
 
     weight (out, in), U (out, r), G (r, r, K), V (in, r), pref (K,) -> (out, in);
     pref (B, K) -> (B, out, in).
+
+    The one definition of W(γ): the naive path, ``pmkernels.merged_weight``, ``paretomerge.export`` and
+    ``paretomerge.fixed_preference`` all compute it here, so their weights agree bit for bit.
     """
     M = core_matrix(G, pref)
     acc = M.dtype
-    delta = U.to(acc) @ M @ V.to(acc).transpose(-1, -2)
-    return (weight.to(acc) + delta).to(weight.dtype)
+    UM = U.to(acc) @ M  # (..., out, r): M folded into U first, r×r work only
+    Vt = V.to(acc).t()
+    # one (out, in) buffer in fp32: the base is copied in and the low-rank product accumulated onto it
+    if pref.dim() == 1:
+        merged = weight.to(acc, copy=True).addmm_(UM, Vt)
+    else:
+        merged = weight.to(acc).expand(UM.shape[0], -1, -1).clone().baddbmm_(UM, Vt.expand(UM.shape[0], -1, -1))
+    return merged.to(weight.dtype)
 
 
 def _as_batches(x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +110,42 @@ def naive_pareto_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+class _SharedPrefLinear(torch.autograd.Function):
+    """y = x Wᵀ + b + (x A) Uᵀ for one shared γ (A = V M(γ)ᵀ, (in, r), built by the caller under autograd).
+
+    Its own backward so that dx = dy W + (dy U) Aᵀ is one buffer (``addmm_`` into dy W) instead of two
+    branches that autograd allocates and adds; t = x A (N, r) is saved, not recomputed. First-order only.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, U, A):
+        t = x2 @ A  # (N, r)
+        y = F.linear(x2, weight, bias)
+        y.addmm_(t, U.t())
+        ctx.save_for_backward(x2, weight, U, A, t)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2, weight, U, A, t = ctx.saved_tensors
+        need_x, need_w, need_b, need_u, need_a = ctx.needs_input_grad
+        dx = dw = db = dU = dA = None
+        dt = dy @ U if (need_x or need_a) else None  # (N, r)
+        if need_x:
+            dx = (dy @ weight).addmm_(dt, A.t())
+        if need_w:
+            dw = dy.t() @ x2
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        if need_u:
+            dU = dy.t() @ t
+        if need_a:
+            dA = x2.t() @ dt
+        return dx, dw, db, dU, dA
+
+
 def torch_pareto_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -108,17 +155,25 @@ def torch_pareto_linear(
     V: torch.Tensor,
     pref: torch.Tensor,
 ) -> torch.Tensor:
-    """Factored form: F.linear(x, W, b) + ((x V) M(γ)ᵀ) Uᵀ; rank-sized temporaries only.
+    """Factored form x Wᵀ + b + t Uᵀ with t = x V M(γ)ᵀ; rank-sized temporaries only.
 
-    The (N, r) intermediates are kept in fp32; the expand runs in x's dtype.
+    One (N, out) allocation: ``F.linear`` writes the base product and ``addmm_`` adds the rank-r
+    update into it. A shared γ is folded into V once per call (A = V M(γ)ᵀ: an (in, r) product, in
+    fp32, then in x's dtype), so t = x A is one GEMM, and backward writes dx in one buffer
+    (``_SharedPrefLinear``). A per-sample γ needs x V (N, r) and one batched (B, L, r)·(B, r, r) product,
+    kept in fp32; plain autograd (nothing saves F.linear's output, so the in-place add is safe).
     """
     M = core_matrix(G, pref)
-    xv = (x @ V).to(M.dtype)  # (..., r)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     if pref.dim() == 1:
-        t = xv @ M.t()
+        A = (V.to(M.dtype) @ M.t()).to(x.dtype)  # (in, r)
+        y = _SharedPrefLinear.apply(x2, weight, bias, U, A)
     else:
-        t = torch.bmm(_as_batches(xv), M.transpose(1, 2)).reshape(xv.shape)
-    return F.linear(x, weight, bias) + t.to(x.dtype) @ U.t()
+        xv = _as_batches(x @ V).to(M.dtype)  # (B, L, r)
+        t = torch.bmm(xv, M.transpose(1, 2)).to(x.dtype).reshape(-1, V.shape[1])
+        y = F.linear(x2, weight, bias)
+        y.addmm_(t, U.t())
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 # ---------------------------------------------------------------------------------------- weight_distances

@@ -227,3 +227,57 @@ def test_property_matches_reference(lead, d_in, d_out, r, K, per_sample, bias, i
     out = pareto_linear(*cast(args, torch.float32), impl=impl)
     assert out.shape == (*lead, d_out)
     assert_matches_reference(out, args, 1e-5)
+
+
+# ---- auto on CPU: merge W(γ) first where measured faster (pmkernels._dispatch.MERGE_FIRST_ROWS) ----
+
+def _auto_picks(monkeypatch, *args, grad=False):
+    from pmkernels import reference
+
+    picked = []
+    for name in ("naive_pareto_linear", "torch_pareto_linear"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _r=real, _n=name: picked.append(_n) or _r(*a))
+    with torch.set_grad_enabled(grad):
+        pareto_linear(*args, impl="auto")
+    return picked[0].split("_")[0]
+
+
+def test_auto_merges_first_for_a_shared_pref_over_many_rows(monkeypatch):
+    from pmkernels._dispatch import MERGE_FIRST_ROWS, merge_first_is_faster
+
+    d, c = 8, MERGE_FIRST_ROWS[torch.float32]  # in·out/(in+out) = 4: merge first from N = 4c rows
+    assert merge_first_is_faster(4 * c, d, d) and not merge_first_is_faster(4 * c - 1, d, d)
+    c16 = MERGE_FIRST_ROWS[torch.bfloat16]
+    assert merge_first_is_faster(4 * c16, d, d, torch.bfloat16) and not merge_first_is_faster(4 * c16 - 1, d, d, torch.bfloat16)
+    many = [t.float() for t in make_problem(N=(4 * c,), d_in=d, d_out=d)]
+    few = [t.float() for t in make_problem(N=(4 * c - 1,), d_in=d, d_out=d)]
+    assert _auto_picks(monkeypatch, *many) == "naive"
+    assert _auto_picks(monkeypatch, *few) == "torch"
+    # per-sample γ: naive would build B weights
+    per_sample = [t.float() for t in make_problem(N=(2, 4 * c), d_in=d, d_out=d, per_sample=True)]
+    assert _auto_picks(monkeypatch, *per_sample) == "torch"
+    # a gradient into W(γ) (the factors train): naive's backward would need dyᵀx; only dx is fine
+    many[3].requires_grad_(True)
+    assert _auto_picks(monkeypatch, *many, grad=True) == "torch"
+    assert _auto_picks(monkeypatch, *many, grad=False) == "naive"
+    many[3].requires_grad_(False)
+    many[0].requires_grad_(True)
+    assert _auto_picks(monkeypatch, *many, grad=True) == "naive"
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("which", NAMES)
+def test_gradient_of_each_input_alone(which, per_sample):
+    # the shared-γ torch path has its own backward: every subset of needs_input_grad must be right
+    args64 = list(make_problem(per_sample=per_sample))
+    i = NAMES.index(which)
+    args64[i] = args64[i].clone().requires_grad_(True)
+    args32 = [t.detach().float() for t in args64]
+    args32[i].requires_grad_(True)
+    dy = torch.randn(3, 5, 23, dtype=torch.float64)
+    reference_pareto_linear(*args64).backward(dy)
+    pareto_linear(*args32, impl="torch").backward(dy.float())
+    _, scales = term_scales(reference_pareto_linear, args64, dy)
+    assert_close_terms(args32[i].grad, args64[i].grad, scales[i], 1e-5, f"grad of {which}")
+    assert all(t.grad is None for j, t in enumerate(args32) if j != i and t is not None)

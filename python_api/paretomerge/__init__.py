@@ -5,6 +5,8 @@
     with pm.use_preference([0.4, 0.2, 0.2, 0.2]):
         y = model(x)
     plain = pm.export(model, [0.4, 0.2, 0.2, 0.2])
+    with torch.no_grad(), pm.fixed_preference(model, [0.4, 0.2, 0.2, 0.2]):
+        y = model(x)   # W(γ) baked in place: the original model's cost; restored on exit
 
 Subpackages: ``layers`` (Pareto modules, convert/export, preference), ``pools`` (model pools and
 their sources), ``methods`` (task arithmetic, TIES, AdaMerging, Pareto Merging; ``MERGE_METHODS``),
@@ -26,6 +28,7 @@ from .layers import (
     as_preference,
     convert,
     export,
+    fixed_preference,
     get_preference,
     pareto_layers,
     pareto_parameters,
@@ -56,6 +59,7 @@ __all__ = [
     "ParetoConv1D",
     "CompressedTaskVectors", "LowRankDelta", "memory_plan",
     "ParetoConv1x1",
+    "fixed_preference",
 ]
 
 # the paper's baselines (MAP, TA / AdaMerging with preference) and the structure variants

@@ -17,6 +17,7 @@ from .convert import (
     transposed_keys,
 )
 from .conv1d import ParetoConv1D
+from .fixed import fixed_preference, is_fixed
 from .linear import ParetoLinear
 from .preference import (
     NoPreferenceError,
@@ -34,4 +35,5 @@ __all__ = [
     "pareto_parameters", "set_impl", "set_preference", "single_preference", "use_preference",
     "LLM_ATTENTION", "LLM_MLP", "ParetoConv1D", "transposed_keys",
     "ParetoConv1x1", "is_pointwise_conv",
+    "fixed_preference", "is_fixed",
 ]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import pmkernels
 
+from .fixed import check_fixed_call, check_not_fixed
 from .linear import ParetoLinear, check_batch, check_rank_objectives, init_factors
 from .preference import PrefLike, resolve_preference, single_preference
 
@@ -33,6 +34,8 @@ class ParetoMultiheadAttention(nn.Module):
     need_weights, is_causal, dropout. Per-sample pref rows map to the batch
     dim (dim 1 when batch_first=False).
     """
+
+    _fixed_levels = ()  # the open fixed_preference blocks (paretomerge.layers.fixed); none by default
 
     def __init__(self, embed_dim: int, num_heads: int, num_objectives: int, rank: int, *, dropout: float = 0.0,
                  bias: bool = True, batch_first: bool = False, impl: str = "auto", adapt_out_proj: bool = True,
@@ -110,6 +113,11 @@ class ParetoMultiheadAttention(nn.Module):
         is_causal: bool = False,
         pref: Optional[PrefLike] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self._fixed_levels:  # inside fixed_preference: the weights hold W(γ); nn.MultiheadAttention's forward
+            check_fixed_call(self, pref, self._baked_parameters())
+            return self._plain_mha()(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                     attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                     is_causal=is_causal)
         p = resolve_preference(pref, query.device)
         unbatched = query.dim() == 2
         if unbatched:
@@ -158,6 +166,30 @@ class ParetoMultiheadAttention(nn.Module):
                 weights = weights.squeeze(0)
         return out, weights
 
+    def _fixed_slots(self):
+        """(U, G, V, base weight) of the packed in_proj (a Pareto ``out_proj`` bakes its own)."""
+        return [(self.in_proj_U, self.in_proj_G, self.in_proj_V, self.in_proj_weight)]
+
+    def _baked_parameters(self) -> tuple[torch.Tensor, ...]:
+        ps = (self.in_proj_weight, self.in_proj_U, self.in_proj_G, self.in_proj_V)
+        if isinstance(self.out_proj, ParetoLinear):
+            ps += (self.out_proj.weight, self.out_proj.U, self.out_proj.G, self.out_proj.V)
+        return ps
+
+    def _plain_mha(self) -> nn.MultiheadAttention:
+        """An ``nn.MultiheadAttention`` sharing this layer's weight Parameters (not copies), made once per
+        ``fixed_preference`` block and kept out of the module tree (not a submodule, not in state_dict)."""
+        mha = self.__dict__.get("_fixed_plain")
+        if mha is None:
+            mha = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
+                                        bias=self.in_proj_bias is not None, batch_first=self.batch_first,
+                                        device="meta")
+            mha.in_proj_weight, mha.in_proj_bias = self.in_proj_weight, self.in_proj_bias
+            mha.out_proj.weight, mha.out_proj.bias = self.out_proj.weight, self.out_proj.bias
+            self.__dict__["_fixed_plain"] = mha
+        mha.training = self.training
+        return mha
+
     def _additive_mask(self, attn_mask, key_padding_mask, B, L, S, dtype) -> Optional[torch.Tensor]:
         """attn_mask (L, S) or (B·H, L, S) and key_padding_mask (B, S), bool (True = masked) or
         float (added), merged into one float mask broadcastable to (B, H, L, S)."""
@@ -182,6 +214,7 @@ class ParetoMultiheadAttention(nn.Module):
         return self._to_plain(single_preference(pref))
 
     def _to_plain(self, p: torch.Tensor) -> nn.MultiheadAttention:
+        check_not_fixed(self, "export")
         w = self.in_proj_weight
         p = p.to(w.device)
         mha = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,

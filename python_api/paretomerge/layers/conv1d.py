@@ -74,6 +74,13 @@ class ParetoConv1D(ParetoLinear):
     def _weight_out_in(self) -> torch.Tensor:
         return self.weight.t()
 
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """GPT-2 ``Conv1D``'s forward (transformers.pytorch_utils): x (..., in) -> (..., out)."""
+        size_out = x.shape[:-1] + (self.out_features,)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(self.bias, x2, self.weight) if self.bias is not None else x2 @ self.weight
+        return y.view(size_out)
+
     def _to_plain(self, p: torch.Tensor) -> nn.Module:
         cls = getattr(self, "_plain_cls", None)
         if cls is None:

@@ -13,9 +13,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import pmkernels
 
+from .fixed import check_fixed_call, check_not_fixed
 from .linear import check_batch, check_rank_objectives, init_factors
 from .preference import PrefLike, resolve_preference, single_preference
 
@@ -37,6 +39,8 @@ class ParetoConv1x1(nn.Module):
     ``forward(x, pref=None)``: x (N, in, H, W) → (N, out, H, W). pref (K,) for the whole call or
     (N, K) per sample; None uses the active preference (``use_preference``).
     """
+
+    _fixed_levels = ()  # the open fixed_preference blocks (paretomerge.layers.fixed); none by default
 
     def __init__(self, conv: nn.Conv2d, num_objectives: int, rank: int, *, impl: str = "auto") -> None:
         super().__init__()
@@ -66,7 +70,14 @@ class ParetoConv1x1(nn.Module):
         return self.weight.view(self.out_channels, self.in_channels)
 
     def forward(self, x: torch.Tensor, pref: Optional[PrefLike] = None) -> torch.Tensor:
+        if self._fixed_levels:  # inside fixed_preference: the weight holds W(γ); nn.Conv2d's 1×1 forward
+            check_fixed_call(self, pref, (self.weight, self.U, self.G, self.V))
+            return F.conv2d(x, self.weight, self.bias)
         return self._forward_resolved(x, resolve_preference(pref, x.device))
+
+    def _fixed_slots(self):
+        """(U, G, V, base weight as a writable (out, in) view) of the weight ``fixed_preference`` bakes."""
+        return [(self.U, self.G, self.V, self._weight_2d())]
 
     def _forward_resolved(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """forward with a preference already checked and on x's device."""
@@ -83,6 +94,7 @@ class ParetoConv1x1(nn.Module):
         return self._merged_weight(single_preference(pref)).view_as(self.weight)
 
     def _merged_weight(self, p: torch.Tensor) -> torch.Tensor:
+        check_not_fixed(self, "merged_weight / export")
         return pmkernels.merged_weight(self._weight_2d(), self.U, self.G, self.V, p.to(self.weight.device),
                                        check_values=False)
 

@@ -17,9 +17,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import pmkernels
 
+from .fixed import check_fixed_call, check_not_fixed
 from .preference import PrefLike, resolve_preference, single_preference
 
 
@@ -58,6 +60,7 @@ class ParetoLinear(nn.Module):
     """
 
     stored_transposed = False  # the state-dict tensor is weight (out, in) as the factors use it
+    _fixed_levels = ()  # the open fixed_preference blocks (paretomerge.layers.fixed); none by default
 
     def __init__(
         self,
@@ -112,7 +115,18 @@ class ParetoLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor, pref: Optional[PrefLike] = None) -> torch.Tensor:
+        if self._fixed_levels:  # inside fixed_preference: the weight holds W(γ)
+            check_fixed_call(self, pref, (self.weight, self.U, self.G, self.V))
+            return self._plain_forward(x)
         return self._forward_resolved(x, resolve_preference(pref, x.device))
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped ``nn.Linear``'s forward (what ``to_linear`` returns computes)."""
+        return F.linear(x, self.weight, self.bias)
+
+    def _fixed_slots(self):
+        """(U, G, V, base weight as a writable (out, in) view) of each weight ``fixed_preference`` bakes."""
+        return [(self.U, self.G, self.V, self._weight_out_in())]
 
     def _forward_resolved(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """forward with a preference already checked and on x's device."""
@@ -131,6 +145,7 @@ class ParetoLinear(nn.Module):
         return self._merged_weight(single_preference(pref))
 
     def _merged_weight(self, p: torch.Tensor) -> torch.Tensor:
+        check_not_fixed(self, "merged_weight / export")
         return pmkernels.merged_weight(self._weight_out_in(), self.U, self.G, self.V, p.to(self.weight.device),
                                        check_values=False)
 
