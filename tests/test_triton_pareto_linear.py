@@ -280,7 +280,7 @@ def test_autotune_config_buckets():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("r,K,B", [(1, 1, 1), (3, 4, 3), (17, 4, 5), (5, 3, 1),
-                                   (40, 5, 2), (100, 64, 2), (128, 3, 1)])  # r > 32: the tiled core (BLOCK_C < BLOCK_R)
+                                   (40, 5, 2), (40, 5, 1), (100, 64, 2), (128, 3, 1)])  # r > 32: tiled core; B = 1: shared-γ fold
 def test_shrink_kernel_poisoned(dtype, r, K, B):
     N, D, L = B * 7, 37, 7
     a = torch.randn(N, D, dtype=torch.float64, device=DEV)
