@@ -109,6 +109,19 @@ _BASE_GEMM = os.environ.get("PMKERNELS_BASE_GEMM", "triton")
 _DOT_PRECISION = "ieee" if _INTERPRET else "tf32"
 
 
+def _autotune_max_configs() -> Optional[int]:
+    """PMKERNELS_AUTOTUNE_CONFIGS=N: each autotuned launch tries at most the first N configs its pruner keeps
+    (the bucket lists are ordered most-likely-best first), a fixed small set for short GPU windows
+    (bench/gpu_check.sh uses 2). Unset or 0: every kept config."""
+    raw = os.environ.get("PMKERNELS_AUTOTUNE_CONFIGS", "0").strip() or "0"
+    if not raw.isdigit():
+        raise ValueError(f"PMKERNELS_AUTOTUNE_CONFIGS must be a non-negative integer, got {raw!r}")
+    return int(raw) or None
+
+
+_AUTOTUNE_MAX = _autotune_max_configs()
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -421,7 +434,7 @@ def _prune_gemm(configs, named_args, **kwargs):
     a, b = named_args["a_ptr"], named_args["b_ptr"]
     return gemm_configs(a.dtype, gemm_bucket(named_args["M"], named_args["N"]), has_lora=kwargs["HAS_LORA"],
                         add_c=kwargs["ADD_C"], block_r=kwargs["BLOCK_R"], capability=cuda_capability(a.device),
-                        b_dtype=b.dtype)
+                        b_dtype=b.dtype)[:_AUTOTUNE_MAX]
 
 
 _SHRINK_CONFIGS = {  # (BLOCK_N, BLOCK_D, num_stages, num_warps)
@@ -466,7 +479,7 @@ def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: in
 def _prune_shrink(configs, named_args, **kwargs):
     a = named_args["a_ptr"]
     return shrink_configs(a.dtype, kwargs["BLOCK_R"], named_args["K"], not kwargs["SHARED_PREF"],
-                          cuda_capability(a.device), small_n=named_args["N"] <= 64)
+                          cuda_capability(a.device), small_n=named_args["N"] <= 64)[:_AUTOTUNE_MAX]
 
 
 def core_grad_launch(block_r: int) -> dict:

@@ -502,3 +502,28 @@ def test_cuda_shape_grid(shape, dtype, per_sample):
     y_t = pmkernels.pareto_linear(*a, impl="triton")
     y_p = pmkernels.pareto_linear(*a, impl="torch")
     assert rel_err(y_t, y_p) < _tol(dtype)
+
+
+def test_autotune_config_cap(monkeypatch):
+    # PMKERNELS_AUTOTUNE_CONFIGS=N (bench/gpu_check.sh's short GPU window): the runtime pruners keep only
+    # the first N configs of what gemm_configs / shrink_configs keep; unset: all of them; bad values fail.
+    monkeypatch.setattr(tpl, "cuda_capability", lambda dev: 90)
+    a = torch.empty(100, 64, dtype=torch.bfloat16)
+    gemm_kw = dict(HAS_LORA=True, ADD_C=False, BLOCK_R=16)
+    gemm_args = dict(a_ptr=a, b_ptr=a, M=8192, N=4096)
+    shrink_kw = dict(BLOCK_R=16, SHARED_PREF=True)
+    shrink_args = dict(a_ptr=a, K=8, N=8192)
+    every_gemm = tpl.gemm_configs(torch.bfloat16, "large_m", has_lora=True, add_c=False, block_r=16, capability=90,
+                                  b_dtype=torch.bfloat16)
+    assert len(every_gemm) > 2
+    monkeypatch.setattr(tpl, "_AUTOTUNE_MAX", None)
+    assert len(tpl._prune_gemm([], gemm_args, **gemm_kw)) == len(every_gemm)
+    monkeypatch.setattr(tpl, "_AUTOTUNE_MAX", 2)
+    assert tpl._prune_gemm([], gemm_args, **gemm_kw) == every_gemm[:2]
+    assert len(tpl._prune_shrink([], shrink_args, **shrink_kw)) == 2
+    for raw, want in (("", None), ("0", None), ("3", 3)):
+        monkeypatch.setenv("PMKERNELS_AUTOTUNE_CONFIGS", raw)
+        assert tpl._autotune_max_configs() == want
+    monkeypatch.setenv("PMKERNELS_AUTOTUNE_CONFIGS", "two")
+    with pytest.raises(ValueError, match="PMKERNELS_AUTOTUNE_CONFIGS"):
+        tpl._autotune_max_configs()
