@@ -238,6 +238,14 @@ def tables() -> str:
     for ln in fused(N, I, O, B, True, True):
         out.append(f"| {ln.name} | {ln.bytes / 1e6:.1f} | {ln.tc_flops / 1e9:.2f} | {ln.fma_flops / 1e9:.3f} | "
                    f"{ln.time(H100) * 1e6:.1f} |")
+    out.append("\n### A decode step (16 tokens, 4096→4096, shared γ, forward), H100: every launch\n")
+    out.append("| launch | HBM bytes (MB) | tensor-core GFLOP | CUDA-core GFLOP | predicted µs (eager) | "
+               "predicted µs (CUDA graph) |")
+    out.append("|---|---|---|---|---|---|")
+    N, I, O, B = SHAPES["decode 16 tokens"]
+    for ln in fused(N, I, O, B, False, False) + f_linear(N, I, O, False):
+        out.append(f"| {ln.name} | {ln.bytes / 1e6:.2f} | {ln.tc_flops / 1e9:.3f} | {ln.fma_flops / 1e9:.5f} | "
+                   f"{ln.time(H100) * 1e6:.1f} | {ln.time(H100, LAUNCH_GRAPH) * 1e6:.1f} |")
     return "\n".join(out)
 
 
