@@ -226,7 +226,7 @@ def _gemm_kernel(
     M, N, K, R, K_PER_SPLIT,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
     stride_tm, stride_tr, stride_un, stride_ur,
-    M_BUCKET,  # autotune key only: small (decode) vs large token counts
+    M_BUCKET,  # autotune key only: bit 0 small (decode) vs large token counts, bit 1 unaligned loads
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
@@ -373,7 +373,22 @@ _GEMM_BUCKET_CONFIGS = {
         _cfg(32, 32, 256, 3, 4), _cfg(64, 32, 64, 3, 4),
     ],
 }
-_GEMM_CONFIGS = [c for cs in _GEMM_BUCKET_CONFIGS.values() for c in cs]
+# Launches whose A/B loads Triton cannot prove 16-element aligned (an odd K or row stride: odd in/out
+# features, odd-width views) load element by element, unpipelined for half precision, with 64-bit addresses
+# per element: nearly every config above spilled there (AOT sweep at odd sizes, sm_80/sm_90, 8 B to 7 KB).
+# These keep BLOCK_K = 32 (a third of the registers of the loaded tiles) and <= 32 accumulators per thread.
+# (Each was spill-free at odd sizes on sm_80 in bf16 and fp32 for the forward, decode, dx and dW launches.)
+_GEMM_UNALIGNED_CONFIGS = {
+    "small_m": [_cfg(16, 32, 64, 4, 4), _cfg(16, 64, 64, 4, 4), _cfg(32, 32, 64, 3, 4), _cfg(16, 64, 32, 3, 4)],
+    "large_m": [_cfg(64, 128, 32, 3, 8), _cfg(128, 64, 32, 3, 8), _cfg(64, 64, 32, 3, 4), _cfg(32, 64, 32, 3, 4)],
+}
+_GEMM_CONFIGS = [c for cs in list(_GEMM_BUCKET_CONFIGS.values()) + list(_GEMM_UNALIGNED_CONFIGS.values()) for c in cs]
+
+
+def loads_aligned(K: int, *strides: int) -> bool:
+    """True when the reduction length and every non-unit stride of A and B are multiples of 16 elements,
+    i.e. Triton specialises them as divisible and vectorises (and pipelines) the tile loads."""
+    return K % 16 == 0 and all(s == 1 or s % 16 == 0 for s in strides)
 
 
 def gemm_bucket(M: int, N: int) -> str:
@@ -397,10 +412,12 @@ _TRITON_BEFORE_3_8 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < 
 
 
 def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: int, capability: int,
-                 b_dtype=None) -> list:
+                 b_dtype=None, aligned: bool = True) -> list:
     """The _gemm_kernel configs the autotuner may try for this launch, in order; never empty.
 
     dtype: A's dtype (B is cast to it; b_dtype: B's own dtype when it differs, fp32 for dU/dV).
+    aligned: ``loads_aligned`` of the launch; unaligned small_m / large_m launches draw from
+    ``_GEMM_UNALIGNED_CONFIGS`` instead (thin_n's tiles were spill-free at odd sizes too).
     Kept: shared memory estimate within the capability's limit, and register rules the AOT sweep
     (bench/scripts/aot_sweep.py) found spill-free on sm_80/sm_90: at most 128 fp32 accumulators per
     thread, at most 64 with the expand epilogue at block_r >= 64 or in the accumulate-into-C pass
@@ -410,7 +427,9 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
     b_bytes = _ELEM_BYTES[dtype_name(b_dtype)] if b_dtype is not None else a_bytes
     limit = smem_limit(capability)
     keep = []
-    for c in _GEMM_BUCKET_CONFIGS[bucket]:
+    cands = _GEMM_BUCKET_CONFIGS[bucket] if aligned or bucket not in _GEMM_UNALIGNED_CONFIGS \
+        else _GEMM_UNALIGNED_CONFIGS[bucket]
+    for c in cands:
         acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
         if _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r) > limit:
             continue
@@ -426,15 +445,14 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
             if acc_per_thread > 64 or (b_bytes == 4 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] >= 128 * 128):
                 continue
         keep.append(c)
-    return keep or [min(_GEMM_BUCKET_CONFIGS[bucket], key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora,
-                                                                                   block_r))]
+    return keep or [min(cands, key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r))]
 
 
 def _prune_gemm(configs, named_args, **kwargs):
     a, b = named_args["a_ptr"], named_args["b_ptr"]
     return gemm_configs(a.dtype, gemm_bucket(named_args["M"], named_args["N"]), has_lora=kwargs["HAS_LORA"],
                         add_c=kwargs["ADD_C"], block_r=kwargs["BLOCK_R"], capability=cuda_capability(a.device),
-                        b_dtype=b.dtype)[:_AUTOTUNE_MAX]
+                        b_dtype=b.dtype, aligned=named_args["M_BUCKET"] < 2)[:_AUTOTUNE_MAX]
 
 
 _SHRINK_CONFIGS = {  # (BLOCK_N, BLOCK_D, num_stages, num_warps)
@@ -611,7 +629,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[
         c.stride(0) if splits > 1 else 0,
         t.stride(0) if lora else 0, t.stride(1) if lora else 0,
         u.stride(0) if lora else 0, u.stride(1) if lora else 0,
-        0 if M <= 64 else 1,
+        (0 if M <= 64 else 1) + (0 if loads_aligned(k_run, a.stride(0), a.stride(1), b.stride(0), b.stride(1)) else 2),
         HAS_LORA=lora, HAS_BIAS=bias is not None, ADD_C=add_c,
         BLOCK_R=pad_rank(R), PRECISION=_DOT_PRECISION, **_GEMM_FIXED,
     )

@@ -510,7 +510,7 @@ def test_autotune_config_cap(monkeypatch):
     monkeypatch.setattr(tpl, "cuda_capability", lambda dev: 90)
     a = torch.empty(100, 64, dtype=torch.bfloat16)
     gemm_kw = dict(HAS_LORA=True, ADD_C=False, BLOCK_R=16)
-    gemm_args = dict(a_ptr=a, b_ptr=a, M=8192, N=4096)
+    gemm_args = dict(a_ptr=a, b_ptr=a, M=8192, N=4096, M_BUCKET=1)
     shrink_kw = dict(BLOCK_R=16, SHARED_PREF=True)
     shrink_args = dict(a_ptr=a, K=8, N=8192)
     every_gemm = tpl.gemm_configs(torch.bfloat16, "large_m", has_lora=True, add_c=False, block_r=16, capability=90,
@@ -527,3 +527,26 @@ def test_autotune_config_cap(monkeypatch):
     monkeypatch.setenv("PMKERNELS_AUTOTUNE_CONFIGS", "two")
     with pytest.raises(ValueError, match="PMKERNELS_AUTOTUNE_CONFIGS"):
         tpl._autotune_max_configs()
+
+
+def test_unaligned_gemm_configs(monkeypatch):
+    # Odd K or row strides (no divisibility hints: element-wise, unpipelined loads) spilled in nearly every
+    # aligned config (AOT sweep at odd sizes); such launches get their own small-K tiles, chosen by the
+    # launch's M_BUCKET bit 1, which is also part of the autotune key.
+    assert tpl.loads_aligned(4096, 4096, 1, 4096, 1) and tpl.loads_aligned(0, 1, 4096, 1, 768)
+    assert not tpl.loads_aligned(4093, 4093, 1, 4093, 1) and not tpl.loads_aligned(4096, 4093, 1, 4096, 1)
+    for bucket in ("small_m", "large_m"):
+        for cap in (80, 90):
+            for dt in ("bf16", "fp32"):
+                odd = tpl.gemm_configs(dt, bucket, has_lora=True, add_c=False, block_r=16, capability=cap,
+                                       aligned=False)
+                assert odd and all(c in tpl._GEMM_UNALIGNED_CONFIGS[bucket] for c in odd)
+                assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) <= 32 for c in odd)
+    thin = dict(has_lora=False, add_c=False, block_r=16, capability=90, b_dtype=torch.float32)
+    assert tpl.gemm_configs("bf16", "thin_n", aligned=False, **thin) == tpl.gemm_configs("bf16", "thin_n", **thin)
+    monkeypatch.setattr(tpl, "cuda_capability", lambda dev: 90)
+    a = torch.empty(8, 8, dtype=torch.bfloat16)
+    kw = dict(HAS_LORA=True, ADD_C=False, BLOCK_R=16)
+    for m_bucket, odd in ((1, False), (3, True)):
+        got = tpl._prune_gemm([], dict(a_ptr=a, b_ptr=a, M=8185, N=4091, M_BUCKET=m_bucket), **kw)
+        assert all((c in tpl._GEMM_UNALIGNED_CONFIGS["large_m"]) == odd for c in got)

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of dynamic shared memory one block may opt into (H100, A100)
@@ -64,7 +65,12 @@ def _gemm_args(dt, M, N, K, R, a_strides, b_strides, c_dt, t_dt, u_dt, lora, spl
                 stride_cm=N, stride_cn=1, stride_cs=M * N if split > 1 else 0,
                 stride_tm=R if lora else 0, stride_tr=1 if lora else 0,
                 stride_un=R if lora else 0, stride_ur=1 if lora else 0,
-                M_BUCKET=0 if M <= 64 else 1)
+                M_BUCKET=(0 if M <= 64 else 1) + (0 if _aligned(K, a_strides[:2], b_strides[:2]) else 2))
+
+
+def _aligned(K, a_strides, b_strides) -> bool:
+    from pmkernels.triton_pareto_linear import loads_aligned
+    return loads_aligned(K, *a_strides, *b_strides)
 
 
 # The test suite's slice: per arch, the big forward GEMM in bf16 and fp32 at r = 64 (aligned and odd sizes),
@@ -79,14 +85,17 @@ SUBSET = {("gemm", "fwd+bias r=64", "bf16", True), ("gemm", "fwd+bias r=64", "fp
 SHAPES = ("aligned", "unaligned")
 
 
-def specs(subset: bool = False, shapes: tuple[str, ...] = SHAPES) -> list[Spec]:
-    """Every launch variant to compile at the given shape families (``subset``: only those named in SUBSET)."""
+def specs(subset: bool = False, shapes: tuple[str, ...] = SHAPES, kernels: Optional[set] = None,
+          dtypes: Optional[set] = None, variant: str = "") -> list[Spec]:
+    """Every launch variant to compile at the given shape families (``subset``: only those named in SUBSET;
+    ``kernels``, ``dtypes``: only those; ``variant``: only variants whose name contains it)."""
     out: list[Spec] = []
     for shape in shapes:
         out += _specs_at(shape == "aligned")
     if subset:
         out = [s for s in out if (s.kernel, s.variant, s.dtype, s.aligned) in SUBSET]
-    return out
+    return [s for s in out if (kernels is None or s.kernel in kernels) and (dtypes is None or s.dtype in dtypes)
+            and variant in s.variant]
 
 
 def _specs_at(aligned: bool) -> list[Spec]:
@@ -129,7 +138,8 @@ def _specs_at(aligned: bool) -> list[Spec]:
             for variant, bucket, r, flags, args in gemm:
                 R = pad_rank(r)
                 kept = tpl.gemm_configs(dt, bucket, has_lora=flags["HAS_LORA"], add_c=flags["ADD_C"], block_r=R,
-                                        capability=arch, b_dtype="fp32" if bucket == "thin_n" else None)
+                                        capability=arch, b_dtype="fp32" if bucket == "thin_n" else None,
+                                        aligned=args["M_BUCKET"] < 2)
                 out.append(Spec("gemm", variant, dt, arch, r, args, dict(flags, BLOCK_R=R, PRECISION=prec),
                                 [_cfg(c) for c in kept], aligned))
             # shrink: z = x V, t = z M_bᵀ; shared γ (SHARED_PREF: M = Σ_k γ_k G_k folded per CTA in registers)
@@ -380,6 +390,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", choices=("both",) + SHAPES, default="both",
                     help="aligned sizes, odd sizes (no divisibility specialisation) or both (default)")
     ap.add_argument("--unaligned", action="store_true", help="same as --shapes unaligned")
+    ap.add_argument("--kernels", help="comma-separated: only these kernels (gemm, shrink, core_grad, wd_pass)")
+    ap.add_argument("--dtypes", help="comma-separated: only these dtypes (bf16, fp16, fp32)")
+    ap.add_argument("--variant", default="", help="only launch variants whose name contains this")
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--write-results", action="store_true", help="write the table into bench/RESULTS.md")
     ap.add_argument("--details", action="store_true", help="also print one line per launch variant")
@@ -393,7 +406,10 @@ def main(argv=None) -> int:
         return 77
     t0 = time.time()
     shapes = ("unaligned",) if a.unaligned else SHAPES if a.shapes == "both" else (a.shapes,)
-    all_specs = specs(subset=a.subset, shapes=shapes)
+    split = lambda v: set(v.split(",")) if v else None  # noqa: E731
+    all_specs = specs(subset=a.subset, shapes=shapes, kernels=split(a.kernels), dtypes=split(a.dtypes),
+                      variant=a.variant)
+    partial = a.subset or bool(a.kernels or a.dtypes or a.variant) or len(shapes) < len(SHAPES)
     n = sum(len(s.configs) for s in all_specs)
     print(f"triton {triton.__version__}: {len(all_specs)} launch variants, {n} compiles on {a.procs} processes",
           flush=True)
@@ -409,14 +425,22 @@ def main(argv=None) -> int:
         print("FAIL", f)
     if a.write_results:
         shape = " and ".join("odd (unaligned)" if sh == "unaligned" else sh for sh in shapes)
-        text = (f"## Ahead-of-time compile sweep (Triton {triton.__version__}, {shape} shapes, "
-                f"{time.strftime('%Y-%m-%d')})\n\n"
-                f"`python bench/scripts/aot_sweep.py --write-results`: every config the pruners keep, compiled for "
+        cmd = " ".join(["python bench/scripts/aot_sweep.py"] + (argv if argv is not None else sys.argv[1:]))
+        scope = "every config the pruners keep" if not partial else "a partial sweep (filters in the command)"
+        text = (f"## Ahead-of-time compile sweep{' (partial)' if partial else ''} (Triton {triton.__version__}, "
+                f"{shape} shapes, {time.strftime('%Y-%m-%d')})\n\n"
+                f"`{cmd}`: {scope}, compiled for "
                 f"sm_90 and sm_80 with the wheel's ptxas ({n} compiles, {wall:.0f} s on {a.procs} processes, "
                 f"2-core CPU VM). Limits: shared memory {SMEM_LIMIT[90] // 1024} KB (sm_90), "
                 f"{SMEM_LIMIT[80] // 1024} KB (sm_80). {len(fails)} failures.\n\n{summary}\n\n"
                 f"<details><summary>per launch variant</summary>\n\n{variant_table(rows)}\n\n</details>")
-        write_results(text)
+        if partial:  # a filtered run never overwrites the full sweep's table; one section per filter set
+            slug = "-".join(["+".join(shapes), a.kernels or "all", a.dtypes or "all", a.variant or "all"]
+                            + (["subset"] if a.subset else [])).replace(",", "+").replace(" ", "_")
+            write_results(text, begin=f"<!-- aot-sweep-partial {slug}:begin -->",
+                          end=f"<!-- aot-sweep-partial {slug}:end -->")
+        else:
+            write_results(text)
     if not fails:
         print("SWEEP OK")
     return 1 if fails else 0
