@@ -693,7 +693,7 @@ def _backward(dy, x, weight, U, G, V, pref, z, t, need):
     if nw:
         dw = _gemm(dy.t(), x.t(), weight.dtype, split_k=_split_k(*weight.shape, N, dev))
     if nb:
-        db = dy.float().sum(0).to(dy.dtype)
+        db = dy.sum(0, dtype=torch.float32).to(dy.dtype)  # fp32 accumulation without an (N, out) fp32 copy
     if nu:
         du = _gemm(dy.t(), t.t(), U.dtype, split_k=_split_k(*U.shape, N, dev))
     if nv:
