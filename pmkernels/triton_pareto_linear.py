@@ -134,7 +134,7 @@ def _shrink_kernel(
     stride_an, stride_ad, stride_pd, stride_pr,
     stride_ha, stride_hc, stride_hk, stride_gb, stride_gk,
     stride_zn, stride_tn,
-    N_BUCKET,  # autotune key only: small (decode) vs large token counts
+    N_BUCKET,  # autotune key only: bit 0 small (decode) vs large token counts, bit 1 unaligned loads
     SHARED_PREF: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -439,6 +439,8 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
             continue
         if a_bytes == 2 and capability < 90 and c.num_stages >= 5:  # Triton 3.9, sm_80: 64×64×64 at 5 stages spilled 4 B
             continue
+        if add_c and not aligned and a_bytes == 2 and capability < 90 and c.num_warps < 8:
+            continue  # the hybrid pass at odd sizes, sm_80, half precision: 64×64 on 4 warps spilled 52 B
         if _TRITON_BEFORE_3_8 and capability < 90 and a_bytes == 2:
             # Triton 3.6's sm_80 codegen (not 3.8/3.9's) spilled 8-72 B in the 128-accumulator half-precision
             # tiles and 4 B in the 128×128 A tile of dU/dV (fp32 B cast in the loop): found by the AOT sweep.
@@ -466,12 +468,15 @@ def shrink_block_c(block_r: int, K: int) -> int:
     return block_r if block_r <= 32 else 32
 
 
-def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: int, small_n: bool) -> list:
+def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: int, small_n: bool,
+                   aligned: bool = True) -> list:
     """The _shrink_kernel configs the autotuner may try, in order; never empty.
 
     dtype: x's (A's) dtype; block_r: r padded (pad_rank); K: core slices;
     small_n: N <= 64 (decode). Kept: shared memory estimate (num_stages buffers of the A and P tiles)
     within the limit, at most 64 fp32 z accumulators per thread; BLOCK_C from shrink_block_c.
+    aligned: ``loads_aligned`` of the launch; at odd sizes (element-wise loads) the prefill configs with
+    BLOCK_D >= 64 spilled 4-36 B (AOT sweep, sm_80/sm_90), so unaligned prefill launches keep BLOCK_D <= 32.
     """
     es = _ELEM_BYTES[dtype_name(dtype)]
     limit = smem_limit(capability)
@@ -483,7 +488,8 @@ def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: in
 
     def spills(bn, bd, w):  # register rules from the AOT sweep (sm_80 spilled 12-40 B in these)
         return ((es == 4 and block_r >= 32 and bd >= 128)
-                or (capability < 90 and block_r >= 64 and bn >= 128))
+                or (capability < 90 and block_r >= 64 and bn >= 128)
+                or (not aligned and not small_n and bd >= 64))
 
     keep = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_C": block_c}, num_stages=st, num_warps=w)
             for bn, bd, st, w in cands
@@ -497,7 +503,8 @@ def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: in
 def _prune_shrink(configs, named_args, **kwargs):
     a = named_args["a_ptr"]
     return shrink_configs(a.dtype, kwargs["BLOCK_R"], named_args["K"], not kwargs["SHARED_PREF"],
-                          cuda_capability(a.device), small_n=named_args["N"] <= 64)[:_AUTOTUNE_MAX]
+                          cuda_capability(a.device), small_n=named_args["N"] <= 64,
+                          aligned=named_args["N_BUCKET"] < 2)[:_AUTOTUNE_MAX]
 
 
 def core_grad_launch(block_r: int) -> dict:
@@ -560,7 +567,7 @@ def _shrink(a: torch.Tensor, p: torch.Tensor, h: torch.Tensor, g: torch.Tensor, 
         a.stride(0), a.stride(1), p.stride(0), p.stride(1),
         h.stride(0), h.stride(1), h.stride(2), g.stride(0), g.stride(1),
         z.stride(0), t.stride(0),
-        0 if N <= 64 else 1,
+        (0 if N <= 64 else 1) + (0 if loads_aligned(D, a.stride(0), a.stride(1), p.stride(0), p.stride(1)) else 2),
         SHARED_PREF=g.shape[0] == 1,
         BLOCK_R=pad_rank(r), PRECISION=_DOT_PRECISION, **_shrink_fixed(pad_rank(r), K),
     )

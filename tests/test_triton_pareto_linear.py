@@ -512,7 +512,7 @@ def test_autotune_config_cap(monkeypatch):
     gemm_kw = dict(HAS_LORA=True, ADD_C=False, BLOCK_R=16)
     gemm_args = dict(a_ptr=a, b_ptr=a, M=8192, N=4096, M_BUCKET=1)
     shrink_kw = dict(BLOCK_R=16, SHARED_PREF=True)
-    shrink_args = dict(a_ptr=a, K=8, N=8192)
+    shrink_args = dict(a_ptr=a, K=8, N=8192, N_BUCKET=1)
     every_gemm = tpl.gemm_configs(torch.bfloat16, "large_m", has_lora=True, add_c=False, block_r=16, capability=90,
                                   b_dtype=torch.bfloat16)
     assert len(every_gemm) > 2
@@ -550,3 +550,15 @@ def test_unaligned_gemm_configs(monkeypatch):
     for m_bucket, odd in ((1, False), (3, True)):
         got = tpl._prune_gemm([], dict(a_ptr=a, b_ptr=a, M=8185, N=4091, M_BUCKET=m_bucket), **kw)
         assert all((c in tpl._GEMM_UNALIGNED_CONFIGS["large_m"]) == odd for c in got)
+
+
+def test_unaligned_shrink_configs():
+    # odd sizes (element-wise loads): the prefill configs with BLOCK_D >= 64 spilled (AOT sweep), so unaligned
+    # prefill launches keep BLOCK_D <= 32; decode launches and aligned ones are unchanged
+    for cap in (80, 90):
+        for dt in ("bf16", "fp32"):
+            for r in (16, 64):
+                odd = tpl.shrink_configs(dt, r, 8, True, cap, small_n=False, aligned=False)
+                assert odd and all(c.kwargs["BLOCK_D"] <= 32 for c in odd)
+                assert tpl.shrink_configs(dt, r, 8, True, cap, small_n=True, aligned=False) == \
+                    tpl.shrink_configs(dt, r, 8, True, cap, small_n=True)

@@ -154,8 +154,9 @@ def _specs_at(aligned: bool) -> list[Spec]:
                             t_ptr="*fp32", N=n, D=n_in, R=r, K=K, L=max(n // B, 1),
                             stride_an=n_in, stride_ad=1, stride_pd=r, stride_pr=1,
                             stride_ha=K, stride_hc=r * K, stride_hk=1,
-                            stride_gb=K, stride_gk=1, stride_zn=r, stride_tn=r, N_BUCKET=0 if n <= 64 else 1)
-                kept = tpl.shrink_configs(dt, R, K, per_sample, arch, small_n=n <= 64)
+                            stride_gb=K, stride_gk=1, stride_zn=r, stride_tn=r,
+                            N_BUCKET=(0 if n <= 64 else 1) + (0 if tpl.loads_aligned(n_in, n_in, 1, r, 1) else 2))
+                kept = tpl.shrink_configs(dt, R, K, per_sample, arch, small_n=n <= 64, aligned=args["N_BUCKET"] < 2)
                 name = f"{'decode' if n <= 64 else 'prefill'} {'per-sample' if per_sample else 'shared'} r={r} K={K}"
                 out.append(Spec("shrink", name, dt, arch, r, args,
                                 dict(BLOCK_R=R, PRECISION=prec, SHARED_PREF=not per_sample),
