@@ -51,7 +51,8 @@ def test_report_merges_stages_and_survives_a_cut_stage(tmp_path):
     (out / "bench-1-fwd.json").write_text(json.dumps(_bench_doc({"linear": 1e-5, "naive": 4e-5, "triton": 1.2e-5})))
     (out / "bench-2-fwdbwd.json").write_text(json.dumps(_bench_doc({"linear": 2e-5, "triton": 3e-5}, "fwdbwd-frozenW")))
     (out / "bench-3-op-rest.json").write_text('{"benchmarks": [')  # killed while writing
-    (out / "stages.tsv").write_text("cuda-tests\t40\tok\nfwd\t90\tok\nfwdbwd\t120\tok\nop-rest\t300\tcut at the budget\n")
+    (out / "stages.tsv").write_text("cuda-tests\t40\tok\nfwd\t90\tok\nfwdbwd\t120\tok\n"
+                                    "op-rest\t300\tcut at the budget\n")
     results = tmp_path / "RESULTS.md"
     results.write_text("# R\n<!-- gpu-run:begin -->\nold\n<!-- gpu-run:end -->\nkept\n")
     p = subprocess.run([sys.executable, REPORT, str(out), "H100 test", "--results", str(results)],

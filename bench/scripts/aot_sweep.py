@@ -79,7 +79,8 @@ def _aligned(K, a_strides, b_strides) -> bool:
 # the weight-distances pass at r = 128 in fp32. (kernel, variant, dtype, aligned)
 SUBSET = {("gemm", "fwd+bias r=64", "bf16", True), ("gemm", "fwd+bias r=64", "fp32", True),
           ("gemm", "fwd+bias r=64", "bf16", False), ("gemm", "hybrid ADD_C r=16", "bf16", True),
-          ("shrink", "prefill per-sample r=64 K=8", "fp16", True), ("shrink", "prefill per-sample r=128 K=64", "fp32", True),
+          ("shrink", "prefill per-sample r=64 K=8", "fp16", True),
+          ("shrink", "prefill per-sample r=128 K=64", "fp32", True),
           ("shrink", "prefill shared r=128 K=8", "fp32", True), ("shrink", "decode shared r=16 K=8", "bf16", False),
           ("wd_pass", "r=128", "fp32", True)}
 SHAPES = ("aligned", "unaligned")

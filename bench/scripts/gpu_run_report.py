@@ -81,7 +81,8 @@ def main(argv=None) -> int:
                             cwd=ROOT).stdout.strip()
     cap = os.environ.get("PMKERNELS_AUTOTUNE_CONFIGS", "") or "all"
     write_results(f"## GPU run, {datetime.date.today()}: {device}, commit {commit or '?'}\n\n"
-                  f"`bash bench/gpu_check.sh` (measured; ratios in the same run; autotune configs per launch: {cap})\n\n"
+                  f"`bash bench/gpu_check.sh` (measured; ratios in the same run; autotune configs per launch: "
+                  f"{cap})\n\n"
                   f"{stage_table(out)}\n\n{body}", path=a.results,
                   begin="<!-- gpu-run:begin -->", end="<!-- gpu-run:end -->")
     with open(os.path.join(out, "report.md"), "w") as f:
