@@ -63,17 +63,17 @@ class LLMSettings:
     lora_layers: int = 4            # the top decoder layers that get LoRA (and Pareto layers)
     lora_r: int = 8
     lora_alpha: int = 16
-    ft_steps: int = 24
+    ft_steps: int = 16
     ft_batch: int = 4               # windows per step
-    ft_lr: float = 2e-3
-    test_windows: int = 10          # held-out windows per domain (evaluation)
-    unlabeled_windows: int = 12     # windows per domain for the unlabeled objective (disjoint from train/test)
+    ft_lr: float = 3e-3
+    test_windows: int = 8          # held-out windows per domain (evaluation)
+    unlabeled_windows: int = 8     # windows per domain for the unlabeled objective (disjoint from train/test)
     ta_lam: float = 0.3
     ties_k: float = 0.2
     ties_lam: float = 1.0
     pareto_rank: int = 8
     pareto_steps_datafree: int = 200
-    pareto_steps_unlabeled: int = 10
+    pareto_steps_unlabeled: int = 6
     pareto_lr_datafree: float = 1e-2
     pareto_lr_unlabeled: float = 5e-3
     pareto_batch: int = 4
@@ -94,7 +94,7 @@ def llm_settings(quick: bool) -> LLMSettings:
     """The full run's settings, or ``quick`` ones (the CI test: a few steps, a small evaluation)."""
     s = LLMSettings()
     if quick:
-        s = dataclasses.replace(s, ft_steps=6, ft_batch=2, test_windows=4, unlabeled_windows=4,
+        s = dataclasses.replace(s, ft_steps=6, ft_batch=2, ft_lr=2e-3, test_windows=4, unlabeled_windows=4,
                                 pareto_steps_datafree=40, pareto_steps_unlabeled=2, pareto_batch=2,
                                 grid_resolution=1, gen_tokens=8)
     return s
@@ -413,7 +413,7 @@ class LLMBench:
         cfg = pm.TrainerConfig(mode=mode, include="attention", rank=s.pareto_rank, steps=steps,
                                lr=s.pareto_lr_datafree if mode == "datafree" else s.pareto_lr_unlabeled,
                                batch_size=s.pareto_batch, seed=s.seed, diversity=0.0,
-                               checkpoint_dir=str(ckdir), checkpoint_every=max(1, steps // 4))
+                               checkpoint_dir=str(ckdir), checkpoint_every=0)  # the last step only: 650 MB each
         start = self.start
 
         def logits_fn(m: nn.Module, k: int, h: torch.Tensor):
@@ -452,18 +452,19 @@ def _save_json(path: Path, obj) -> None:
 
 # ----------------------------------------------------------------------------------------------------- methods
 @torch.no_grad()
-def lora_merge(pool, lams: Sequence[float]) -> nn.Module:
+def lora_merge(pool, lams: Sequence[float], into: Optional[nn.Module] = None) -> nn.Module:
     """θ0 + Σ_k λ_k τ_k on a LoRA pool whose adapters hold factors only (no ``modules_to_save``): every other
     tensor has τ = 0, so only the adapter-targeted weights change, each Σ_k λ_k A_k B_kᵀ kept factored
     (``task_arithmetic_factors``) until it is written. ``merge("task_arithmetic", ...)`` gives the same model
     (checked in the run: ``lora_merge_max_abs_diff``) but subtracts θ0 from itself for every other tensor
-    (36 s for SmolLM2-135M at K = 3 on the loaded 2-core VM, against ~1 s here)."""
+    (36 s for SmolLM2-135M at K = 3 on the loaded 2-core VM). ``into``: a model made by an earlier call, whose
+    adapter-targeted weights are overwritten (no new copy of the whole model)."""
     from paretomerge.methods.task_arithmetic import task_arithmetic_factors
 
-    model = copy.deepcopy(pool.pretrained)
-    sd = model.state_dict()
+    model = copy.deepcopy(pool.pretrained) if into is None else into
+    sd, base = model.state_dict(), pool.pretrained_state()
     for n, f in task_arithmetic_factors(pool, list(lams)).items():
-        sd[n].add_(f.dense().to(sd[n].dtype))
+        sd[n].copy_(base[n] + f.dense().to(sd[n].dtype))
     return model
 
 
@@ -493,6 +494,7 @@ def run_method(b: LLMBench, name: str) -> dict:
     "base"}."""
     from paretomerge.methods import merge
     from paretomerge.methods.preference_baselines import preference_coefficients
+    from paretomerge.methods.ties import ties_deltas
 
     path = b.cache / "results" / f"{name}.json"
     if path.exists():
@@ -515,15 +517,24 @@ def run_method(b: LLMBench, name: str) -> dict:
         ref = model.state_dict()
         diff = max(float((lora_only[n] - ref[n]).abs().max()) for n in ref if ref[n].is_floating_point())
         extra = {"lora_merge_max_abs_diff": diff}
-    elif name == "ties":  # per-tensor trimming (MergeKit's / PEFT's TIES): a LoRA pool leaves most tensors at 0
-        model = merge("ties", b.pool, k=s.ties_k, lam=s.ties_lam, scope="tensor")
+    elif name == "ties":
+        # Per-tensor TIES (MergeKit's / PEFT's; the model-scope trim would keep every non-zero entry: the adapters
+        # change ~10% of the weights). A tensor with τ = 0 in every task stays 0, so only the adapter-targeted
+        # tensors are densified: the same model as merge("ties", pool, scope="tensor"), without 3 × 135 M zeros.
+        keys = b.pool.factored_keys()
+        delta = ties_deltas(lambda i: b.pool.task_vector(i, keys), len(b.tasks), s.ties_k, s.ties_lam, "tensor")
+        model = copy.deepcopy(b.pretrained)
+        with torch.no_grad():
+            sd = model.state_dict()
+            for n, d in delta.items():
+                sd[n].add_(d.to(sd[n].dtype))
         seconds = time.perf_counter() - t0
         rows = [_row(b, model)]
     elif name == "ta_preference":  # θ0 + Σ_k λ K γ_k τ_k (methods.ta_preference's formula), kept factored
-        rows, seconds = [], 0.0
+        rows, seconds, model = [], 0.0, None
         for sc, p in scenarios(b):
             t1 = time.perf_counter()
-            model = lora_merge(b.pool, preference_coefficients(p, s.ta_lam))
+            model = lora_merge(b.pool, preference_coefficients(p, s.ta_lam), into=model)
             seconds += time.perf_counter() - t1
             rows.append(_row(b, model, sc, p))
     elif name.startswith("pareto_merging_"):
@@ -653,6 +664,7 @@ def run_llm(*, quick: bool, cache_root: Path, out: Path, log: Callable = print) 
         "hypervolume_reference": {"point": "the pretrained model's accuracies", "ref": ref},
         "hypervolume_vs_pretrained": {n: hypervolume(report.points(n), ref_point=ref) for n in report.methods()},
         "preference_control": preference_control(report, b.tasks, preference_aware),
+        "preference_control_perplexity": _perplexity_control(perplexity, b.tasks, preference_aware),
         "generate": gen, "export_peft": exp,
         "lora_merge_max_abs_diff": results["task_arithmetic"].get("lora_merge_max_abs_diff"),
         "trunk_check": {k: float(v) for k, v in check.items()},
@@ -667,6 +679,14 @@ def run_llm(*, quick: bool, cache_root: Path, out: Path, log: Callable = print) 
     atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(md))
     log(md)
     return doc
+
+
+def _perplexity_control(perplexity: list[dict], tasks: Sequence[str], methods: Sequence[str]) -> dict:
+    """For each preference-aware method and domain: perplexity under priority:<domain> vs under equal (must be
+    lower). Finer than accuracy on small evaluations: it moves with every probability, not only the argmax."""
+    rows = {(r["method"], r["scenario"]): r["perplexity"] for r in perplexity}
+    return {m: {t: {"equal": rows[(m, "equal")][t], "priority": rows[(m, f"priority:{t}")][t],
+                    "ok": rows[(m, f"priority:{t}")][t] < rows[(m, "equal")][t]} for t in tasks} for m in methods}
 
 
 def _extra_markdown(doc: dict) -> str:
@@ -684,6 +704,10 @@ def _extra_markdown(doc: dict) -> str:
               "Priority control (acc % on the domain under priority:<domain> vs equal):", ""]
     for m, per in doc["preference_control"].items():
         lines.append(f"* {m}: " + ", ".join(f"{t} {100 * v['priority']:.1f} vs {100 * v['equal']:.1f} "
+                                             f"{'ok' if v['ok'] else 'NOT'}" for t, v in per.items()))
+    lines += ["", "Priority control in perplexity (priority:<domain> vs equal; lower is better):", ""]
+    for m, per in doc["preference_control_perplexity"].items():
+        lines.append(f"* {m}: " + ", ".join(f"{t} {v['priority']:.2f} vs {v['equal']:.2f} "
                                              f"{'ok' if v['ok'] else 'NOT'}" for t, v in per.items()))
     lines += ["", f"Generation (prompt {doc['generate']['prompt']!r}, greedy, one γ per request):", ""]
     for o in doc["generate"]["outputs"]:
