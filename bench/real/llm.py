@@ -72,10 +72,10 @@ class LLMSettings:
     ties_k: float = 0.2
     ties_lam: float = 1.0
     pareto_rank: int = 8
-    pareto_steps_datafree: int = 200
-    pareto_steps_unlabeled: int = 6
+    pareto_steps_datafree: int = 100
+    pareto_steps_unlabeled: int = 3
     pareto_lr_datafree: float = 1e-2
-    pareto_lr_unlabeled: float = 5e-3
+    pareto_lr_unlabeled: float = 2e-3
     pareto_batch: int = 4
     priority: float = 0.5
     grid_resolution: int = 2
@@ -95,7 +95,8 @@ def llm_settings(quick: bool) -> LLMSettings:
     s = LLMSettings()
     if quick:
         s = dataclasses.replace(s, ft_steps=6, ft_batch=2, ft_lr=2e-3, test_windows=4, unlabeled_windows=4,
-                                pareto_steps_datafree=40, pareto_steps_unlabeled=2, pareto_batch=2,
+                                pareto_steps_datafree=40, pareto_steps_unlabeled=2, pareto_lr_unlabeled=5e-3,
+                                pareto_batch=2,
                                 grid_resolution=1, gen_tokens=8)
     return s
 
@@ -564,9 +565,10 @@ def generations(b: LLMBench) -> dict:
     K = len(b.tasks)
     prefs = torch.cat([torch.eye(K), torch.full((1, K), 1.0 / K)])
     model = b.pareto_model("datafree")
-    ids = b.tok([GEN_PROMPT] * len(prefs), return_tensors="pt")["input_ids"]
-    out = llm.generate(model, ids, prefs, max_new_tokens=b.s.gen_tokens, do_sample=False,
-                       pad_token_id=b.tok.eos_token_id)
+    enc = b.tok([GEN_PROMPT] * len(prefs), return_tensors="pt")
+    ids = enc["input_ids"]
+    out = llm.generate(model, ids, prefs, attention_mask=enc["attention_mask"], max_new_tokens=b.s.gen_tokens,
+                       do_sample=False, pad_token_id=b.tok.eos_token_id)
     texts = b.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=False)
     doc = {"method": "pareto_merging_datafree", "prompt": GEN_PROMPT, "max_new_tokens": b.s.gen_tokens,
            "outputs": [{"pref": [round(float(v), 4) for v in p], "text": t} for p, t in zip(prefs, texts)]}
