@@ -65,13 +65,15 @@ def test_adapters_beat_the_pretrained_model_on_their_own_domain(report):
         assert g["adapter"] >= g["pretrained"] and g["adapter_ppl"] < 0.99 * g["pretrained_ppl"], (t, g)
 
 
-def test_priority_control_of_ta_with_preference(report):
-    """More weight on a domain's adapter lowers that domain's perplexity (measurable even in --quick, where
-    accuracy over ~250 tokens per domain moves in 0.4-point steps and often ties). Pareto Merging's priority
-    control is reported (preference_control, preference_control_perplexity) and stated in bench/RESULTS.md."""
+def test_priority_control_in_perplexity(report):
+    """Priority on a domain lowers that domain's perplexity vs the equal preference, for TA with preference and
+    Pareto Merging data-free (measured 3/3 each in --quick; the gaps are 1-3 %). Accuracy over ~250 tokens per
+    domain moves in 0.4-point steps and mostly ties in --quick: reported (preference_control), not asserted;
+    nor is the unlabeled mode's control after 2 steps."""
     doc, _ = report
-    for t, v in doc["preference_control_perplexity"]["ta_preference"].items():
-        assert v["ok"], (t, v)
+    for m in ("ta_preference", "pareto_merging_datafree"):
+        for t, v in doc["preference_control_perplexity"][m].items():
+            assert v["ok"], (m, t, v)
     for m in ("pareto_merging_datafree", "pareto_merging_unlabeled"):
         assert set(doc["preference_control"][m]) == set(doc["tasks"])
 
