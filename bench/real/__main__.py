@@ -1,4 +1,4 @@
-"""``python -m bench.real [--pool text|vision|all] [--quick] [--cache DIR] [--out DIR]``."""
+"""``python -m bench.real [--pool text|vision|llm|all] [--quick] [--cache DIR] [--out DIR]``."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from .data import MissingData
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.real", description=__doc__)
-    ap.add_argument("--pool", choices=("text", "vision", "all"), default="all")
+    ap.add_argument("--pool", choices=("text", "vision", "llm", "all"), default="all")
     ap.add_argument("--quick", action="store_true", help="small subsets and few steps (the CI test)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "PMK_REALBENCH_CACHE", Path.home() / ".cache" / "pmkernels-realbench")),
@@ -25,7 +25,13 @@ def main(argv=None) -> int:
     pools = ("text", "vision") if args.pool == "all" else (args.pool,)
     try:
         for pool in pools:
-            run_pool(pool, quick=args.quick, cache_root=args.cache, out=args.out / (pool + ("-quick" if args.quick else "")))
+            dest = args.out / (pool + ("-quick" if args.quick else ""))
+            if pool == "llm":  # LoRA adapters on SmolLM2-135M (bench/real/llm.py); not part of "all"
+                from .llm import run_llm
+
+                run_llm(quick=args.quick, cache_root=args.cache, out=dest)
+            else:
+                run_pool(pool, quick=args.quick, cache_root=args.cache, out=dest)
     except MissingData as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
