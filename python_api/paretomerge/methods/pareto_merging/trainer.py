@@ -50,6 +50,7 @@ from ...distributed import DistContext, average_gradients, mean_across_ranks, sh
 from ...io import atomic_write
 from ...layers import convert, factored_weights, pareto_layers, pareto_parameters
 from ..merge_utils import LayerwiseMerge
+from ..unlabeled import Unlabeled, as_tensor
 from .objectives import DataFreeObjective, Normalizer, entropy_objectives, factor_regularizer, scalarize
 from .structures import apply_structure
 
@@ -135,14 +136,6 @@ def load_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
     return ckpt
 
 
-def _unlabeled_tensor(data: Union[torch.Tensor, Sequence[torch.Tensor]], k: int) -> torch.Tensor:
-    if isinstance(data, torch.Tensor):
-        return data
-    if isinstance(data, (list, tuple)) and data and all(isinstance(b, torch.Tensor) for b in data):
-        return torch.cat(list(data), 0)
-    raise TypeError(f"unlabeled[{k}] must be a tensor of inputs or a list of input batches")
-
-
 class ParetoMergingTrainer:
     """Trains Pareto Merging's tensors on a base-merged model.
 
@@ -162,7 +155,7 @@ class ParetoMergingTrainer:
     def __init__(self, model: nn.Module, pool=None, config: Optional[TrainerConfig] = None, *,
                  finetuned: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
                  logits_fn: Optional[Callable] = None,
-                 unlabeled: Optional[Sequence[Union[torch.Tensor, Sequence[torch.Tensor]]]] = None,
+                 unlabeled: Optional[Sequence[Unlabeled]] = None,
                  task_names: Optional[Sequence[str]] = None, meta: Optional[dict] = None,
                  identity: Optional[dict] = None, dist: Optional[DistContext] = None) -> None:
         self.cfg = (config or TrainerConfig()).validate()
@@ -233,7 +226,7 @@ class ParetoMergingTrainer:
             if len(unlabeled) != self.K:
                 raise ValueError(f"unlabeled must hold K = {self.K} input sets, got {len(unlabeled)}")
             self.logits_fn = logits_fn
-            self.unlabeled = [_unlabeled_tensor(u, k) for k, u in enumerate(unlabeled)]
+            self.unlabeled = [as_tensor(u, k) for k, u in enumerate(unlabeled)]
         self.normalizer = Normalizer(self.K, cfg.normalize).to(self.device)
         self.anchor_normalizer = Normalizer(self.K, "init").to(self.device)
         self.ideal = None if cfg.ideal is None else torch.tensor(cfg.ideal, dtype=torch.float32, device=self.device)
