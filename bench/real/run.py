@@ -309,7 +309,7 @@ def _evaluate_all(bench: Bench, model: nn.Module, scen, desc: str) -> list[dict]
 
 def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> dict:
     """Run (or load from the cache) one method; returns {"rows": [...], "seconds": float, "base": str|None}."""
-    path = cache / "results" / f"{name}.json"
+    path = cache / "results" / f"{_cache_name(name, bench.settings)}.json"
     if path.exists():
         return json.loads(path.read_text())
     s = bench.settings
@@ -335,7 +335,7 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
                 pm.convert(model, K, s.pareto_rank, include=list(include))
             include = "attention"  # unused: the trainer keeps an already-converted model's layers
         steps = s.pareto_steps_datafree if mode == "datafree" else s.pareto_steps_unlabeled
-        ckdir = cache / "checkpoints" / name
+        ckdir = cache / "checkpoints" / _cache_name(name, s)
         cfg = pm.TrainerConfig(mode=mode, include=include, rank=s.pareto_rank, steps=steps,
                                lr=s.pareto_lr_datafree if mode == "datafree" else s.pareto_lr_unlabeled,
                                batch_size=s.pareto_batch, seed=s.seed, checkpoint_dir=str(ckdir),
@@ -362,6 +362,16 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
     _save_json(path, out)
     log(f"{name}: {out['seconds']:.1f}s (with evaluation {total:.1f}s)")
     return out
+
+
+def _cache_name(name: str, s: Settings) -> str:
+    """A method's cache file name: Pareto Merging's also hashes the trainer's defaults (``TrainerConfig()``)
+    and its options, so a change of the library's defaults is a new run, not a stale cached one."""
+    if not name.startswith("pareto_merging_"):
+        return name
+    mode = name.removeprefix("pareto_merging_")
+    blob = json.dumps([pm.TrainerConfig().model_dump(), _unlabeled_options(s, mode)], sort_keys=True, default=str)
+    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
 def _unlabeled_options(s: Settings, mode: str) -> dict:

@@ -115,6 +115,18 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
+# Named recipes: TrainerConfig fields a recipe fills in when the caller does not set them ("all" modes, then
+# the mode's own). "paper" is the defaults (the paper's settings, sized for a GPU); "cpu" is what bench/real and
+# the demo run on a 2-core CPU in minutes (docs/design.md §6).
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    "cpu": {"all": {"include": "attention+mlp", "rank": 8, "batch_size": 16, "adamerging_steps": 30,
+                    "adamerging_lr": 1e-2},
+            "datafree": {"steps": 200, "lr": 1e-2},
+            "unlabeled": {"steps": 60, "lr": 5e-3}},
+}
+
+
 class TrainerConfig(_Strict):
     """Hyper-parameters of Pareto Merging training (every open choice of the paper is one of these).
 
@@ -156,6 +168,9 @@ class TrainerConfig(_Strict):
         base ("before") or the initial base ("joint").
     adamerging_steps: steps of the "before" phase (AdaMerging's own; one batch per task per step).
     steps (2000, the paper's), lr, batch_size (per task, unlabeled mode), weight_decay: Adam's.
+    recipe: "paper" (the defaults) or "cpu" (CPU-sized: attention + MLP at r = 8, 200 data-free / 60
+        unlabeled steps, AdaMerging's λ in 30 steps at lr 1e-2; ``RECIPES``): fills in every field the
+        caller leaves unset; ``TrainerConfig.preset("cpu", mode="unlabeled")`` is the same.
     Differences from the paper are listed in one place: docs/design.md, "Deviations from the paper".
     seed: seeds factor init, γ draws and batch order. checkpoint_every / checkpoint_dir: periodic
         atomic checkpoints (0 = none); the last step is always checkpointed when a dir is given.
@@ -167,6 +182,7 @@ class TrainerConfig(_Strict):
 
     _prefix: ClassVar[str] = "trainer"
 
+    recipe: Literal["paper", "cpu"] = "paper"
     mode: Literal["datafree", "unlabeled"] = "datafree"
     include: Literal["qkv", "qkv+mlp", "attention", "attention+mlp", "mlp", "all"] = "qkv"
     rank: PositiveInt = 16
@@ -202,6 +218,23 @@ class TrainerConfig(_Strict):
     def _ideal_as_list(cls, v: Any) -> Any:
         # Hydra/OmegaConf and numpy hand over sequences that are not lists
         return list(v) if v is not None and not isinstance(v, (list, str, Mapping)) and hasattr(v, "__iter__") else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        # a recipe's values for the fields the caller did not set (explicit fields win)
+        if isinstance(data, Mapping) and data.get("recipe", "paper") in RECIPES:
+            recipe = RECIPES[data.get("recipe", "paper")]
+            mode = data.get("mode", "datafree")
+            data = {**recipe.get("all", {}), **recipe.get(mode if isinstance(mode, str) else "", {}), **data}
+        return data
+
+    @classmethod
+    def preset(cls, name: str, **fields: Any) -> "TrainerConfig":
+        """``TrainerConfig(recipe=name, **fields)``: a named recipe ("paper", "cpu"), any field overridden."""
+        if name not in RECIPES:
+            raise ConfigError("recipe", f"must be one of {sorted(RECIPES)}, got {name!r}")
+        return cls(recipe=name, **fields)
 
     @field_validator("adamerging", mode="before")
     @classmethod
