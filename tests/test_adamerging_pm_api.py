@@ -70,3 +70,12 @@ def test_paired_bootstrap_ci_covers_the_difference_and_pools_seeds():
     assert two["diff"] == pytest.approx(ci["diff"]) and two["high"] - two["low"] < ci["high"] - ci["low"]
     with pytest.raises(ValueError, match="equally long"):
         pm.paired_bootstrap(a, b[:10])
+
+
+def test_merge_config_takes_the_recipe_and_adamerging_for_the_top_level_mode():
+    from paretomerge.config import MergeConfig
+
+    c = MergeConfig(pool={"format": "hf", "pretrained": "p", "finetuned": {"x": "a", "y": "b"},
+                          "heads": {"x": "h", "y": "h"}},
+                    mode="unlabeled", unlabeled={"x": "u", "y": "u"}, trainer={"recipe": "cpu", "adamerging": "joint"})
+    assert (c.trainer.steps, c.trainer.lr, c.trainer.adamerging) == (60, 5e-3, "joint")

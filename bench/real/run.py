@@ -68,12 +68,14 @@ class Settings:
     pareto_diversity: Optional[float] = None  # unlabeled mode: TrainerConfig.diversity / anchor (None = default)
     pareto_anchor: Optional[float] = None
     priority: float = 0.5
+    preference_baselines: tuple[str, ...] = ("ta_preference", "adamerging_preference")  # of PREFERENCE_BASELINES
     grid_resolution: int = 2
     seed: int = 0
 
     def key(self, fields: Optional[Iterable[str]] = None) -> str:
         """A hash of the settings (or of ``fields`` only) and the cache version."""
         d = dataclasses.asdict(self)
+        d.pop("preference_baselines")  # which baselines run, not what any of them computes
         if fields is not None:
             d = {k: d[k] for k in fields}
         blob = json.dumps({"version": CACHE_VERSION, **d}, sort_keys=True)
@@ -101,7 +103,7 @@ def settings_for(pool: str, quick: bool, seed: int = 0) -> Settings:
                      pareto_steps_unlabeled=60, grid_resolution=0, seed=seed)
         if quick:
             s = dataclasses.replace(s, test_per_class=24, adamerging_steps=20, pareto_steps_datafree=60,
-                                    pareto_steps_unlabeled=30)
+                                    pareto_steps_unlabeled=30, preference_baselines=("ta_preference",))
         return s
     if pool == "vision":
         s = Settings("vision", tuple(D.VISION_TASKS), per_class=32, test_per_class=16, start_block=12, ft_steps=20,
@@ -394,7 +396,7 @@ def method_names(bench: Bench) -> tuple[list[str], list[str]]:
     singles = [m for m in MERGE_METHODS if m in known]
     skipped = [m for m in MERGE_METHODS if m not in known]
     return ([f"finetuned:{t}" for t in bench.tasks] + singles + [f"pareto_merging_{m}" for m in PARETO_MODES]
-            + list(PREFERENCE_BASELINES)), skipped
+            + [m for m in PREFERENCE_BASELINES if m in bench.settings.preference_baselines]), skipped
 
 
 # ----------------------------------------------------------------------------------------------------- report
