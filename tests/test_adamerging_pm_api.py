@@ -79,3 +79,29 @@ def test_merge_config_takes_the_recipe_and_adamerging_for_the_top_level_mode():
                           "heads": {"x": "h", "y": "h"}},
                     mode="unlabeled", unlabeled={"x": "u", "y": "u"}, trainer={"recipe": "cpu", "adamerging": "joint"})
     assert (c.trainer.steps, c.trainer.lr, c.trainer.adamerging) == (60, 5e-3, "joint")
+
+
+def test_frozen_trunk_pool_helpers(tmp_path):
+    import torch
+    import torch.nn as nn
+
+    from paretomerge.pools import prototype_head, trunk_features, trunk_pool
+
+    g = torch.Generator().manual_seed(0)
+    centers = 5 * torch.randn(3, 6, generator=g)
+    y = torch.arange(3).repeat(10)
+    z = centers[y] + 0.1 * torch.randn(30, 6, generator=g)
+    head = prototype_head(z, y, 3, shots=2, scale=10.0)
+    assert not head.weight.requires_grad and (head(z).argmax(-1) == y).all()  # nearest centroid separates them
+    assert torch.allclose(head.weight.norm(dim=1), head.weight.norm(dim=1)[0].expand(3))  # equal-norm rows
+    with pytest.raises(ValueError, match="class 2 has no example"):
+        prototype_head(z[y < 2], y[y < 2], 3)
+    calls = []
+    trunk = lambda x: (calls.append(1), 2 * x)[1]  # noqa: E731
+    a = trunk_features(trunk, torch.ones(4, 2), cache=tmp_path / "f.pt")
+    b = trunk_features(trunk, torch.ones(4, 2), cache=tmp_path / "f.pt")
+    assert torch.equal(a, b) and len(calls) == 1  # the second call read the cache
+    tail = nn.Linear(6, 6)
+    ft = {t: nn.Linear(6, 6) for t in "ab"}
+    pool = trunk_pool(tail, ft, {"a": head, "b": head})
+    assert list(pool.task_names) == ["a", "b"] and len(pool) == 2

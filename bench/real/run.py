@@ -27,6 +27,7 @@ from paretomerge.evaluation import Report, paired_bootstrap, preference_set, pri
 from paretomerge.io import atomic_write
 from paretomerge.methods import MERGE_METHODS, adamerging_preference, merge, ta_preference
 from paretomerge.methods.pareto_merging import ParetoMergingTrainer
+from paretomerge.pools import prototype_head
 
 from . import data as D
 from .models import text_backbone, vision_backbone
@@ -271,14 +272,7 @@ def _fine_tune(pretrained: nn.Module, dim: int, f: dict, s: Settings, seed: int,
     C = int(f["classes"])
     with torch.no_grad():
         z = torch.cat([pretrained(x[i:i + 256]) for i in range(0, len(x), 256)])
-        m = z.mean(0)
-        shots = [torch.nonzero(y == c).flatten()[:s.head_shots] for c in range(C)]  # the first examples of each class
-        protos = torch.stack([z[i].mean(0) - m for i in shots])
-        scale = s.head_scale / (z - m).norm(dim=1).mean()
-        head = nn.Linear(dim, C)
-        head.weight.copy_(scale * protos / protos.norm(dim=1, keepdim=True))
-        head.bias.copy_(-head.weight @ m)
-    head.requires_grad_(False)
+    head = prototype_head(z, y, C, shots=s.head_shots, scale=s.head_scale)
     tail = copy.deepcopy(pretrained).eval()
     opt = torch.optim.Adam(tail.parameters(), lr=s.ft_lr)
     order = torch.randperm(len(x), generator=g)
