@@ -315,7 +315,7 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
     if name.startswith("finetuned:"):
         model = bench.pool.finetuned_model(name.split(":", 1)[1])
         rows = [bench.row(None, None, model)]
-    elif name in MERGE_METHODS:
+    elif name in MERGE_METHODS and name not in PREFERENCE_BASELINES:
         model = merge(name, bench.pool, **_single_options(bench)[name])
         seconds = time.perf_counter() - t0
         rows = [bench.row(None, None, model)]
@@ -405,10 +405,12 @@ def table(report: Report, seconds: dict[str, float], ref: Optional[dict[str, flo
     appear twice: at the equal preference, and with each task's column taken under that task's priority preference."""
     tasks = report.tasks
     hv = report.hypervolumes(ref_point=ref)
+    if ref is not None:  # HV^(1/K): the side of the cube of equal volume, a gain over the reference in points
+        hv = {m: v ** (1.0 / len(tasks)) for m, v in hv.items()}
     by = {}
     for r in report.results:
         by.setdefault(r["method"], {})[r["scenario"]] = r["metrics"]
-    head = ["method", *tasks, "avg", "HV" + (" (ref pretrained)" if ref is not None else ""), "time (s)"]
+    head = ["method", *tasks, "avg", "HV^(1/K) (ref pretrained)" if ref is not None else "HV", "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(tasks) + 3)]
 
     def row(label, vals, h, sec):
@@ -458,7 +460,8 @@ def run_pool(pool: str, *, quick: bool, cache_root: Path, out: Path, log: Callab
         "pool": pool, "quick": quick, "seed": s.seed, "settings": dataclasses.asdict(s), "cache_key": s.key(),
         "hypervolume_ref_pretrained": report.hypervolumes(ref_point=pretrained),
         "seconds": seconds, "prepare_seconds": bench.timings["prepare"], "wall_seconds": time.perf_counter() - t0,
-        "preference_control": _control_with_ci(report, results, bench.tasks, preference_aware),
+        **dict(zip(("preference_control", "preference_control_pooled"),
+                   _control_with_ci(report, results, bench.tasks, preference_aware).values())),
         "correct": {m: [r["correct"] for r in results[m]["rows"]] for m in names},
         "skipped_methods": skipped,
         "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -485,11 +488,17 @@ def _correct(results: dict, method: str, scenario) -> dict[str, list[int]]:
 def _control_with_ci(report: Report, results: dict, tasks: list[str], methods: list[str]) -> dict:
     """``priority_control`` plus, per (method, task), the paired bootstrap CI of priority − equal accuracy."""
     ctl = priority_control(report, methods, tasks)
+    pooled = {}
     for m in methods:
+        pa, pb = [], []
         for t in tasks:
-            ci = paired_bootstrap(_correct(results, m, f"priority:{t}")[t], _correct(results, m, "equal")[t])
+            a, b = _correct(results, m, f"priority:{t}")[t], _correct(results, m, "equal")[t]
+            ci = paired_bootstrap(a, b)
             ctl[m][t].update({"ci_low": ci["low"], "ci_high": ci["high"], "significant": ci["low"] > 0})
-    return ctl
+            pa, pb = pa + a, pb + b
+        ci = paired_bootstrap(pa, pb)  # every task's test examples, each under its own task's priority
+        pooled[m] = {"diff": ci["diff"], "ci_low": ci["low"], "ci_high": ci["high"], "significant": ci["low"] > 0}
+    return {"per_task": ctl, "pooled": pooled}
 
 
 def run_seeds(pool: str, *, quick: bool, seeds: Iterable[int], cache_root: Path, out: Path,
@@ -520,7 +529,7 @@ def run_seeds(pool: str, *, quick: bool, seeds: Iterable[int], cache_root: Path,
         entry = {t: ms([metric(d, m, sc, t) for d in docs]) for t in tasks}
         entry["avg"] = ms([np.mean([metric(d, m, sc, t) for t in tasks]) for d in docs])
         entry["hv_ref0"] = ms([d["hypervolume"][m] for d in docs])
-        entry["hv_ref_pretrained"] = ms([d["hypervolume_ref_pretrained"][m] for d in docs])
+        entry["hv_ref_pretrained"] = ms([d["hypervolume_ref_pretrained"][m] ** (1.0 / len(tasks)) for d in docs])
         entry["seconds"] = ms([d["seconds"][m] for d in docs])
         if m in pref_aware:
             entry["priority"] = {t: ms([metric(d, m, f"priority:{t}", t) for d in docs]) for t in tasks}
@@ -531,6 +540,15 @@ def run_seeds(pool: str, *, quick: bool, seeds: Iterable[int], cache_root: Path,
             ci = paired_bootstrap([_row_correct(d, m, f"priority:{t}")[t] for d in docs],
                                   [_row_correct(d, m, "equal")[t] for d in docs])
             summary["control"][m][t] = {**ci, "significant": ci["low"] > 0}
+    for m in pref_aware:
+        pa, pb = [], []
+        for d in docs:
+            a = [x for t in tasks for x in _row_correct(d, m, f"priority:{t}")[t]]
+            b = [x for t in tasks for x in _row_correct(d, m, "equal")[t]]
+            pa.append(a)
+            pb.append(b)
+        ci = paired_bootstrap(pa, pb)
+        summary["control"][m]["pooled"] = {**ci, "significant": ci["low"] > 0}
     summary["wall_seconds"] = [d["wall_seconds"] for d in docs]
     out.mkdir(parents=True, exist_ok=True)
     _save_json(out / "summary.json", summary)
@@ -549,9 +567,10 @@ def summary_table(summary: dict) -> str:
     """Mean ± std over seeds (accuracy %, HV ×100) and the priority-control differences with their CIs."""
     tasks = summary["tasks"]
     f = lambda e: f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}"  # noqa: E731
-    lines = [f"Seeds {summary['seeds']}; accuracy % (mean ± std over seeds); HV ×100 over each method's points, "
-             f"ref 0 and ref = pretrained accuracies.", "",
-             "| method | " + " | ".join(tasks) + " | avg | HV (ref pretrained) | HV (ref 0) |",
+    lines = [f"Seeds {summary['seeds']}; accuracy % (mean ± std over seeds); HV over each method's points: with ref = "
+             f"the pretrained model's accuracies as HV^(1/K) ×100 (the side of the cube of equal volume: a gain over "
+             f"pretrained in points), and with ref 0 ×100.", "",
+             "| method | " + " | ".join(tasks) + " | avg | HV^(1/K) (ref pretrained) | HV (ref 0) |",
              "|---|" + "---:|" * (len(tasks) + 3)]
     for m, e in summary["methods"].items():
         label = PRETTY.get(m, m) + (" [equal]" if "priority" in e else "")
@@ -563,9 +582,9 @@ def summary_table(summary: dict) -> str:
                          + " | ".join(f(e["priority"][t]) for t in tasks) + " | | | |")
     lines += ["", "Priority control: accuracy under priority:<task> − under equal, points, [95 % paired bootstrap "
               "CI over test examples and seeds]; * = CI excludes 0.", "",
-              "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+              "| method | " + " | ".join(tasks) + " | pooled over tasks |", "|---|" + "---:|" * (len(tasks) + 1)]
     for m, c in summary["control"].items():
         lines.append(f"| {PRETTY.get(m, m)} | " + " | ".join(
             f"{100 * c[t]['diff']:+.1f} [{100 * c[t]['low']:+.1f}, {100 * c[t]['high']:+.1f}]"
-            + ("*" if c[t]["significant"] else "") for t in tasks) + " |")
+            + ("*" if c[t]["significant"] else "") for t in [*tasks, "pooled"]) + " |")
     return "\n".join(lines) + "\n"
