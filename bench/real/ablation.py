@@ -38,6 +38,7 @@ VARIANTS: dict[str, dict] = {
     "before_plain_linear": {"adamerging": "before", "diversity": 0.0, "anchor": 0.0, "scalarization": "linear"},
     "before_div_anchor_lr2e-2": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "lr": 2e-2},
     "before_anchor_lr2e-2": {"adamerging": "before", "diversity": 0.0, "anchor": 1.0, "lr": 2e-2},
+    "before_div_anchor3": {"adamerging": "before", "diversity": 1.0, "anchor": 3.0},
     "before_div": {"adamerging": "before", "diversity": 1.0, "anchor": 0.0},
     "before_anchor": {"adamerging": "before", "diversity": 0.0, "anchor": 1.0},
     "before_div_anchor": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0},
