@@ -93,11 +93,12 @@ FINETUNE_FIELDS = FEATURE_FIELDS + ("head_scale", "head_shots", "ft_steps", "ft_
 def settings_for(pool: str, quick: bool, seed: int = 0) -> Settings:
     """The full benchmark's settings, or ``quick`` ones (the CI test), for ``seed``.
 
-    text: the whole of all-MiniLM-L6-v2 merged (trunk = the embeddings, exact to cache; all 6 BERT layers
-    fine-tuned and merged, Pareto layers on attention + MLP), 72 test examples per class (402–576 per task);
-    quick: the last 2 layers, 24 test examples per class. vision: EfficientNet blocks 12–15 + head at
-    32×32 px (the vision pool is not yet rescaled, see bench/RESULTS.md). γ set of every preference-aware
-    method: equal and each task's priority (0.5), plus the simplex grid where ``grid_resolution`` > 0."""
+    text: all-MiniLM-L6-v2's last 2 BERT layers fine-tuned and merged (Pareto layers on attention + MLP; the
+    trunk's outputs cached, exact since no merge touches it), 72 test examples per class (402–576 per task);
+    quick: 24 test examples per class, fewer steps. ``tail_layers=6`` merges the whole encoder (the trunk is
+    then the embeddings; ~10× the CPU time, not run yet: bench/RESULTS.md). vision: EfficientNet blocks 12–15
+    + head at 32×32 px (not yet rescaled). γ set of every preference-aware method: equal and each task's
+    priority (0.5), plus the simplex grid where ``grid_resolution`` > 0."""
     if pool == "text":
         s = Settings("text", tuple(D.TEXT_TASKS), per_class=32, test_per_class=72, max_len=16, tail_layers=2,
                      ft_steps=30, ft_lr=3e-4, adamerging_steps=30, adamerging_lr=1e-2, pareto_steps_datafree=200,
