@@ -414,6 +414,9 @@ class LLMBench:
         cfg = pm.TrainerConfig(mode=mode, include="attention", rank=s.pareto_rank, steps=steps,
                                lr=s.pareto_lr_datafree if mode == "datafree" else s.pareto_lr_unlabeled,
                                batch_size=s.pareto_batch, seed=s.seed, diversity=0.0,
+                               # logits_fn runs the top layers itself on cached hidden states, which
+                               # AdaMerging's λ-merged forward (adamerging "before"/"joint") would not reach
+                               adamerging="off",
                                checkpoint_dir=str(ckdir), checkpoint_every=0)  # the last step only: 650 MB each
         start = self.start
 

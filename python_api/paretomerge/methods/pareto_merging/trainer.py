@@ -147,7 +147,10 @@ class ParetoMergingTrainer:
     pool: a ``ModelPool`` (needs ``finetuned_state(k)``, ``len``) — for the data-free mode — or None
         with ``finetuned=`` a list of K state dicts.
     logits_fn(model, k, x) -> logits, and unlabeled[k] (inputs of task k: a tensor or a list of
-        batches): needed in mode "unlabeled".
+        batches): needed in mode "unlabeled". With AdaMerging's coefficients in play (``adamerging``
+        "before" or "joint"), ``model`` is a wrapper whose forward runs the model with the λ-merged
+        weights: logits_fn must compute through ``model(...)``; one that reaches into submodules (e.g.
+        runs cached top layers itself) needs ``adamerging="off"``.
     meta: anything JSON-like to store in checkpoints (e.g. how to rebuild the architecture); part of
         the run's identity.
     identity: anything JSON-like that further defines the run (e.g. the pool's file names, sizes and
