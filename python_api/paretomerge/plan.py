@@ -173,37 +173,35 @@ def _hf_weight_files(d: Path) -> list[Path]:
 def plan_for_config(cfg, lowrank_R: Optional[int] = None) -> MemoryPlan:
     """The memory plan of a ``paretomerge merge`` config (a validated MergeConfig), nothing allocated.
 
-    The architecture comes from the pretrained directory's config.json (formats hf, peft) or from
-    ``pool.architecture`` built on the meta device (format files); the base bytes from the safetensors headers
-    when there are any. Low-rank deltas: at ``lowrank_R`` if given, else ``pool.compress.rank``; for a peft
-    pool, the adapters' file bytes.
+    The pool's format (``pools.formats.POOL_LOADERS``) says where the architecture is: the pretrained
+    directory's config.json (formats hf, peft; compressed without ``pool.architecture``) or ``pool.architecture``
+    built on the meta device (files, compressed); the base bytes come from the safetensors headers when there
+    are any. Low-rank deltas: the factored files' bytes (peft adapters, a compressed file), else at
+    ``lowrank_R`` if given, else ``pool.compress.rank``.
     """
     from .config import ConfigError
     from .pools.architectures import build_architecture, hf_model_class
+    from .pools.formats import POOL_LOADERS
 
     p = cfg.pool
-    K = len(p.finetuned)
+    fmt = POOL_LOADERS[p.format]
+    if not fmt.plannable:
+        raise ConfigError("pool.format", f"the memory plan cannot read format {p.format!r} (open_clip pickles "
+                                         "cannot be inspected without unpickling them)")
     pre = cfg.path(p.pretrained)
-    base_bytes = adapter_bytes = None
-    if p.format in ("hf", "peft"):
-        if not (pre / "config.json").is_file():
-            raise ConfigError("pool.pretrained", f"{str(pre)!r} is not a local Hugging Face model directory")
-        model = meta_model(pre, hf_model_class(pre, p.auto_class))  # the class merge builds
-        files = _hf_weight_files(pre)
+    base_bytes = None
+    hf = fmt.hf_dir(cfg)
+    if hf is not None:
+        model = meta_model(hf, hf_model_class(hf, p.auto_class))  # the class merge builds
+        files = _hf_weight_files(hf)
         base_bytes = safetensors_bytes(files) if files else None
-        if p.format == "peft":
-            adapter_files = [cfg.path(d) / "adapter_model.safetensors" for d in p.finetuned.values()]
-            missing = [str(f) for f in adapter_files if not f.is_file()]
-            if missing:
-                raise ConfigError("pool.finetuned", f"no such adapter file: {missing[0]!r}")
-            adapter_bytes = safetensors_bytes(adapter_files)
-    elif p.format == "files":
+    else:
         with torch.device("meta"):
             model = build_architecture(p.architecture.model_dump())
         if pre.is_file() and pre.suffix == ".safetensors":
             base_bytes = safetensors_bytes(pre)
-    else:
-        raise ConfigError("pool.format", "the memory plan reads formats files, hf and peft (open_clip pickles "
-                                         "cannot be inspected without unpickling them)")
+    factored = fmt.factored_files(cfg)
+    adapter_bytes = safetensors_bytes(factored) if factored else None
     R = lowrank_R if lowrank_R is not None else (p.compress.rank if p.compress is not None else None)
-    return memory_plan(model, K, cfg.trainer, lowrank_R=R, adapter_bytes=adapter_bytes, base_bytes=base_bytes)
+    return memory_plan(model, len(p.finetuned), cfg.trainer, lowrank_R=R, adapter_bytes=adapter_bytes,
+                       base_bytes=base_bytes)
