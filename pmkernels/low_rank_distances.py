@@ -29,10 +29,16 @@ from . import reference
 from ._dispatch import register_op, resolve_impl as _resolve
 from ._validation import Deltas, check_delta_sq_values, check_low_rank_distances, check_pref_values
 
-__all__ = ["LR_IMPLS", "low_rank_delta_sq", "low_rank_distances"]
+__all__ = ["IMPLS", "low_rank_delta_sq", "low_rank_distances", "resolve_impl"]
 
-LR_IMPLS = ("auto", "torch", "naive")
-register_op("low_rank_distances", LR_IMPLS)
+IMPLS = ("auto", "torch", "naive")
+register_op("low_rank_distances", IMPLS)
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map ``impl`` to a concrete ``low_rank_distances`` implementation ("auto" is "torch"; rules:
+    ``pmkernels._dispatch``)."""
+    return _resolve("low_rank_distances", impl, device)
 
 
 def low_rank_delta_sq(A: Deltas, B: Deltas) -> torch.Tensor:
@@ -67,7 +73,7 @@ def low_rank_distances(U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: 
     >= 0, and 0 only for a zero A_k B_kᵀ.
     """
     As, Bs = check_low_rank_distances(U, G, V, pref, A, B, delta_sq)
-    impl = _resolve("low_rank_distances", impl, U.device)
+    impl = resolve_impl(impl, U.device)
     if check_values or normalize:
         pref = check_pref_values(pref, normalize=normalize)
     if check_values and delta_sq is not None:

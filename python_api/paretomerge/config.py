@@ -36,11 +36,14 @@ import pmkernels
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
-    "ARCH_KINDS", "BASE_METHODS", "INCLUDES", "MODES", "POOL_FORMATS", "SCALARIZATIONS", "STRUCTURES",
+    "ARCH_KINDS", "BASE_METHODS", "COMPRESS_METHODS", "INCLUDES", "MODES", "NORMALIZATIONS", "POOL_FORMATS",
+    "SCALARIZATIONS", "STRUCTURES", "TIES_SCOPES",
     "BaseConfig", "CompressConfig", "ConfigError", "MergeConfig", "OutputConfig", "PoolConfig", "TrainerConfig",
     "from_dict", "load_config", "plain_data",
 ]
 
+# The choices of the config's fields, written once: the fields below are ``Literal[<list>]`` (TrainerConfig's
+# spell theirs out; tests/test_config.py checks they are these lists), and the code they configure imports them.
 MODES = ("datafree", "unlabeled")
 INCLUDES = ("qkv", "qkv+mlp", "attention", "attention+mlp", "mlp", "all")
 SCALARIZATIONS = ("stch", "tch", "linear")
