@@ -61,7 +61,7 @@ def weight_distances(U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: to
     ``check_values=False`` skips the value checks of pref (they sync with the
     device), as in ``pareto_linear``, for a pref already checked.
     """
-    if impl not in IMPLS:
+    if impl not in IMPLS:  # resolve_impl's check, made before the tensors are checked
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     ds = check_weight_distances(U, G, V, pref, deltas)
     if check_values or normalize:
