@@ -389,6 +389,14 @@ def _expected_failure(e: BaseException) -> bool:
     return isinstance(e, (ValueError, TypeError, KeyError)) and _raised_by_library(e)
 
 
+def _print_failure(command: str, e: BaseException) -> None:
+    """An expected failure as one line on stderr (with the process's rank in a multi-process run)."""
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
+    print(f"paretomerge {command}: error{'' if rank is None else f' (rank {rank})'}: "
+          f"{msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised like SIGINT's KeyboardInterrupt so every write in progress removes its temp files."""
 
@@ -419,10 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         if not _expected_failure(e):
             raise  # a bug: keep its traceback
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
-        print(f"paretomerge {args.command}: error{'' if rank is None else f' (rank {rank})'}: "
-              f"{msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        _print_failure(args.command, e)
         return 2
     finally:
         if on_main_thread:

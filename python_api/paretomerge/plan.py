@@ -111,6 +111,26 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """What the state dict holds: parameters (tied ones once) and persistent buffers."""
+    tensors = {id(p): p for p in model.parameters()}
+    for m in model.modules():
+        tensors.update({id(b): b for n, b in m._buffers.items()
+                        if b is not None and n not in m._non_persistent_buffers_set})
+    return list(tensors.values())
+
+
+def _check_ranks_fit(trainer: TrainerConfig, largest: int, K: int) -> None:
+    """A rank whose U (out, r) or G (r, r, K) cannot exist (more bytes than a tensor's size can count) is a
+    config error, not the storage overflow building it on the meta device would raise."""
+    from .config import ConfigError
+
+    for name, r in (("trainer.rank", trainer.rank), ("trainer.rank_mlp", trainer.rank_mlp)):
+        if r is not None and max(largest * r, r * r * K) * 8 >= 2**63:
+            raise ConfigError(name, f"{r} is too large: a Pareto layer's U (out, r) or G (r, r, K) would hold "
+                                    f"more elements than a tensor can (largest dimension {largest}, K = {K})")
+
+
 def memory_plan(model: nn.Module, K: int, trainer: Optional[TrainerConfig] = None, *,
                 lowrank_R: Optional[int] = None, adapter_bytes: Optional[int] = None,
                 base_bytes: Optional[int] = None) -> MemoryPlan:
@@ -129,21 +149,9 @@ def memory_plan(model: nn.Module, K: int, trainer: Optional[TrainerConfig] = Non
     if lowrank_R is not None and (not isinstance(lowrank_R, int) or lowrank_R < 1):
         raise ValueError(f"lowrank_R must be an int >= 1, got {lowrank_R!r}")
     trainer = trainer or TrainerConfig()
-    # what the state dict holds: parameters (tied ones once) and persistent buffers
-    tensors = {id(p): p for p in model.parameters()}
-    for m in model.modules():
-        tensors.update({id(b): b for n, b in m._buffers.items()
-                        if b is not None and n not in m._non_persistent_buffers_set})
-    model_bytes = sum(_nbytes(t) for t in tensors.values())
-    # a rank whose U (out, r) or G (r, r, K) cannot exist (more bytes than a tensor's size can count) is a
-    # config error, not the storage overflow building it on the meta device would raise
-    largest = max((max(t.shape) for t in tensors.values() if t.dim()), default=1)
-    for name, r in (("trainer.rank", trainer.rank), ("trainer.rank_mlp", trainer.rank_mlp)):
-        if r is not None and max(largest * r, r * r * K) * 8 >= 2**63:
-            from .config import ConfigError
-
-            raise ConfigError(name, f"{r} is too large: a Pareto layer's U (out, r) or G (r, r, K) would hold "
-                                    f"more elements than a tensor can (largest dimension {largest}, K = {K})")
+    tensors = _state_tensors(model)
+    model_bytes = sum(_nbytes(t) for t in tensors)
+    _check_ranks_fit(trainer, max((max(t.shape) for t in tensors if t.dim()), default=1), K)
     convert_for_config(model, K, trainer)
     slots = factored_weights(model)
     pareto = sum(_nbytes(U) + _nbytes(G) + _nbytes(V) for _, U, G, V, _ in slots)
