@@ -30,10 +30,13 @@ def test_a_library_input_check_is_one_line(tmp_path, capsys):
 
 
 def test_program_parameter_names_become_flags():
-    """program.py names its parameters (``pref``, ``fmt``, ``out_dir``); the CLI reports the flags."""
+    """program.py and serve.py start errors with their parameter's name; the CLI reports the flag."""
     from paretomerge.cli import _with_flag_names
 
     assert _with_flag_names("pref has 3 entries") == "--pref has 3 entries"
-    assert _with_flag_names("fmt hf writes one model: give one pref, got 2") == \
-        "--format hf writes one model: give one --pref, got 2"
-    assert _with_flag_names("preference prefix out_dir: 'x' exists") == "preference prefix --out: 'x' exists"
+    assert _with_flag_names("fmt hf writes one model: give one preference, got 2") == \
+        "--format hf writes one model: give one preference, got 2"
+    assert _with_flag_names("out_dir: 'x' already exists") == "--out: 'x' already exists"
+    assert _with_flag_names("host/port: cannot listen") == "--host/--port: cannot listen"
+    assert _with_flag_names("the device of pref must be") == "the device of pref must be"  # only a leading name
+    assert _with_flag_names("preference is bad") == "preference is bad"

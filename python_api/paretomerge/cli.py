@@ -51,16 +51,19 @@ def _output_dir(text: str) -> str:
     return text
 
 
-# The program functions name their parameters in errors; the CLI reports them as the flags that set them.
+# The program functions (program.py, serve.py) start their errors with the parameter's name; the CLI reports
+# the flag that sets it.
 _FLAGS = {"pref": "--pref", "prefs": "--pref", "fmt": "--format", "out_dir": "--out", "tokenizer_dir": "--tokenizer",
-          "max_new_tokens": "--max-new-tokens", "prompts": "--prompts (or lines on stdin)"}
-_FLAG_NAMES = re.compile(r"(?<![\w.-])(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")(?![\w-])")
+          "max_new_tokens": "--max-new-tokens", "prompts": "--prompts (or lines on stdin)", "device": "--device",
+          "max_batch": "--max-batch", "batch_wait_ms": "--batch-wait-ms", "host/port": "--host/--port"}
+_LEADING_NAME = re.compile(r"^(" + "|".join(re.escape(k) for k in sorted(_FLAGS, key=len, reverse=True))
+                           + r")(?=[\s:])")
 
 
 def _with_flag_names(msg: str) -> str:
-    """``msg`` with each program parameter name the CLI sets by a flag (``pref``, ``fmt`` …) replaced by the
-    flag (``--pref``, ``--format`` …)."""
-    return _FLAG_NAMES.sub(lambda m: _FLAGS[m[1]], msg)
+    """``msg`` with its leading program parameter name (``pref``, ``fmt`` …) replaced by the CLI flag that sets it
+    (``--pref``, ``--format`` …)."""
+    return _LEADING_NAME.sub(lambda m: _FLAGS[m[1]], msg)
 
 
 class _InputError(Exception):

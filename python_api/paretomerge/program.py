@@ -260,7 +260,7 @@ def export_checkpoint_dir(ckpt_path, prefs: Sequence[Sequence[float]], out_dir, 
     _check_prefs(prefs, ck)
     if fmt == "hf":
         if len(prefs) != 1:
-            raise ValueError(f"fmt hf writes one model: give one pref, got {len(prefs)}")
+            raise ValueError(f"fmt hf writes one model: give one preference, got {len(prefs)}")
         return export_hf(model, prefs[0], out_dir, overwrite=overwrite)
     return export_peft(model, list(prefs), out_dir, overwrite=overwrite, task_names=ck["task_names"])
 
