@@ -67,3 +67,32 @@ def test_compressed_format_bad_configs_are_one_line_errors(tmp_path, capsys):
                               "heads": {"a": "ha.safetensors", "b": "hb.safetensors"}}}
     assert main(["merge", "--config", str(write_config(tmp_path, fewer, "fewer.yaml"))]) == 2
     assert "pool.finetuned: must name the tasks of" in capsys.readouterr().err
+
+
+def test_compressed_format_over_a_hugging_face_directory(tmp_path, capsys, no_network):
+    """Without ``pool.architecture`` the pretrained model is a local Hugging Face directory; checkpoints record it."""
+    import yaml
+
+    import helpers  # noqa: F401 - puts examples/ (tiny_llama) on sys.path
+    from paretomerge.program import checkpoint_architecture
+    from tiny_llama import make_tiny_llama_dirs
+
+    d = make_tiny_llama_dirs(tmp_path, tasks=("a", "b"))
+    hf = {"pool": {"format": "hf", "pretrained": str(d["pretrained"]), "finetuned": {t: str(d[t]) for t in "ab"},
+                   "compress": {"rank": 2, "save": "tv.safetensors"}}}
+    (tmp_path / "hf.yaml").write_text(yaml.safe_dump(hf))
+    dense = load_pool(load_config(tmp_path / "hf.yaml"))  # compresses, saves tv.safetensors
+    cc = {"pool": {"format": "compressed", "pretrained": str(d["pretrained"]),
+                   "finetuned": {t: "tv.safetensors" for t in "ab"}}}
+    (tmp_path / "cc.yaml").write_text(yaml.safe_dump(cc))
+    cfg = load_config(tmp_path / "cc.yaml")
+    pool = load_pool(cfg)
+    for k in range(2):
+        a, b = pool.task_vector(k), dense.task_vector(k)
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
+    assert checkpoint_architecture(cfg) == {"kind": "hf", "dir": str(d["pretrained"].resolve()),
+                                            "auto_class": "LlamaForCausalLM"}
+    capsys.readouterr()
+    assert main(["plan", str(tmp_path / "cc.yaml")]) == 0
+    assert f"| deltas_lowrank | {safetensors_bytes(tmp_path / 'tv.safetensors')} |" in capsys.readouterr().out
