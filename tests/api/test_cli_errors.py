@@ -1,9 +1,11 @@
-"""Which failures the CLI reports in one line (exit 2) and which keep their traceback (bugs)."""
+"""Which failures the CLI reports in one line (exit 2: bad flags, files, checkpoints, pools) and which keep their
+traceback (bugs); program parameter names reported as flags."""
 from __future__ import annotations
 
 import pytest
 
 from _pool_files import write_config, write_pool
+from helpers import good_config as _good
 from paretomerge import plan
 from paretomerge.cli import main
 
@@ -40,3 +42,46 @@ def test_program_parameter_names_become_flags():
     assert _with_flag_names("host/port: cannot listen") == "--host/--port: cannot listen"
     assert _with_flag_names("the device of pref must be") == "the device of pref must be"  # only a leading name
     assert _with_flag_names("preference is bad") == "preference is bad"
+
+
+def test_cli_pref_must_be_finite(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["export", "--checkpoint", "x.pt", "--pref", "nan,0,0,1", "--out", "m.safetensors"])
+    assert ei.value.code == 2
+    assert "finite" in capsys.readouterr().err
+
+
+def test_cli_export_out_must_be_a_file(tmp_path, capsys):
+    assert main(["export", "--checkpoint", "x.pt", "--pref", "0.5,0.5", "--out", str(tmp_path) + "/"]) == 2
+    assert "directory" in capsys.readouterr().err
+
+
+def test_cli_eval_out_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as ei:
+        main(["eval", "--checkpoint", "c.pt", "--config", "c.yaml", "--out", str(f)])
+    assert ei.value.code == 2 and "existing file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage"])
+def test_cli_bad_checkpoint_is_one_line(tmp_path, capsys, content):
+    ck = tmp_path / "bad.pt"
+    ck.write_bytes(content)
+    rc = main(["export", "--checkpoint", str(ck), "--pref", "0.5,0.5", "--out", str(tmp_path / "m.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(ck) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_corrupt_safetensors_in_pool_is_one_line(tmp_path, capsys):
+    import yaml
+
+    d = _good()
+    d["mode"] = "datafree"
+    del d["unlabeled"]
+    for name in ("p", "a", "b", "ha", "hb"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken json")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    rc = main(["merge", "--config", str(tmp_path / "c.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "safetensors" in err and len(err.strip().splitlines()) == 1, err

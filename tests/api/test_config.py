@@ -1,16 +1,20 @@
-"""config.py's choice lists: written once, and each names what the code it configures has."""
+"""config.py: strict types and finite floats (errors name the dotted field), and the choice lists, written once,
+each naming what the code it configures has."""
 from __future__ import annotations
 
+import math
 import typing
 
 import pmkernels
 import pytest
 import torch
 
+import paretomerge as pm
+from helpers import mutate as _mutate
 from paretomerge import config
 from paretomerge.config import (BASE_METHODS, COMPRESS_METHODS, INCLUDES, MODES, NORMALIZATIONS, POOL_FORMATS,
-                                SCALARIZATIONS, STRUCTURES, TIES_SCOPES, BaseConfig, CompressConfig, MergeConfig,
-                                PoolConfig, TrainerConfig)
+                                SCALARIZATIONS, STRUCTURES, TIES_SCOPES, BaseConfig, CompressConfig, ConfigError,
+                                MergeConfig, PoolConfig, TrainerConfig, from_dict)
 from paretomerge.layers.convert import PRESETS, QKV_PRESETS
 from paretomerge.methods import MERGE_METHODS
 from paretomerge.methods.pareto_merging import objectives
@@ -50,3 +54,33 @@ def test_impl_lists_one_scheme():
         assert mod.resolve_impl("auto", torch.device("cpu")) in mod.IMPLS
     assert pmkernels.IMPLS is pmkernels.PARETO_LINEAR_IMPLS and pmkernels.resolve_impl is importlib.import_module(
         "pmkernels.pareto_linear").resolve_impl
+
+
+@pytest.mark.parametrize("path,value,field", [
+    ("trainer", [1, 2], "trainer"),
+    ("trainer.per_sample", "yes", "trainer.per_sample"),
+    ("trainer.progress", "no", "trainer.progress"),
+    ("base.k", True, "base.k"),
+    ("trainer.weight_decay", math.inf, "trainer.weight_decay"),
+    ("trainer.reg_frobenius", math.nan, "trainer.reg_frobenius"),
+    ("trainer.ideal", [math.nan, 0.0], "trainer.ideal.0"),
+    ("trainer.lr", "1e-3", "trainer.lr"),
+    ("base.lam", [0.1, 0.2], "base.lam"),  # two tasks but method ties below
+])
+def test_strict_types_and_finite_floats(path, value, field):
+    d = _mutate(path, value)
+    if path == "base.lam":
+        d["base"]["method"] = "ties"
+    with pytest.raises(ConfigError) as ei:
+        from_dict(d)
+    assert ei.value.field == field, str(ei.value)
+
+
+def test_trainer_config_accepts_any_sequence_for_ideal():
+    assert TrainerConfig(ideal=(0.0, 0.1)).ideal == [0.0, 0.1]
+    assert TrainerConfig(ideal=torch.tensor([0.0, 0.5]).tolist()).ideal == [0.0, 0.5]
+
+
+def test_schema_is_available():
+    schema = pm.MergeConfig.model_json_schema()
+    assert "pool" in schema["properties"] and "trainer" in schema["properties"]
