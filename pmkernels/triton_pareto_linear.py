@@ -19,13 +19,20 @@ b = n // L (L = N / B; B = 1 for a shared preference):
               dG_k = Σ_b γ_bk dM_b, dγ_bk = <dM_b, G_k>  torch einsums on (B, r, r)
               db = Σ_n dy
 
+Launches: a forward is exactly two kernels (shrink, GEMM) for a shared or a per-sample γ, with no
+host-side torch op on γ (fp32 or fp64 γ is read as it is), no host sync and no value-dependent
+allocation, so a decode step can be captured in a CUDA graph (tests/test_triton_pareto_linear.py).
+A backward is the shrink, one GEMM per needed gradient of x/W/U/V (+ a split-K sum when split),
+the core-gradient kernel + its split sum and the two K-sized einsums (dG, dγ), and db's sum.
+
 Per-sample γ never builds per-row (or per-sample r×r) matrices in the
 shrink: it computes z·H_k for every k as K IEEE-fp32 dots on z pre-scaled by
 the row's γ_{b,k}. For r > 32 those dots run over BLOCK_C × BLOCK_C blocks of
 H with z re-read in column slices (fp32 FMA dots hold their whole contraction
 extent per thread in registers; over all of r = 128 they spilled tens of KB).
-A shared γ is folded into M on the host first (r×r, negligible) and runs the
-same kernel with K = 1.
+A shared γ (one row) takes the kernel's SHARED_PREF variant: each CTA folds
+M = Σ_k γ_k G_k block by block in registers (K r×r loads, no per-row work) and
+runs one dot per block, so z·Mᵀ costs what a K = 1 core would.
 
 Only x, the weights themselves and the (N, r) fp32 intermediates z, t are
 saved for backward; W(γ) is never built.
@@ -54,11 +61,11 @@ one-kernel ``triton_op`` runs eagerly but fails ``torch.compile`` (both
 aot_eager and inductor) with "Cannot access data pointer of Tensor
 (FakeTensor)": the interpreter's launcher touches the fake tensors' data
 during tracing. custom_op keeps one code path (eager, compile, interpreter,
-CUDA), and the launchers also run host-side torch code (the shared-γ fold,
-the hybrid's torch.mm, the K-sized backward einsums). On CUDA-only builds a
+CUDA), and the launchers also run host-side torch code (the hybrid's torch.mm,
+the K-sized backward einsums). On CUDA-only builds a
 ``triton_op`` variant would let inductor see and fuse around the kernels. Autocast: the Python wrapper
 casts x/weight/bias/U/G/V to the autocast dtype before calling the op (pref
-stays fp32), as F.linear would, so the op itself never sees mixed dtypes.
+keeps its fp32/fp64 dtype), as F.linear would, so the op itself never sees mixed dtypes.
 
 Configs: each autotuned kernel's configs come from a pure pruner
 (``gemm_configs``, ``shrink_configs``) of dtype, shape bucket, rank, K, variant
@@ -102,6 +109,19 @@ _BASE_GEMM = os.environ.get("PMKERNELS_BASE_GEMM", "triton")
 _DOT_PRECISION = "ieee" if _INTERPRET else "tf32"
 
 
+def _autotune_max_configs() -> Optional[int]:
+    """PMKERNELS_AUTOTUNE_CONFIGS=N: each autotuned launch tries at most the first N configs its pruner keeps
+    (the bucket lists are ordered most-likely-best first), a fixed small set for short GPU windows
+    (bench/gpu_check.sh uses 2). Unset or 0: every kept config."""
+    raw = os.environ.get("PMKERNELS_AUTOTUNE_CONFIGS", "0").strip() or "0"
+    if not raw.isdigit():
+        raise ValueError(f"PMKERNELS_AUTOTUNE_CONFIGS must be a non-negative integer, got {raw!r}")
+    return int(raw) or None
+
+
+_AUTOTUNE_MAX = _autotune_max_configs()
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -114,7 +134,8 @@ def _shrink_kernel(
     stride_an, stride_ad, stride_pd, stride_pr,
     stride_ha, stride_hc, stride_hk, stride_gb, stride_gk,
     stride_zn, stride_tn,
-    N_BUCKET,  # autotune key only: small (decode) vs large token counts
+    N_BUCKET,  # autotune key only: bit 0 small (decode) vs large token counts, bit 1 unaligned loads
+    SHARED_PREF: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -122,7 +143,10 @@ def _shrink_kernel(
 
     Forward: A = x, P = V, H = G with its first two dims swapped (t = z M_bᵀ).
     Backward: A = dy, P = U, H = G (s = w M_b).
-    The z·H product over all K runs as K IEEE-fp32 dots per (BLOCK_C × BLOCK_C) block of H,
+    SHARED_PREF (one γ row for all N rows, g (1, K)): each CTA folds M = Σ_k γ_k H_k per
+    (BLOCK_C × BLOCK_C) block in registers and runs one dot per block, so a shared γ needs no
+    host-side fold (no extra launches) and costs the core contraction of K = 1.
+    Otherwise the z·H product over all K runs as K IEEE-fp32 dots per (BLOCK_C × BLOCK_C) block of H,
     each on z pre-scaled by the row's γ_{b,k}: no per-row or per-sample r×r matrix is
     built, and rows of different samples can share a block. BLOCK_C == BLOCK_R: one block,
     z stays in registers. BLOCK_C < BLOCK_R (large r, chosen by ``shrink_configs``): z is
@@ -155,10 +179,17 @@ def _shrink_kernel(
         h_off = rr[:, None] * stride_ha + rr[None, :] * stride_hc
         h_mask = r_ok[:, None] & r_ok[None, :]
         t = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        for k in range(0, K):
-            h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + sample * stride_gb + k * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
-            t = tl.dot(z * g[:, None], h, t, input_precision="ieee")
+        if SHARED_PREF:
+            m = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+            for k in range(0, K):
+                h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
+                m += tl.load(g_ptr + k * stride_gk).to(tl.float32) * h
+            t = tl.dot(z, m, t, input_precision="ieee")
+        else:
+            for k in range(0, K):
+                h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + sample * stride_gb + k * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
+                t = tl.dot(z * g[:, None], h, t, input_precision="ieee")
         tl.store(t_ptr + rows[:, None] * stride_tn + rr[None, :], t, mask=out_mask)
     else:
         tl.debug_barrier()  # this CTA's z stores are visible to all its threads before the re-reads
@@ -174,10 +205,18 @@ def _shrink_kernel(
                              mask=row_ok[:, None] & a_ok[None, :], other=0.0)
                 h_off = aa[:, None] * stride_ha + cc[None, :] * stride_hc
                 h_mask = a_ok[:, None] & c_ok[None, :]
-                for k in range(0, K):
-                    h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
-                    g = tl.load(g_ptr + sample * stride_gb + k * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
-                    t = tl.dot(zc * g[:, None], h, t, input_precision="ieee")
+                if SHARED_PREF:
+                    m = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
+                    for k in range(0, K):
+                        h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
+                        m += tl.load(g_ptr + k * stride_gk).to(tl.float32) * h
+                    t = tl.dot(zc, m, t, input_precision="ieee")
+                else:
+                    for k in range(0, K):
+                        h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
+                        g = tl.load(g_ptr + sample * stride_gb + k * stride_gk, mask=row_ok,
+                                    other=0.0).to(tl.float32)
+                        t = tl.dot(zc * g[:, None], h, t, input_precision="ieee")
             tl.store(t_ptr + rows[:, None] * stride_tn + cc[None, :], t, mask=row_ok[:, None] & c_ok[None, :])
 
 
@@ -187,7 +226,7 @@ def _gemm_kernel(
     M, N, K, R, K_PER_SPLIT,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
     stride_tm, stride_tr, stride_un, stride_ur,
-    M_BUCKET,  # autotune key only: small (decode) vs large token counts
+    M_BUCKET,  # autotune key only: bit 0 small (decode) vs large token counts, bit 1 unaligned loads
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
@@ -334,7 +373,22 @@ _GEMM_BUCKET_CONFIGS = {
         _cfg(32, 32, 256, 3, 4), _cfg(64, 32, 64, 3, 4),
     ],
 }
-_GEMM_CONFIGS = [c for cs in _GEMM_BUCKET_CONFIGS.values() for c in cs]
+# Launches whose A/B loads Triton cannot prove 16-element aligned (an odd K or row stride: odd in/out
+# features, odd-width views) load element by element, unpipelined for half precision, with 64-bit addresses
+# per element: nearly every config above spilled there (AOT sweep at odd sizes, sm_80/sm_90, 8 B to 7 KB).
+# These keep BLOCK_K = 32 (a third of the registers of the loaded tiles) and <= 32 accumulators per thread.
+# (Each was spill-free at odd sizes on sm_80 in bf16 and fp32 for the forward, decode, dx and dW launches.)
+_GEMM_UNALIGNED_CONFIGS = {
+    "small_m": [_cfg(16, 32, 64, 4, 4), _cfg(16, 64, 64, 4, 4), _cfg(32, 32, 64, 3, 4), _cfg(16, 64, 32, 3, 4)],
+    "large_m": [_cfg(64, 128, 32, 3, 8), _cfg(128, 64, 32, 3, 8), _cfg(64, 64, 32, 3, 4), _cfg(32, 64, 32, 3, 4)],
+}
+_GEMM_CONFIGS = [c for cs in list(_GEMM_BUCKET_CONFIGS.values()) + list(_GEMM_UNALIGNED_CONFIGS.values()) for c in cs]
+
+
+def loads_aligned(K: int, *strides: int) -> bool:
+    """True when the reduction length and every non-unit stride of A and B are multiples of 16 elements,
+    i.e. Triton specialises them as divisible and vectorises (and pipelines) the tile loads."""
+    return K % 16 == 0 and all(s == 1 or s % 16 == 0 for s in strides)
 
 
 def gemm_bucket(M: int, N: int) -> str:
@@ -358,10 +412,12 @@ _TRITON_BEFORE_3_8 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < 
 
 
 def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: int, capability: int,
-                 b_dtype=None) -> list:
+                 b_dtype=None, aligned: bool = True) -> list:
     """The _gemm_kernel configs the autotuner may try for this launch, in order; never empty.
 
     dtype: A's dtype (B is cast to it; b_dtype: B's own dtype when it differs, fp32 for dU/dV).
+    aligned: ``loads_aligned`` of the launch; unaligned small_m / large_m launches draw from
+    ``_GEMM_UNALIGNED_CONFIGS`` instead (thin_n's tiles were spill-free at odd sizes too).
     Kept: shared memory estimate within the capability's limit, and register rules the AOT sweep
     (bench/scripts/aot_sweep.py) found spill-free on sm_80/sm_90: at most 128 fp32 accumulators per
     thread, at most 64 with the expand epilogue at block_r >= 64 or in the accumulate-into-C pass
@@ -371,7 +427,9 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
     b_bytes = _ELEM_BYTES[dtype_name(b_dtype)] if b_dtype is not None else a_bytes
     limit = smem_limit(capability)
     keep = []
-    for c in _GEMM_BUCKET_CONFIGS[bucket]:
+    cands = _GEMM_BUCKET_CONFIGS[bucket] if aligned or bucket not in _GEMM_UNALIGNED_CONFIGS \
+        else _GEMM_UNALIGNED_CONFIGS[bucket]
+    for c in cands:
         acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
         if _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r) > limit:
             continue
@@ -381,21 +439,22 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
             continue
         if a_bytes == 2 and capability < 90 and c.num_stages >= 5:  # Triton 3.9, sm_80: 64×64×64 at 5 stages spilled 4 B
             continue
+        if add_c and not aligned and a_bytes == 2 and capability < 90 and c.num_warps < 8:
+            continue  # the hybrid pass at odd sizes, sm_80, half precision: 64×64 on 4 warps spilled 52 B
         if _TRITON_BEFORE_3_8 and capability < 90 and a_bytes == 2:
             # Triton 3.6's sm_80 codegen (not 3.8/3.9's) spilled 8-72 B in the 128-accumulator half-precision
             # tiles and 4 B in the 128×128 A tile of dU/dV (fp32 B cast in the loop): found by the AOT sweep.
             if acc_per_thread > 64 or (b_bytes == 4 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] >= 128 * 128):
                 continue
         keep.append(c)
-    return keep or [min(_GEMM_BUCKET_CONFIGS[bucket], key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora,
-                                                                                   block_r))]
+    return keep or [min(cands, key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r))]
 
 
 def _prune_gemm(configs, named_args, **kwargs):
     a, b = named_args["a_ptr"], named_args["b_ptr"]
     return gemm_configs(a.dtype, gemm_bucket(named_args["M"], named_args["N"]), has_lora=kwargs["HAS_LORA"],
                         add_c=kwargs["ADD_C"], block_r=kwargs["BLOCK_R"], capability=cuda_capability(a.device),
-                        b_dtype=b.dtype)
+                        b_dtype=b.dtype, aligned=named_args["M_BUCKET"] < 2)[:_AUTOTUNE_MAX]
 
 
 _SHRINK_CONFIGS = {  # (BLOCK_N, BLOCK_D, num_stages, num_warps)
@@ -409,12 +468,15 @@ def shrink_block_c(block_r: int, K: int) -> int:
     return block_r if block_r <= 32 else 32
 
 
-def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: int, small_n: bool) -> list:
+def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: int, small_n: bool,
+                   aligned: bool = True) -> list:
     """The _shrink_kernel configs the autotuner may try, in order; never empty.
 
-    dtype: x's (A's) dtype; block_r: r padded (pad_rank); K: core slices (1 after the shared-γ fold);
+    dtype: x's (A's) dtype; block_r: r padded (pad_rank); K: core slices;
     small_n: N <= 64 (decode). Kept: shared memory estimate (num_stages buffers of the A and P tiles)
     within the limit, at most 64 fp32 z accumulators per thread; BLOCK_C from shrink_block_c.
+    aligned: ``loads_aligned`` of the launch; at odd sizes (element-wise loads) the prefill configs with
+    BLOCK_D >= 64 spilled 4-36 B (AOT sweep, sm_80/sm_90), so unaligned prefill launches keep BLOCK_D <= 32.
     """
     es = _ELEM_BYTES[dtype_name(dtype)]
     limit = smem_limit(capability)
@@ -426,7 +488,8 @@ def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: in
 
     def spills(bn, bd, w):  # register rules from the AOT sweep (sm_80 spilled 12-40 B in these)
         return ((es == 4 and block_r >= 32 and bd >= 128)
-                or (capability < 90 and block_r >= 64 and bn >= 128))
+                or (capability < 90 and block_r >= 64 and bn >= 128)
+                or (not aligned and not small_n and bd >= 64))
 
     keep = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_C": block_c}, num_stages=st, num_warps=w)
             for bn, bd, st, w in cands
@@ -439,8 +502,9 @@ def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: in
 
 def _prune_shrink(configs, named_args, **kwargs):
     a = named_args["a_ptr"]
-    return shrink_configs(a.dtype, kwargs["BLOCK_R"], named_args["K"], named_args["K"] > 1, cuda_capability(a.device),
-                          small_n=named_args["N"] <= 64)
+    return shrink_configs(a.dtype, kwargs["BLOCK_R"], named_args["K"], not kwargs["SHARED_PREF"],
+                          cuda_capability(a.device), small_n=named_args["N"] <= 64,
+                          aligned=named_args["N_BUCKET"] < 2)[:_AUTOTUNE_MAX]
 
 
 def core_grad_launch(block_r: int) -> dict:
@@ -464,7 +528,7 @@ else:
     _shrink_launch = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_stages=st, num_warps=w)
                  for cs in _SHRINK_CONFIGS.values() for bn, bd, st, w in cs],  # BLOCK_C is added by the pruner
-        key=["N_BUCKET", "D", "R", "K"],
+        key=["N_BUCKET", "D", "R", "K", "SHARED_PREF"],
         prune_configs_by={"early_config_prune": _prune_shrink},
     )(_shrink_kernel)
 
@@ -481,7 +545,9 @@ def _shrink_fixed(block_r: int, K: int) -> dict:
 
 def _shrink(a: torch.Tensor, p: torch.Tensor, h: torch.Tensor, g: torch.Tensor, L: int,
             z: Optional[torch.Tensor] = None, t: Optional[torch.Tensor] = None):
-    """z = a p, t[n] = Σ_k g[n // L, k] z[n] H[:, :, k]; a (N, D), p (D, r), h (r, r, K) view, g (B, K).
+    """z = a p, t[n] = Σ_k g[n // L, k] z[n] H[:, :, k]; a (N, D), p (D, r), h (r, r, K) view, g (B, K)
+    in any float dtype (read and used in fp32). One launch; a single row of g (B = 1) runs the kernel's
+    shared-γ variant (M folded per CTA in registers).
 
     z, t: optional preallocated (N, r) fp32 outputs with unit column stride (tests poison them).
     """
@@ -501,7 +567,8 @@ def _shrink(a: torch.Tensor, p: torch.Tensor, h: torch.Tensor, g: torch.Tensor, 
         a.stride(0), a.stride(1), p.stride(0), p.stride(1),
         h.stride(0), h.stride(1), h.stride(2), g.stride(0), g.stride(1),
         z.stride(0), t.stride(0),
-        0 if N <= 64 else 1,
+        (0 if N <= 64 else 1) + (0 if loads_aligned(D, a.stride(0), a.stride(1), p.stride(0), p.stride(1)) else 2),
+        SHARED_PREF=g.shape[0] == 1,
         BLOCK_R=pad_rank(r), PRECISION=_DOT_PRECISION, **_shrink_fixed(pad_rank(r), K),
     )
     return z, t
@@ -569,7 +636,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[
         c.stride(0) if splits > 1 else 0,
         t.stride(0) if lora else 0, t.stride(1) if lora else 0,
         u.stride(0) if lora else 0, u.stride(1) if lora else 0,
-        0 if M <= 64 else 1,
+        (0 if M <= 64 else 1) + (0 if loads_aligned(k_run, a.stride(0), a.stride(1), b.stride(0), b.stride(1)) else 2),
         HAS_LORA=lora, HAS_BIAS=bias is not None, ADD_C=add_c,
         BLOCK_R=pad_rank(R), PRECISION=_DOT_PRECISION, **_GEMM_FIXED,
     )
@@ -608,20 +675,10 @@ def _core_splits(P: int, L: int) -> tuple[int, int]:
     return splits, max(1, triton.cdiv(L, splits))
 
 
-def _core(G: torch.Tensor, pref: torch.Tensor):
-    """(H, g) for the shrink: per-sample pref keeps G (K dots + γ contraction in-kernel);
-    a single row folds M = Σ_k γ_k G_k on the host (r×r) and runs with K = 1."""
-    if pref.shape[0] == 1:
-        M = torch.einsum("k,ijk->ij", pref[0], G.float())
-        return M.unsqueeze(-1), pref.new_ones((1, 1))
-    return G, pref
-
-
 def _forward(x, weight, bias, U, G, V, pref):
     N = x.shape[0]
     L = N // pref.shape[0] if pref.shape[0] else 1
-    H, g = _core(G, pref)
-    z, t = _shrink(x, V, H.transpose(0, 1), g, max(L, 1))  # t = z M_bᵀ (computed as K r×r dots, see _shrink_kernel)
+    z, t = _shrink(x, V, G.transpose(0, 1), pref, max(L, 1))  # t = z M_bᵀ, γ contracted in-kernel (_shrink_kernel)
     y = _gemm(x, weight, x.dtype, t=t, u=U, bias=bias, base=_BASE_GEMM)
     return y, z, t
 
@@ -633,18 +690,17 @@ def _backward(dy, x, weight, U, G, V, pref, z, t, need):
     L = N // P if P else 0  # rows per sample (0 for an empty batch: then dM is all zeros)
     # unneeded gradients are distinct 0-element tensors (custom-op outputs must not alias)
     dx, dw, db, du, dG, dv = (dy.new_empty(0) for _ in range(6))
-    dpref = dy.new_empty(0, dtype=torch.float32)
+    dpref = dy.new_empty(0, dtype=pref.dtype)
     w = s = None
     if nx or nv or ng or npref:
-        H, g = _core(G, pref)
-        w, s = _shrink(dy, U, H, g, max(L, 1))  # w = dy U, s = w M_b
+        w, s = _shrink(dy, U, G, pref, max(L, 1))  # w = dy U, s = w M_b
     if nx:
         dx = _gemm(dy, weight.t(), x.dtype, t=s, u=V, base=_BASE_GEMM)
     dev = dy.device
     if nw:
         dw = _gemm(dy.t(), x.t(), weight.dtype, split_k=_split_k(*weight.shape, N, dev))
     if nb:
-        db = dy.float().sum(0).to(dy.dtype)
+        db = dy.sum(0, dtype=torch.float32).to(dy.dtype)  # fp32 accumulation without an (N, out) fp32 copy
     if nu:
         du = _gemm(dy.t(), t.t(), U.dtype, split_k=_split_k(*U.shape, N, dev))
     if nv:
@@ -652,9 +708,9 @@ def _backward(dy, x, weight, U, G, V, pref, z, t, need):
     if ng or npref:
         dM = _core_grad(w, z, P, L)  # (P, r, r) fp32; the K-sized contractions below are tiny
         if ng:
-            dG = torch.einsum("bij,bk->ijk", dM, pref).to(G.dtype)
+            dG = torch.einsum("bij,bk->ijk", dM, pref.float()).to(G.dtype)
         if npref:
-            dpref = torch.einsum("bij,ijk->bk", dM, G.float())
+            dpref = torch.einsum("bij,ijk->bk", dM, G.float()).to(pref.dtype)
     return dx, dw, db, du, dG, dv, dpref
 
 
@@ -666,8 +722,9 @@ def _backward(dy, x, weight, U, G, V, pref, z, t, need):
 @torch.library.custom_op("pmkernels::pareto_linear_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], U: torch.Tensor,
             G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (N, in), pref (P, K) fp32 with N % P == 0 -> (y (N, out), z = xV (N, r) fp32, t = z M_bᵀ (N, r) fp32)."""
-    # The host-side torch pieces (the shared-γ fold) must stay fp32 even inside an autocast region.
+    """x (N, in), pref (P, K) fp32 or fp64 with N % P == 0 -> (y (N, out), z = xV (N, r) fp32, t = z M_bᵀ (N, r)
+    fp32). Two launches: the shrink (γ contracted in-kernel, shared or per sample) and the GEMM."""
+    # Autocast off: the launchers' host-side torch pieces (the hybrid's torch.mm) keep the inputs' dtypes.
     with torch.autocast(x.device.type, enabled=False):
         return _forward(x, weight, bias, U, G, V, pref)
 
@@ -697,7 +754,7 @@ def _(dy, x, weight, U, G, V, pref, z, t, need_x, need_weight, need_bias, need_U
         return like.new_empty(like.shape if flag else (0,), dtype=dtype or dy.dtype)
 
     return (maybe(need_x, x), maybe(need_weight, weight), maybe(need_bias, weight[:, 0]), maybe(need_U, U),
-            maybe(need_G, G), maybe(need_V, V), maybe(need_pref, pref, torch.float32))
+            maybe(need_G, G), maybe(need_V, V), maybe(need_pref, pref, pref.dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -747,6 +804,9 @@ def triton_pareto_linear(
     check_triton_dtype("x", x)  # before any launch: fp64 fails in the kernels, bf16 is garbage when interpreted
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    p2 = pref.to(torch.float32).reshape(-1, pref.shape[-1])
+    # The kernels read γ in fp32 or fp64 as it is (no cast launch for the modules' fp64 preferences);
+    # half-precision γ is widened (the interpreter cannot read bf16).
+    p2 = pref if pref.dtype in (torch.float32, torch.float64) else pref.float()
+    p2 = p2.reshape(-1, pref.shape[-1])
     y, _, _ = _fwd_op(x2, weight, bias, U, G, V, p2)
     return y.reshape(*lead, weight.shape[0])

@@ -280,7 +280,7 @@ def test_autotune_config_buckets():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("r,K,B", [(1, 1, 1), (3, 4, 3), (17, 4, 5), (5, 3, 1),
-                                   (40, 5, 2), (100, 64, 2), (128, 3, 1)])  # r > 32: the tiled core (BLOCK_C < BLOCK_R)
+                                   (40, 5, 2), (40, 5, 1), (100, 64, 2), (128, 3, 1)])  # r > 32: tiled core; B = 1: shared-γ fold
 def test_shrink_kernel_poisoned(dtype, r, K, B):
     N, D, L = B * 7, 37, 7
     a = torch.randn(N, D, dtype=torch.float64, device=DEV)
@@ -502,3 +502,63 @@ def test_cuda_shape_grid(shape, dtype, per_sample):
     y_t = pmkernels.pareto_linear(*a, impl="triton")
     y_p = pmkernels.pareto_linear(*a, impl="torch")
     assert rel_err(y_t, y_p) < _tol(dtype)
+
+
+def test_autotune_config_cap(monkeypatch):
+    # PMKERNELS_AUTOTUNE_CONFIGS=N (bench/gpu_check.sh's short GPU window): the runtime pruners keep only
+    # the first N configs of what gemm_configs / shrink_configs keep; unset: all of them; bad values fail.
+    monkeypatch.setattr(tpl, "cuda_capability", lambda dev: 90)
+    a = torch.empty(100, 64, dtype=torch.bfloat16)
+    gemm_kw = dict(HAS_LORA=True, ADD_C=False, BLOCK_R=16)
+    gemm_args = dict(a_ptr=a, b_ptr=a, M=8192, N=4096, M_BUCKET=1)
+    shrink_kw = dict(BLOCK_R=16, SHARED_PREF=True)
+    shrink_args = dict(a_ptr=a, K=8, N=8192, N_BUCKET=1)
+    every_gemm = tpl.gemm_configs(torch.bfloat16, "large_m", has_lora=True, add_c=False, block_r=16, capability=90,
+                                  b_dtype=torch.bfloat16)
+    assert len(every_gemm) > 2
+    monkeypatch.setattr(tpl, "_AUTOTUNE_MAX", None)
+    assert len(tpl._prune_gemm([], gemm_args, **gemm_kw)) == len(every_gemm)
+    monkeypatch.setattr(tpl, "_AUTOTUNE_MAX", 2)
+    assert tpl._prune_gemm([], gemm_args, **gemm_kw) == every_gemm[:2]
+    assert len(tpl._prune_shrink([], shrink_args, **shrink_kw)) == 2
+    for raw, want in (("", None), ("0", None), ("3", 3)):
+        monkeypatch.setenv("PMKERNELS_AUTOTUNE_CONFIGS", raw)
+        assert tpl._autotune_max_configs() == want
+    monkeypatch.setenv("PMKERNELS_AUTOTUNE_CONFIGS", "two")
+    with pytest.raises(ValueError, match="PMKERNELS_AUTOTUNE_CONFIGS"):
+        tpl._autotune_max_configs()
+
+
+def test_unaligned_gemm_configs(monkeypatch):
+    # Odd K or row strides (no divisibility hints: element-wise, unpipelined loads) spilled in nearly every
+    # aligned config (AOT sweep at odd sizes); such launches get their own small-K tiles, chosen by the
+    # launch's M_BUCKET bit 1, which is also part of the autotune key.
+    assert tpl.loads_aligned(4096, 4096, 1, 4096, 1) and tpl.loads_aligned(0, 1, 4096, 1, 768)
+    assert not tpl.loads_aligned(4093, 4093, 1, 4093, 1) and not tpl.loads_aligned(4096, 4093, 1, 4096, 1)
+    for bucket in ("small_m", "large_m"):
+        for cap in (80, 90):
+            for dt in ("bf16", "fp32"):
+                odd = tpl.gemm_configs(dt, bucket, has_lora=True, add_c=False, block_r=16, capability=cap,
+                                       aligned=False)
+                assert odd and all(c in tpl._GEMM_UNALIGNED_CONFIGS[bucket] for c in odd)
+                assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) <= 32 for c in odd)
+    thin = dict(has_lora=False, add_c=False, block_r=16, capability=90, b_dtype=torch.float32)
+    assert tpl.gemm_configs("bf16", "thin_n", aligned=False, **thin) == tpl.gemm_configs("bf16", "thin_n", **thin)
+    monkeypatch.setattr(tpl, "cuda_capability", lambda dev: 90)
+    a = torch.empty(8, 8, dtype=torch.bfloat16)
+    kw = dict(HAS_LORA=True, ADD_C=False, BLOCK_R=16)
+    for m_bucket, odd in ((1, False), (3, True)):
+        got = tpl._prune_gemm([], dict(a_ptr=a, b_ptr=a, M=8185, N=4091, M_BUCKET=m_bucket), **kw)
+        assert all((c in tpl._GEMM_UNALIGNED_CONFIGS["large_m"]) == odd for c in got)
+
+
+def test_unaligned_shrink_configs():
+    # odd sizes (element-wise loads): the prefill configs with BLOCK_D >= 64 spilled (AOT sweep), so unaligned
+    # prefill launches keep BLOCK_D <= 32; decode launches and aligned ones are unchanged
+    for cap in (80, 90):
+        for dt in ("bf16", "fp32"):
+            for r in (16, 64):
+                odd = tpl.shrink_configs(dt, r, 8, True, cap, small_n=False, aligned=False)
+                assert odd and all(c.kwargs["BLOCK_D"] <= 32 for c in odd)
+                assert tpl.shrink_configs(dt, r, 8, True, cap, small_n=True, aligned=False) == \
+                    tpl.shrink_configs(dt, r, 8, True, cap, small_n=True)

@@ -46,6 +46,7 @@ A100 = Gpu("A100 SXM 80GB", 312e12, 19.5e12, 2.039e12, 108)
 EFF_GEMM = 0.75   # fraction of peak a well-tuned GEMM tile loop sustains (assumption)
 EFF_BW = 0.85     # fraction of HBM bandwidth a streaming kernel sustains (assumption)
 LAUNCH = 5e-6     # per kernel launch, host + gap, eager mode (assumption, calibrated on §5's decode ratios)
+LAUNCH_GRAPH = 2e-6  # per kernel inside a replayed CUDA graph (no host work; the gap between kernels; assumption)
 
 SHAPES = {  # name: (tokens, in, out, samples B for per-sample γ)
     "ViT 768→768": (6400, 768, 768, 64),
@@ -65,7 +66,7 @@ class Launch:
     fma_flops: float = 0.0
     gemm: tuple | None = None  # (M, N, Kdim) for wave quantisation
 
-    def time(self, g: Gpu) -> float:
+    def time(self, g: Gpu, launch: float = LAUNCH) -> float:
         if self.gemm is not None and self.gemm[0] > 64 and self.gemm[1] > 64:
             M, N, Kd = self.gemm
             tiles = math.ceil(M / 128) * math.ceil(N / 256)
@@ -75,7 +76,7 @@ class Launch:
         else:
             t_c = self.tc_flops / (g.tc_flops * EFF_GEMM)
         t_c += self.fma_flops / g.fma_flops
-        return max(t_c, self.bytes / (g.bw * EFF_BW)) + LAUNCH
+        return max(t_c, self.bytes / (g.bw * EFF_BW)) + launch
 
 
 def gemm(name, M, N, Kd, a_es=BF16, b_es=BF16, c_es=BF16, extra_bytes=0.0, extra_flops=0.0, read_c=False):
@@ -102,13 +103,17 @@ def f_linear(N, I, O, bwd):
 
 
 def fused(N, I, O, B, per_sample, bwd):
-    """pmkernels.triton_pareto_linear: shrink (x read once) + GEMM with the expand in its epilogue."""
-    Kc = K if per_sample else 1
+    """pmkernels.triton_pareto_linear: shrink (x read once) + GEMM with the expand in its epilogue.
+
+    Forward: exactly these two launches for a shared or a per-sample γ (no host-side op on γ). A shared γ
+    is folded into M inside the shrink, per CTA (K r×r loads and FMAs per CTA, then one r×r dot per row);
+    per-sample γ runs K r×r dots per row."""
     ls = []
-    if not per_sample:  # host fold M = Σ γ_k G_k (r×r), G.float(), g = ones
-        ls += [ew("G.float()", R * R * K * 6), ew("einsum fold", R * R * K * 4), ew("ones", 4)]
-    core_fma = 2 * N * R * R * Kc
-    ls.append(Launch("shrink z=xV, t=zMᵀ", N * I * BF16 + I * R * BF16 + R * R * Kc * BF16 + 2 * N * R * FP32,
+    if per_sample:
+        core_fma = 2 * N * R * R * K
+    else:  # one r×r dot per row + the per-CTA fold (BLOCK_N = 64 rows per CTA at prefill, 16 at decode)
+        core_fma = 2 * N * R * R + math.ceil(N / (64 if N > 64 else 16)) * 2 * R * R * K
+    ls.append(Launch("shrink z=xV, t=zMᵀ", N * I * BF16 + I * R * BF16 + R * R * K * BF16 + 2 * N * R * FP32,
                      tc_flops=2 * N * I * R, fma_flops=core_fma))
     ls.append(gemm("GEMM + expand epilogue", N, O, I, extra_bytes=N * R * FP32 + O * R * BF16 + O * BF16,
                    extra_flops=2 * N * R * O))
@@ -120,7 +125,8 @@ def fused(N, I, O, B, per_sample, bwd):
         ls.append(Launch("dU = dyᵀ t", N * O * BF16 + N * R * FP32 + O * R * FP32, tc_flops=2 * N * O * R))
         ls.append(Launch("dV = xᵀ s", N * I * BF16 + N * R * FP32 + I * R * FP32, tc_flops=2 * N * I * R))
         ls.append(Launch("core grad dM_b", 2 * N * R * FP32, fma_flops=2 * N * R * R))
-        ls += [ew("split sums + dG/dγ einsums", B * R * R * FP32 * 4)] * 3
+        # host torch ops on the (B, r, r) partials: split sum, dG einsum + cast to bf16, G.float() + dγ einsum
+        ls += [ew(n, B * R * R * FP32 * 4) for n in ("split sum", "dG einsum", "dG to bf16", "G.float()", "dγ einsum")]
     return ls
 
 
@@ -161,8 +167,8 @@ def naive(N, I, O, B, per_sample, fp32_merge=True):
     return ls
 
 
-def t(launches, g):
-    return sum(x.time(g) for x in launches)
+def t(launches, g, launch=LAUNCH):
+    return sum(x.time(g, launch) for x in launches)
 
 
 # docs/design.md §5, measured on one H100 (bf16, forward, multiples of F.linear)
@@ -186,19 +192,26 @@ def pieces(N, I, O):
 def tables() -> str:
     out = []
     hdr = (f"Assumptions: GEMM tiles 128×256 with wave quantisation at {EFF_GEMM:.0%} of peak inside a wave, "
-           f"streams at {EFF_BW:.0%} of HBM bandwidth, {LAUNCH * 1e6:.0f} µs per launch, operands read once, "
+           f"streams at {EFF_BW:.0%} of HBM bandwidth, {LAUNCH * 1e6:.0f} µs per launch ({LAUNCH_GRAPH * 1e6:.0f} µs "
+           f"inside a replayed CUDA graph), operands read once, "
            f"bf16, r = {R}, K = {K}, per-sample B as in bench/ (64; 16 for decode). "
            f"**Predictions, not measurements**: no GPU has run these kernels.")
     out.append(hdr + "\n")
     out.append("### Predicted time as a multiple of F.linear (fused Triton kernels)\n")
+    out.append("Forward: 2 launches (shrink, GEMM) for shared and per-sample γ; backward (W frozen): shrink, dx, dU, "
+               "dV GEMMs, core gradient + 5 small torch ops. Graph column: fused and F.linear both replayed from "
+               "a CUDA graph (a decode step).\n")
     out.append("| shape | GPU | F.linear fwd (µs) | fused fwd, shared γ | fused fwd, per-sample γ | "
-               "fused fwd+bwd, shared γ | fused fwd+bwd, per-sample γ | factored torch fwd | naive fwd |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+               "fused fwd+bwd, shared γ | fused fwd+bwd, per-sample γ | fused fwd, shared γ, CUDA graph | "
+               "factored torch fwd | naive fwd |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for name, (N, I, O, B) in SHAPES.items():
         for g in (H100, A100):
             lin, lin2 = t(f_linear(N, I, O, False), g), t(f_linear(N, I, O, True), g)
             cells = [t(fused(N, I, O, B, ps, bwd), g) / (lin2 if bwd else lin)
                      for bwd in (False, True) for ps in (False, True)]
+            cells.append(t(fused(N, I, O, B, False, False), g, LAUNCH_GRAPH) / t(f_linear(N, I, O, False), g,
+                                                                               LAUNCH_GRAPH))
             out.append(f"| {name} | {g.name} | {lin * 1e6:.0f} | " + " | ".join(f"{c:.2f}×" for c in cells)
                        + f" | {t(factored_torch(N, I, O, B, False, False), g) / lin:.2f}× | "
                        f"{t(naive(N, I, O, B, False), g) / lin:.2f}× |")
@@ -225,6 +238,14 @@ def tables() -> str:
     for ln in fused(N, I, O, B, True, True):
         out.append(f"| {ln.name} | {ln.bytes / 1e6:.1f} | {ln.tc_flops / 1e9:.2f} | {ln.fma_flops / 1e9:.3f} | "
                    f"{ln.time(H100) * 1e6:.1f} |")
+    out.append("\n### A decode step (16 tokens, 4096→4096, shared γ, forward), H100: every launch\n")
+    out.append("| launch | HBM bytes (MB) | tensor-core GFLOP | CUDA-core GFLOP | predicted µs (eager) | "
+               "predicted µs (CUDA graph) |")
+    out.append("|---|---|---|---|---|---|")
+    N, I, O, B = SHAPES["decode 16 tokens"]
+    for ln in fused(N, I, O, B, False, False) + f_linear(N, I, O, False):
+        out.append(f"| {ln.name} | {ln.bytes / 1e6:.2f} | {ln.tc_flops / 1e9:.3f} | {ln.fma_flops / 1e9:.5f} | "
+                   f"{ln.time(H100) * 1e6:.1f} | {ln.time(H100, LAUNCH_GRAPH) * 1e6:.1f} |")
     return "\n".join(out)
 
 
