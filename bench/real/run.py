@@ -7,6 +7,7 @@ the last finished stage (mid-training for Pareto Merging, from its last checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -22,16 +23,16 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import paretomerge as pm
-from paretomerge.demo import preference_control
-from paretomerge.evaluation import Report, evaluate_tasks, preference_set
+from paretomerge.evaluation import Report, paired_bootstrap, preference_set, priority_control
 from paretomerge.io import atomic_write
-from paretomerge.methods import MERGE_METHODS, merge
+from paretomerge.methods import MERGE_METHODS, adamerging_preference, merge, ta_preference
 from paretomerge.methods.pareto_merging import ParetoMergingTrainer
+from paretomerge.pools import prototype_head
 
 from . import data as D
 from .models import text_backbone, vision_backbone
 
-CACHE_VERSION = "realbench-v1"
+CACHE_VERSION = "realbench-v2"
 PARETO_MODES = ("datafree", "unlabeled")
 
 
@@ -64,13 +65,18 @@ class Settings:
     pareto_lr_datafree: float = 1e-2
     pareto_lr_unlabeled: float = 5e-3
     pareto_batch: int = 16
+    pareto_adamerging: str = "auto"           # unlabeled mode: TrainerConfig.adamerging (auto = AdaMerging + PM)
+    pareto_diversity: Optional[float] = None  # unlabeled mode: TrainerConfig.diversity / anchor (None = default)
+    pareto_anchor: Optional[float] = None
     priority: float = 0.5
+    preference_baselines: tuple[str, ...] = ("ta_preference", "adamerging_preference")  # of PREFERENCE_BASELINES
     grid_resolution: int = 2
     seed: int = 0
 
     def key(self, fields: Optional[Iterable[str]] = None) -> str:
         """A hash of the settings (or of ``fields`` only) and the cache version."""
         d = dataclasses.asdict(self)
+        d.pop("preference_baselines")  # which baselines run, not what any of them computes
         if fields is not None:
             d = {k: d[k] for k in fields}
         blob = json.dumps({"version": CACHE_VERSION, **d}, sort_keys=True)
@@ -80,28 +86,34 @@ class Settings:
 # The settings the trunk features depend on: features are shared by every run that agrees on these.
 FEATURE_FIELDS = ("pool", "tasks", "per_class", "test_per_class", "max_len", "tail_layers", "image_size",
                   "start_block", "seed")
+# ... and the fine-tuned tails and heads: shared by every run (any merge settings) that agrees on these.
+FINETUNE_FIELDS = FEATURE_FIELDS + ("head_scale", "head_shots", "ft_steps", "ft_lr", "ft_batch")
 
 
-def settings_for(pool: str, quick: bool) -> Settings:
-    """The full benchmark's settings, or ``quick`` ones (fewer examples and steps: the CI test).
+def settings_for(pool: str, quick: bool, seed: int = 0) -> Settings:
+    """The full benchmark's settings, or ``quick`` ones (the CI test), for ``seed``.
 
-    Sized for a shared 2-core CPU VM: a 1-layer text tail over 16 tokens, a 4-block vision tail at 32×32 px,
-    tens of examples per class. Larger settings (``dataclasses.replace``) give steadier numbers."""
+    text: all-MiniLM-L6-v2's last 2 BERT layers fine-tuned and merged (Pareto layers on attention + MLP; the
+    trunk's outputs cached, exact since no merge touches it), 72 test examples per class (402–576 per task);
+    quick: 24 test examples per class, fewer steps. ``tail_layers=6`` merges the whole encoder (the trunk is
+    then the embeddings; ~10× the CPU time, not run yet: bench/RESULTS.md). vision: EfficientNet blocks 12–15
+    + head at 32×32 px (not yet rescaled). γ set of every preference-aware method: equal and each task's
+    priority (0.5), plus the simplex grid where ``grid_resolution`` > 0."""
     if pool == "text":
-        s = Settings("text", tuple(D.TEXT_TASKS), per_class=32, test_per_class=16, max_len=16, tail_layers=1,
-                     ft_steps=20, ft_lr=5e-4, adamerging_steps=20, pareto_steps_datafree=200,
-                     pareto_steps_unlabeled=40)
+        s = Settings("text", tuple(D.TEXT_TASKS), per_class=32, test_per_class=72, max_len=16, tail_layers=2,
+                     ft_steps=30, ft_lr=3e-4, adamerging_steps=30, adamerging_lr=1e-2, pareto_steps_datafree=200,
+                     pareto_steps_unlabeled=60, grid_resolution=0, seed=seed)
         if quick:
-            s = dataclasses.replace(s, per_class=24, ft_steps=15, adamerging_steps=8, pareto_steps_datafree=60,
-                                    pareto_steps_unlabeled=20, grid_resolution=1)
+            s = dataclasses.replace(s, test_per_class=24, adamerging_steps=20, pareto_steps_datafree=60,
+                                    pareto_steps_unlabeled=30, preference_baselines=("ta_preference",))
         return s
     if pool == "vision":
         s = Settings("vision", tuple(D.VISION_TASKS), per_class=32, test_per_class=16, start_block=12, ft_steps=20,
                      ft_lr=1e-4, adamerging_steps=20, pareto_include=("*",), pareto_steps_datafree=200,
-                     pareto_steps_unlabeled=40, grid_resolution=3)
+                     pareto_steps_unlabeled=40, grid_resolution=0, seed=seed)
         if quick:
             s = dataclasses.replace(s, per_class=24, ft_steps=15, adamerging_steps=8, pareto_steps_datafree=60,
-                                    pareto_steps_unlabeled=20, grid_resolution=1)
+                                    pareto_steps_unlabeled=20)
         return s
     raise ValueError(f"pool must be 'text' or 'vision', got {pool!r}")
 
@@ -135,19 +147,51 @@ class Bench:
     def logits_fn(self, model: nn.Module, k: int, x: torch.Tensor) -> torch.Tensor:
         return self.heads[self.tasks[k]](model(x))
 
-    def metrics(self, model: nn.Module, pref=None) -> dict[str, float]:
-        return evaluate_tasks(model, self.heads, self.test, pref)
+    @torch.no_grad()
+    def correct(self, model: nn.Module, pref=None) -> dict[str, list[int]]:
+        """{task: per-test-example 1/0 correct} under ``pref`` (the bootstrap CIs resample these)."""
+        was = model.training
+        model.eval()
+        out = {}
+        try:
+            with pm.use_preference(pref) if pref is not None else contextlib.nullcontext():
+                for t, (x, y) in self.test.items():
+                    pred = torch.cat([self.heads[t](model(x[i:i + 256])).argmax(-1) for i in range(0, len(x), 256)])
+                    out[t] = (pred == y).int().tolist()
+        finally:
+            model.train(was)
+        return out
+
+    def row(self, scenario, pref, model: nn.Module) -> dict:
+        """One result row: metrics (accuracy per task) and the per-example correctness they come from."""
+        corr = self.correct(model, None if pref is None else torch.tensor(pref))
+        return {"scenario": scenario, "pref": None if pref is None else list(pref),
+                "metrics": {t: sum(c) / len(c) for t, c in corr.items()}, "correct": corr}
 
     def unlabeled_batches(self) -> list[list[torch.Tensor]]:
         b = self.settings.pareto_batch
         return [[x[i:i + b] for i in range(0, len(x), b)] for x in (self.unlabeled[t] for t in self.tasks)]
 
 
-# Preference-aware baselines other helpers add (MAP, TA + preference, AdaMerging + preference): name → fn(bench,
-# scenarios) yielding (scenario, pref, model) for each (scenario, pref) asked for. Evaluated and reported like
-# Pareto Merging's rows (priority control, HV over its points).
+def _ta_preference(bench: Bench, scen):
+    for sc, p in scen:
+        yield sc, p, ta_preference(bench.pool, p, lam=bench.settings.ta_lam)
+
+
+def _adamerging_preference(bench: Bench, scen):
+    s = bench.settings
+    for sc, p in scen:
+        yield sc, p, adamerging_preference(bench.pool, p, bench.logits_fn, bench.unlabeled_batches(),
+                                           steps=s.adamerging_steps, lr=s.adamerging_lr, init_lam=s.ta_lam,
+                                           seed=s.seed)
+
+
+# Preference-aware baselines: name → fn(bench, scenarios) yielding (scenario, pref, model) for each (scenario,
+# pref) asked for (one merge or one training per γ). Evaluated and reported like Pareto Merging's rows
+# (priority control, HV over its points), on the same γ set.
 PREFERENCE_BASELINES: dict[str, Callable[[Bench, list[tuple[str, list[float]]]],
-                                         Iterable[tuple[str, list[float], nn.Module]]]] = {}
+                                         Iterable[tuple[str, list[float], nn.Module]]]] = {
+    "ta_preference": _ta_preference, "adamerging_preference": _adamerging_preference}
 
 
 def _single_options(bench: Bench) -> dict[str, dict]:
@@ -158,6 +202,7 @@ def _single_options(bench: Bench) -> dict[str, dict]:
             "ties": {"k": s.ties_k, "lam": s.ties_lam},
             "adamerging": {"logits_fn": bench.logits_fn, "unlabeled": bench.unlabeled_batches(),
                            "steps": s.adamerging_steps, "lr": s.adamerging_lr, "init_lam": s.ta_lam, "seed": s.seed}}
+
 
 
 # ----------------------------------------------------------------------------------------------------- stages
@@ -191,7 +236,7 @@ def prepare(settings: Settings, cache: Path, log: Callable = print) -> Bench:
     finetuned, heads = {}, {}
     for k, name in enumerate(tasks):
         f = feats[name]
-        path = cache / f"finetuned_{name}.pt"
+        path = cache.parent / f"finetuned-{s.pool}-{s.key(FINETUNE_FIELDS)}" / f"{name}.pt"
 
         def fine_tune(f=f, name=name, k=k) -> dict:
             return _fine_tune(tail, dim, f, s, seed=s.seed * 1000 + k, desc=f"fine-tune {name}")
@@ -228,14 +273,7 @@ def _fine_tune(pretrained: nn.Module, dim: int, f: dict, s: Settings, seed: int,
     C = int(f["classes"])
     with torch.no_grad():
         z = torch.cat([pretrained(x[i:i + 256]) for i in range(0, len(x), 256)])
-        m = z.mean(0)
-        shots = [torch.nonzero(y == c).flatten()[:s.head_shots] for c in range(C)]  # the first examples of each class
-        protos = torch.stack([z[i].mean(0) - m for i in shots])
-        scale = s.head_scale / (z - m).norm(dim=1).mean()
-        head = nn.Linear(dim, C)
-        head.weight.copy_(scale * protos / protos.norm(dim=1, keepdim=True))
-        head.bias.copy_(-head.weight @ m)
-    head.requires_grad_(False)
+    head = prototype_head(z, y, C, shots=s.head_shots, scale=s.head_scale)
     tail = copy.deepcopy(pretrained).eval()
     opt = torch.optim.Adam(tail.parameters(), lr=s.ft_lr)
     order = torch.randperm(len(x), generator=g)
@@ -263,13 +301,12 @@ def scenarios(bench: Bench) -> list[tuple[str, list[float]]]:
 
 
 def _evaluate_all(bench: Bench, model: nn.Module, scen, desc: str) -> list[dict]:
-    return [{"scenario": sc, "pref": list(p), "metrics": bench.metrics(model, torch.tensor(p))}
-            for sc, p in tqdm(scen, desc=desc, leave=False)]
+    return [bench.row(sc, p, model) for sc, p in tqdm(scen, desc=desc, leave=False)]
 
 
 def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> dict:
     """Run (or load from the cache) one method; returns {"rows": [...], "seconds": float, "base": str|None}."""
-    path = cache / "results" / f"{name}.json"
+    path = cache / "results" / f"{_cache_name(name, bench.settings)}.json"
     if path.exists():
         return json.loads(path.read_text())
     s = bench.settings
@@ -278,11 +315,11 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
     base = None
     if name.startswith("finetuned:"):
         model = bench.pool.finetuned_model(name.split(":", 1)[1])
-        rows = [{"scenario": None, "pref": None, "metrics": bench.metrics(model)}]
-    elif name in MERGE_METHODS:
+        rows = [bench.row(None, None, model)]
+    elif name in MERGE_METHODS and name not in PREFERENCE_BASELINES:
         model = merge(name, bench.pool, **_single_options(bench)[name])
         seconds = time.perf_counter() - t0
-        rows = [{"scenario": None, "pref": None, "metrics": bench.metrics(model)}]
+        rows = [bench.row(None, None, model)]
     elif name.startswith("pareto_merging_"):
         mode = name.removeprefix("pareto_merging_")
         base = "task_arithmetic"
@@ -295,11 +332,11 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
                 pm.convert(model, K, s.pareto_rank, include=list(include))
             include = "attention"  # unused: the trainer keeps an already-converted model's layers
         steps = s.pareto_steps_datafree if mode == "datafree" else s.pareto_steps_unlabeled
-        ckdir = cache / "checkpoints" / name
+        ckdir = cache / "checkpoints" / _cache_name(name, s)
         cfg = pm.TrainerConfig(mode=mode, include=include, rank=s.pareto_rank, steps=steps,
                                lr=s.pareto_lr_datafree if mode == "datafree" else s.pareto_lr_unlabeled,
                                batch_size=s.pareto_batch, seed=s.seed, checkpoint_dir=str(ckdir),
-                               checkpoint_every=max(1, steps // 4))
+                               checkpoint_every=max(1, steps // 4), **_unlabeled_options(s, mode))
         trainer = ParetoMergingTrainer(model, bench.pool, cfg, logits_fn=bench.logits_fn,
                                        unlabeled=[bench.unlabeled[t] for t in bench.tasks], task_names=bench.tasks)
         last = ckdir / "last.pt"
@@ -308,9 +345,12 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
         rows = _evaluate_all(bench, model, scenarios(bench), f"evaluate {name}")
     elif name in PREFERENCE_BASELINES:
         rows = []
+        t_eval = 0.0
         for sc, p, model in PREFERENCE_BASELINES[name](bench, scenarios(bench)):
-            rows.append({"scenario": sc, "pref": list(p), "metrics": bench.metrics(model)})
-        seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            rows.append(bench.row(sc, list(p), model))
+            t_eval += time.perf_counter() - t1
+        seconds = time.perf_counter() - t0 - t_eval
     else:
         raise ValueError(f"unknown method {name!r}")
     total = time.perf_counter() - t0
@@ -321,30 +361,57 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
     return out
 
 
+def _cache_name(name: str, s: Settings) -> str:
+    """A method's cache file name: Pareto Merging's also hashes the trainer's defaults (``TrainerConfig()``)
+    and its options, so a change of the library's defaults is a new run, not a stale cached one."""
+    if not name.startswith("pareto_merging_"):
+        return name
+    mode = name.removeprefix("pareto_merging_")
+    blob = json.dumps([pm.TrainerConfig().model_dump(), _unlabeled_options(s, mode)], sort_keys=True, default=str)
+    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def _unlabeled_options(s: Settings, mode: str) -> dict:
+    """The unlabeled mode's TrainerConfig fields the settings choose (AdaMerging + PM's λ phase gets the
+    AdaMerging baseline's own steps and lr)."""
+    if mode != "unlabeled":
+        return {}
+    out = {"adamerging": s.pareto_adamerging, "adamerging_steps": s.adamerging_steps,
+           "adamerging_lr": s.adamerging_lr, "adamerging_init": s.ta_lam}
+    if s.pareto_diversity is not None:
+        out["diversity"] = s.pareto_diversity
+    if s.pareto_anchor is not None:
+        out["anchor"] = s.pareto_anchor
+    return out
+
+
 def method_names(bench: Bench) -> tuple[list[str], list[str]]:
     """(methods run, single-model methods in MERGE_METHODS skipped because this benchmark has no options for them)."""
     known = _single_options(bench)
     singles = [m for m in MERGE_METHODS if m in known]
     skipped = [m for m in MERGE_METHODS if m not in known]
     return ([f"finetuned:{t}" for t in bench.tasks] + singles + [f"pareto_merging_{m}" for m in PARETO_MODES]
-            + list(PREFERENCE_BASELINES)), skipped
+            + [m for m in PREFERENCE_BASELINES if m in bench.settings.preference_baselines]), skipped
 
 
 # ----------------------------------------------------------------------------------------------------- report
 PRETTY = {"pretrained": "Pretrained", "task_arithmetic": "Task Arithmetic", "ties": "TIES-Merging",
           "adamerging": "AdaMerging", "pareto_merging_datafree": "Pareto Merging (data-free)",
-          "pareto_merging_unlabeled": "Pareto Merging (unlabeled)"}
+          "pareto_merging_unlabeled": "Pareto Merging (unlabeled: AdaMerging + PM)",
+          "ta_preference": "Task Arithmetic + preference", "adamerging_preference": "AdaMerging + preference"}
 
 
-def table(report: Report, seconds: dict[str, float]) -> str:
+def table(report: Report, seconds: dict[str, float], ref: Optional[dict[str, float]] = None) -> str:
     """The paper's layout: rows = methods, columns = tasks + average + HV (+ wall time). Preference-aware methods
     appear twice: at the equal preference, and with each task's column taken under that task's priority preference."""
     tasks = report.tasks
-    hv = report.hypervolumes()
+    hv = report.hypervolumes(ref_point=ref)
+    if ref is not None:  # HV^(1/K): the side of the cube of equal volume, a gain over the reference in points
+        hv = {m: v ** (1.0 / len(tasks)) for m, v in hv.items()}
     by = {}
     for r in report.results:
         by.setdefault(r["method"], {})[r["scenario"]] = r["metrics"]
-    head = ["method", *tasks, "avg", "HV", "time (s)"]
+    head = ["method", *tasks, "avg", "HV^(1/K) (ref pretrained)" if ref is not None else "HV", "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(tasks) + 3)]
 
     def row(label, vals, h, sec):
@@ -367,9 +434,11 @@ def table(report: Report, seconds: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_pool(pool: str, *, quick: bool, cache_root: Path, out: Path, log: Callable = print) -> dict:
-    """The whole benchmark for one pool; returns the report.json dict (also written under ``out``)."""
-    s = settings_for(pool, quick)
+def run_pool(pool: str, *, quick: bool, cache_root: Path, out: Path, log: Callable = print, seed: int = 0,
+             settings: Optional[Settings] = None) -> dict:
+    """The whole benchmark for one pool and seed; returns the report.json dict (also written under ``out``).
+    ``settings`` overrides ``settings_for(pool, quick, seed)`` (ablations)."""
+    s = settings or settings_for(pool, quick, seed)
     cache = cache_root / f"{pool}{'-quick' if quick else ''}-{s.key()}"
     cache.mkdir(parents=True, exist_ok=True)
     _save_json(cache / "settings.json", dataclasses.asdict(s))
@@ -386,17 +455,21 @@ def run_pool(pool: str, *, quick: bool, cache_root: Path, out: Path, log: Callab
         for r in results[name]["rows"]:
             report.add(name, r["scenario"], r["pref"], r["metrics"], base=results[name]["base"])
     preference_aware = [m for m in names if m.startswith("pareto_merging_") or m in PREFERENCE_BASELINES]
+    pretrained = results["pretrained"]["rows"][0]["metrics"]
     doc = report.to_dict()
     doc.update({
-        "pool": pool, "quick": quick, "settings": dataclasses.asdict(s), "cache_key": s.key(),
+        "pool": pool, "quick": quick, "seed": s.seed, "settings": dataclasses.asdict(s), "cache_key": s.key(),
+        "hypervolume_ref_pretrained": report.hypervolumes(ref_point=pretrained),
         "seconds": seconds, "prepare_seconds": bench.timings["prepare"], "wall_seconds": time.perf_counter() - t0,
-        "preference_control": preference_control(report, bench.tasks, preference_aware),
+        **dict(zip(("preference_control", "preference_control_pooled"),
+                   _control_with_ci(report, results, bench.tasks, preference_aware).values())),
+        "correct": {m: [r["correct"] for r in results[m]["rows"]] for m in names},
         "skipped_methods": skipped,
         "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
     })
     out.mkdir(parents=True, exist_ok=True)
     _save_json(out / "report.json", doc)
-    md = table(report, seconds)
+    md = table(report, seconds, ref=pretrained)
     atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(md))
     try:
         from paretomerge.evaluation.plots import plot_scenarios, plot_tradeoff
@@ -407,3 +480,112 @@ def run_pool(pool: str, *, quick: bool, cache_root: Path, out: Path, log: Callab
         log(f"plots skipped: {type(e).__name__}: {e}")
     log(md)
     return doc
+
+
+def _correct(results: dict, method: str, scenario) -> dict[str, list[int]]:
+    return next(r["correct"] for r in results[method]["rows"] if r["scenario"] == scenario)
+
+
+def _control_with_ci(report: Report, results: dict, tasks: list[str], methods: list[str]) -> dict:
+    """``priority_control`` plus, per (method, task), the paired bootstrap CI of priority − equal accuracy."""
+    ctl = priority_control(report, methods, tasks)
+    pooled = {}
+    for m in methods:
+        pa, pb = [], []
+        for t in tasks:
+            a, b = _correct(results, m, f"priority:{t}")[t], _correct(results, m, "equal")[t]
+            ci = paired_bootstrap(a, b)
+            ctl[m][t].update({"ci_low": ci["low"], "ci_high": ci["high"], "significant": ci["low"] > 0})
+            pa, pb = pa + a, pb + b
+        ci = paired_bootstrap(pa, pb)  # every task's test examples, each under its own task's priority
+        pooled[m] = {"diff": ci["diff"], "ci_low": ci["low"], "ci_high": ci["high"], "significant": ci["low"] > 0}
+    return {"per_task": ctl, "pooled": pooled}
+
+
+def run_seeds(pool: str, *, quick: bool, seeds: Iterable[int], cache_root: Path, out: Path,
+              log: Callable = print, settings: Optional[Callable[[int], Settings]] = None) -> dict:
+    """``run_pool`` for each seed (out/seed<N>/), then summary.json and summary.md under ``out``: mean ± std over
+    seeds of every method's accuracies (preference-aware: at equal, and each task under its own priority), HV
+    (ref 0 and ref = the pretrained model's accuracies), and priority − equal per (method, task) with a paired
+    bootstrap CI over test examples and seeds."""
+    import numpy as np
+
+    seeds = list(seeds)
+    docs = [run_pool(pool, quick=quick, cache_root=cache_root, out=out / f"seed{sd}", log=log, seed=sd,
+                     settings=None if settings is None else settings(sd)) for sd in seeds]
+    tasks = docs[0]["tasks"]
+    methods = list(dict.fromkeys(r["method"] for r in docs[0]["results"]))
+    pref_aware = list(docs[0]["preference_control"])
+
+    def metric(doc, m, sc, t):
+        return next(r["metrics"][t] for r in doc["results"] if r["method"] == m and r["scenario"] == sc)
+
+    def ms(vals):
+        a = np.asarray(vals, dtype=np.float64)
+        return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+    summary = {"pool": pool, "quick": quick, "seeds": seeds, "tasks": tasks, "methods": {}, "control": {}}
+    for m in methods:
+        sc = "equal" if m in pref_aware else None
+        entry = {t: ms([metric(d, m, sc, t) for d in docs]) for t in tasks}
+        entry["avg"] = ms([np.mean([metric(d, m, sc, t) for t in tasks]) for d in docs])
+        entry["hv_ref0"] = ms([d["hypervolume"][m] for d in docs])
+        entry["hv_ref_pretrained"] = ms([d["hypervolume_ref_pretrained"][m] ** (1.0 / len(tasks)) for d in docs])
+        entry["seconds"] = ms([d["seconds"][m] for d in docs])
+        if m in pref_aware:
+            entry["priority"] = {t: ms([metric(d, m, f"priority:{t}", t) for d in docs]) for t in tasks}
+        summary["methods"][m] = entry
+    for m in pref_aware:
+        summary["control"][m] = {}
+        for t in tasks:
+            ci = paired_bootstrap([_row_correct(d, m, f"priority:{t}")[t] for d in docs],
+                                  [_row_correct(d, m, "equal")[t] for d in docs])
+            summary["control"][m][t] = {**ci, "significant": ci["low"] > 0}
+    for m in pref_aware:
+        pa, pb = [], []
+        for d in docs:
+            a = [x for t in tasks for x in _row_correct(d, m, f"priority:{t}")[t]]
+            b = [x for t in tasks for x in _row_correct(d, m, "equal")[t]]
+            pa.append(a)
+            pb.append(b)
+        ci = paired_bootstrap(pa, pb)
+        summary["control"][m]["pooled"] = {**ci, "significant": ci["low"] > 0}
+    summary["wall_seconds"] = [d["wall_seconds"] for d in docs]
+    out.mkdir(parents=True, exist_ok=True)
+    _save_json(out / "summary.json", summary)
+    md = summary_table(summary)
+    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(md))
+    log(md)
+    return summary
+
+
+def _row_correct(doc: dict, method: str, scenario) -> dict[str, list[int]]:
+    rows = [r for r in doc["results"] if r["method"] == method]
+    return doc["correct"][method][next(i for i, r in enumerate(rows) if r["scenario"] == scenario)]
+
+
+def summary_table(summary: dict) -> str:
+    """Mean ± std over seeds (accuracy %, HV ×100) and the priority-control differences with their CIs."""
+    tasks = summary["tasks"]
+    f = lambda e: f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}"  # noqa: E731
+    lines = [f"Seeds {summary['seeds']}; accuracy % (mean ± std over seeds); HV over each method's points: with ref = "
+             f"the pretrained model's accuracies as HV^(1/K) ×100 (the side of the cube of equal volume: a gain over "
+             f"pretrained in points), and with ref 0 ×100.", "",
+             "| method | " + " | ".join(tasks) + " | avg | HV^(1/K) (ref pretrained) | HV (ref 0) |",
+             "|---|" + "---:|" * (len(tasks) + 3)]
+    for m, e in summary["methods"].items():
+        label = PRETTY.get(m, m) + (" [equal]" if "priority" in e else "")
+        lines.append(f"| {label} | " + " | ".join(f(e[t]) for t in tasks) + f" | {f(e['avg'])} | "
+                     f"{100 * e['hv_ref_pretrained']['mean']:.2f} ± {100 * e['hv_ref_pretrained']['std']:.2f} | "
+                     f"{100 * e['hv_ref0']['mean']:.2f} ± {100 * e['hv_ref0']['std']:.2f} |")
+        if "priority" in e:
+            lines.append(f"| {PRETTY.get(m, m)} [priority on the column's task] | "
+                         + " | ".join(f(e["priority"][t]) for t in tasks) + " | | | |")
+    lines += ["", "Priority control: accuracy under priority:<task> − under equal, points, [95 % paired bootstrap "
+              "CI over test examples and seeds]; * = CI excludes 0.", "",
+              "| method | " + " | ".join(tasks) + " | pooled over tasks |", "|---|" + "---:|" * (len(tasks) + 1)]
+    for m, c in summary["control"].items():
+        lines.append(f"| {PRETTY.get(m, m)} | " + " | ".join(
+            f"{100 * c[t]['diff']:+.1f} [{100 * c[t]['low']:+.1f}, {100 * c[t]['high']:+.1f}]"
+            + ("*" if c[t]["significant"] else "") for t in [*tasks, "pooled"]) + " |")
+    return "\n".join(lines) + "\n"

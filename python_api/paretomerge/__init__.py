@@ -15,7 +15,8 @@ their sources), ``methods`` (task arithmetic, TIES, AdaMerging, Pareto Merging; 
 Face and PEFT), ``cli``, ``demo``. Every name below is importable from the top level.
 """
 from .config import ConfigError, MergeConfig, TrainerConfig, load_config
-from .evaluation import Report, accuracy, evaluate_tasks, hypervolume, non_dominated, preference_set, simplex_grid
+from .evaluation import (Report, accuracy, evaluate_tasks, hypervolume, non_dominated, paired_bootstrap,
+                         preference_set, priority_control, simplex_grid)
 from .io import atomic_write, load_state_dict, save_model, save_state_dict
 from .layers import (
     ATTENTION,
@@ -67,3 +68,4 @@ from .methods import MAP, adamerging_preference, ta_preference  # noqa: E402
 from .methods.pareto_merging import STRUCTURES, apply_structure  # noqa: E402
 
 __all__ += ["MAP", "STRUCTURES", "adamerging_preference", "apply_structure", "ta_preference"]
+__all__ += ["paired_bootstrap", "priority_control"]

@@ -121,6 +121,18 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
+# Named recipes: TrainerConfig fields a recipe fills in when the caller does not set them ("all" modes, then
+# the mode's own). "paper" is the defaults (the paper's settings, sized for a GPU); "cpu" is what bench/real and
+# the demo run on a 2-core CPU in minutes (docs/design.md §6).
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    "cpu": {"all": {"include": "attention+mlp", "rank": 8, "batch_size": 16, "adamerging_steps": 30,
+                    "adamerging_lr": 1e-2},
+            "datafree": {"steps": 200, "lr": 1e-2},
+            "unlabeled": {"steps": 60, "lr": 5e-3}},
+}
+
+
 class TrainerConfig(_Strict):
     """Hyper-parameters of Pareto Merging training (every open choice of the paper is one of these).
 
@@ -149,14 +161,22 @@ class TrainerConfig(_Strict):
         (needs the fine-tuned weights; 0 = off). On the digits demo, plain entropy (diversity = anchor = 0)
         collapses to one class within 200 steps at lr 3e-3; diversity alone keeps accuracy but gives
         weak preference control; both (the defaults) give the best mean accuracy and control.
-    adamerging: unlabeled mode: also learn AdaMerging's layer-wise coefficients λ (one per parameter
+    adamerging: unlabeled mode: build on AdaMerging's layer-wise coefficients λ (one per parameter
         tensor and task, init ``adamerging_init``, Adam at ``adamerging_lr``, clamped to [0, 1] inside
-        the merge as in AdaMerging's reference) jointly
-        with the tensors: the base weights become θ_0 + Σ_k λ_{l,k} τ_{k,l} (the model passed in is then
-        only used for its architecture and converted layers; at the end, and in every checkpoint, the
-        learned base is baked into the model's weights). The anchor's deltas stay those of the initial
-        base.
+        the merge as in AdaMerging's reference) — the paper's "AdaMerging + PM". The base weights become
+        θ_0 + Σ_k λ_{l,k} τ_{k,l} (the model passed in is then only used for its architecture and
+        converted layers; at the end, and in every checkpoint, the learned base is baked into the
+        model's weights). "before": λ first, by AdaMerging's plain entropy for ``adamerging_steps``
+        steps (the tensor is 0 then), then frozen while the tensor trains; "joint": λ and the tensor
+        together, every step; "off": the model's own base merge; "auto" (default): "before" in mode
+        unlabeled when a pool is given (measured better than "joint", docs/design.md §6), else "off".
+        ``True``/``False`` are read as "joint"/"off". The anchor's deltas are taken from the AdaMerging
+        base ("before") or the initial base ("joint").
+    adamerging_steps: steps of the "before" phase (AdaMerging's own; one batch per task per step).
     steps (2000, the paper's), lr, batch_size (per task, unlabeled mode), weight_decay: Adam's.
+    recipe: "paper" (the defaults) or "cpu" (CPU-sized: attention + MLP at r = 8, 200 data-free / 60
+        unlabeled steps, AdaMerging's λ in 30 steps at lr 1e-2; ``RECIPES``): fills in every field the
+        caller leaves unset; ``TrainerConfig.preset("cpu", mode="unlabeled")`` is the same.
     Differences from the paper are listed in one place: docs/design.md, "Deviations from the paper".
     seed: seeds factor init, γ draws and batch order. checkpoint_every / checkpoint_dir: periodic
         atomic checkpoints (0 = none); the last step is always checkpointed when a dir is given.
@@ -168,6 +188,7 @@ class TrainerConfig(_Strict):
 
     _prefix: ClassVar[str] = "trainer"
 
+    recipe: Literal["paper", "cpu"] = "paper"
     mode: Literal["datafree", "unlabeled"] = "datafree"
     include: Literal["qkv", "qkv+mlp", "attention", "attention+mlp", "mlp", "all"] = "qkv"
     rank: PositiveInt = 16
@@ -183,7 +204,8 @@ class TrainerConfig(_Strict):
     reg_orthogonal: NonNegativeFloat = 0.0
     diversity: NonNegativeFloat = 1.0
     anchor: NonNegativeFloat = 1.0
-    adamerging: bool = False
+    adamerging: Literal["auto", "off", "before", "joint"] = "auto"
+    adamerging_steps: PositiveInt = 100
     adamerging_lr: PositiveFloat = 1e-3
     adamerging_init: float = 0.3
     steps: PositiveInt = 2000
@@ -203,9 +225,32 @@ class TrainerConfig(_Strict):
         # Hydra/OmegaConf and numpy hand over sequences that are not lists
         return list(v) if v is not None and not isinstance(v, (list, str, Mapping)) and hasattr(v, "__iter__") else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        # a recipe's values for the fields the caller did not set (explicit fields win)
+        if isinstance(data, Mapping) and data.get("recipe", "paper") in RECIPES:
+            recipe = RECIPES[data.get("recipe", "paper")]
+            mode = data.get("mode", "datafree")
+            data = {**recipe.get("all", {}), **recipe.get(mode if isinstance(mode, str) else "", {}), **data}
+        return data
+
+    @classmethod
+    def preset(cls, name: str, **fields: Any) -> "TrainerConfig":
+        """``TrainerConfig(recipe=name, **fields)``: a named recipe ("paper", "cpu"), any field overridden."""
+        if name not in RECIPES:
+            raise ConfigError("recipe", f"must be one of {sorted(RECIPES)}, got {name!r}")
+        return cls(recipe=name, **fields)
+
+    @field_validator("adamerging", mode="before")
+    @classmethod
+    def _adamerging_bool(cls, v: Any) -> Any:
+        # the field was a bool before "before"/"auto" existed: True meant the joint variant
+        return {True: "joint", False: "off"}[v] if isinstance(v, bool) else v
+
     @model_validator(mode="after")
     def _cross_field(self) -> "TrainerConfig":
-        if self.adamerging and self.mode != "unlabeled":
+        if self.adamerging in ("before", "joint") and self.mode != "unlabeled":
             raise ConfigError("adamerging", "joint AdaMerging coefficients need mode 'unlabeled' "
                                             "(they are fit by entropy)")
         return self

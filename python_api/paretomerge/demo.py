@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .evaluation.control import priority_control
+
 TASKS = ("digits", "rot90", "mirror", "invert")
 
 
@@ -465,14 +467,8 @@ def _jsonable(x):
 
 
 def preference_control(report, tasks, methods) -> dict:
-    """For each Pareto method and task k: acc_k under priority:<k> vs under equal (must be higher)."""
-    rows = {(r["method"], r["scenario"]): r["metrics"] for r in report.to_dict()["results"]}
-    out = {}
-    for m in methods:
-        eq = rows[(m, "equal")]
-        out[m] = {t: {"equal": eq[t], "priority": rows[(m, f"priority:{t}")][t],
-                      "ok": rows[(m, f"priority:{t}")][t] > eq[t]} for t in tasks}
-    return out
+    """``paretomerge.priority_control(report, methods, tasks)`` (kept for callers of the old name)."""
+    return priority_control(report, methods, tasks)
 
 
 def write_pool(outdir: Path, pool, heads, cfg: DemoConfig, data: dict) -> None:

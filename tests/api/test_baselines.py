@@ -204,3 +204,23 @@ def test_cost_table_round_trip_and_errors(tmp_path):
         r.add_cost("m", train_time_s=float("nan"))
     # reports without a cost table keep the old schema
     assert "cost" not in Report(["a"]).to_dict()
+
+
+def test_adamerging_takes_the_trainers_unlabeled_format():
+    """One format for unlabeled data: per-task tensors (what ParetoMergingTrainer takes) are cut into batches of
+    ``batch_size``; the result equals passing those batches."""
+    pool, _ = _pool(2)
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(16, 4, generator=g) for _ in range(2)]
+
+    def logits_fn(model, k, x):
+        return model(x)
+
+    kw = dict(steps=3, lr=1e-2, seed=0)
+    from_tensors = _state(adamerging(pool, logits_fn, tensors, batch_size=8, **kw))
+    from_batches = _state(adamerging(pool, logits_fn, [[t[:8], t[8:]] for t in tensors], **kw))
+    assert all(torch.equal(from_tensors[n], from_batches[n]) for n in from_tensors)
+    with pytest.raises(ValueError, match="batch_size"):
+        adamerging(pool, logits_fn, tensors, batch_size=0, **kw)
+    with pytest.raises(TypeError, match=r"unlabeled\[1\]"):
+        adamerging(pool, logits_fn, [tensors[0], "x"], **kw)

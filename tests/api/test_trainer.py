@@ -126,7 +126,7 @@ def test_missing_inputs_are_errors():
         ParetoMergingTrainer(copy.deepcopy(base), None, TrainerConfig(ideal=[0.0], progress=False), finetuned=fts)
 
 
-def _joint_trainer(steps, ckpt_dir=None, every=0):
+def _joint_trainer(steps, ckpt_dir=None, every=0, adamerging=True, **kw):
     from paretomerge.methods import task_arithmetic
     from paretomerge.pools import ModelPool
 
@@ -138,8 +138,8 @@ def _joint_trainer(steps, ckpt_dir=None, every=0):
         mods[f"t{i}"] = m
     pool = ModelPool.from_modules(base, mods)
     model = task_arithmetic(pool, lam=0.3)
-    cfg = TrainerConfig(mode="unlabeled", steps=steps, lr=0.05, batch_size=4, rank=2, adamerging=True,
-                        adamerging_lr=0.05, progress=False, checkpoint_dir=ckpt_dir, checkpoint_every=every)
+    cfg = TrainerConfig(mode="unlabeled", steps=steps, lr=0.05, batch_size=4, rank=2, adamerging=adamerging,
+                        adamerging_lr=0.05, progress=False, checkpoint_dir=ckpt_dir, checkpoint_every=every, **kw)
 
     def logits_fn(m, k, x):
         return heads[k](m(x).mean(1))
@@ -164,6 +164,32 @@ def test_joint_adamerging_coefficients(tmp_path):
     assert torch.equal(t.lam, resumed.lam)
     with pytest.raises(ValueError, match="trainer.adamerging"):
         TrainerConfig(adamerging=True).validate()
+
+
+def test_adamerging_before_fits_lambda_first_then_freezes_it(tmp_path):
+    """AdaMerging + PM ("before", the unlabeled mode's default with a pool): λ is AdaMerging's own (plain entropy,
+    ``adamerging_steps`` steps, tensor at 0), then frozen and baked while the tensor trains; resume is exact."""
+    t = _joint_trainer(4, adamerging="before", adamerging_steps=3)
+    assert t.adamerging == "before" and t.cfg.adamerging == "before"
+    w0 = t.model.attn.in_proj_weight.detach().clone()
+    t.train(steps=1)
+    lam1 = t.lam.detach().clone()
+    assert not torch.allclose(lam1, torch.full_like(lam1, 0.3)) and not t.lam.requires_grad
+    assert not torch.equal(w0, t.model.attn.in_proj_weight)  # the AdaMerging base was baked in
+    t.train()
+    assert torch.equal(t.lam, lam1)  # frozen while the tensor trains
+    first = _joint_trainer(4, ckpt_dir=str(tmp_path), every=2, adamerging="before", adamerging_steps=3)
+    first.train(steps=2)
+    resumed = _joint_trainer(4, adamerging="before", adamerging_steps=3)
+    resumed.train(resume=tmp_path / "step000002.pt")
+    a, b = _params(t.model), _params(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # "auto" is "before" in mode unlabeled with a pool; bools keep their old meaning
+    assert _joint_trainer(1, adamerging="auto").adamerging == "before"
+    assert TrainerConfig(mode="unlabeled", adamerging=False).adamerging == "off"
+    assert TrainerConfig(mode="unlabeled", adamerging=True).adamerging == "joint"
+    with pytest.raises(ValueError, match="trainer.adamerging"):
+        TrainerConfig(adamerging="before").validate()
 
 
 def test_pool_is_read_only_for_converted_weights():

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -141,13 +141,27 @@ class Report:
                 if r["method"] == method and all(t in r["metrics"] for t in tasks)]
         return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(tasks))
 
-    def hypervolumes(self) -> dict[str, float]:
-        """Hypervolume (ref point 0) of each method's result points (those with every task's metric).
-        Cached until the results change."""
-        key = tuple((r["method"], tuple(sorted(r["metrics"].items()))) for r in self.results)
+    def hypervolumes(self, ref_point: Union[None, Sequence[float], Mapping[str, float]] = None) -> dict[str, float]:
+        """Hypervolume of each method's result points (those with every task's metric) above ``ref_point``:
+        None = 0 (the report's JSON ``hypervolume``), len(tasks) numbers in task order, or {task: value}
+        (e.g. the pretrained model's accuracies, so only gains over it count). Cached until the results change."""
+        if ref_point is None:
+            ref = None
+        elif isinstance(ref_point, Mapping):
+            missing = [t for t in self.tasks if t not in ref_point]
+            if missing:
+                raise ValueError(f"ref_point: no value for task(s) {missing}")
+            ref = tuple(_finite(ref_point[t], f"ref_point[{t!r}]") for t in self.tasks)
+        else:
+            if isinstance(ref_point, str) or len(ref_point) != len(self.tasks):
+                raise ValueError(f"ref_point must hold len(tasks) = {len(self.tasks)} numbers or a {{task: value}} "
+                                 f"mapping, got {ref_point!r}")
+            ref = tuple(_finite(v, f"ref_point[{i}]") for i, v in enumerate(ref_point))
+        key = (ref, tuple((r["method"], tuple(sorted(r["metrics"].items()))) for r in self.results))
         if self._hv_cache is not None and self._hv_cache[0] == key:
             return dict(self._hv_cache[1])
-        hv = {m: hypervolume(self.points(m)) if len(self.points(m)) else 0.0 for m in self.methods()}
+        hv = {m: hypervolume(self.points(m), None if ref is None else np.asarray(ref)) if len(self.points(m))
+              else 0.0 for m in self.methods()}
         self._hv_cache = (key, hv)
         return dict(hv)
 

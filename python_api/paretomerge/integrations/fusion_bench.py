@@ -181,7 +181,9 @@ class ParetoMergingAlgorithm(BaseAlgorithm):
         "pretrained"), as ``paretomerge`` configs' ``base`` section.
     mode: "datafree" (weight-space objectives; what works on any pool) or "unlabeled" (entropy of
         each task's head: set ``algo.logits_fn(model, k, x)`` and ``algo.unlabeled`` (K input tensors)
-        in code before ``run``).
+        in code before ``run``); it is the paper's AdaMerging + PM: AdaMerging's layer-wise λ are learned
+        first on ``unlabeled`` and frozen, then the tensor (``trainer_options.adamerging``: "auto" =
+        "before" | "joint" | "off" = the base merge alone).
     rank, include, steps: as ``TrainerConfig``; ``trainer_options``: any other ``TrainerConfig`` field.
     returns: "exported" (default): a plain model with W(γ) baked in for γ = ``preference`` (default
         1/K each); "pareto": the Pareto model itself (evaluate it under ``paretomerge.use_preference``),

@@ -14,6 +14,7 @@ import torch.nn as nn
 from ..pools import ModelPool, is_float
 from .losses import entropy
 from .merge_utils import LayerwiseMerge, check_number, check_pool
+from .unlabeled import Unlabeled, as_batches
 
 
 class _Call(nn.Module):
@@ -29,9 +30,9 @@ class _Call(nn.Module):
 
 
 def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tensor], torch.Tensor],
-               unlabeled: Sequence[Sequence[torch.Tensor]], *, steps: int = 100, lr: float = 1e-3,
+               unlabeled: Sequence[Unlabeled], *, steps: int = 100, lr: float = 1e-3,
                init_lam: float = 0.3, seed: int = 0, return_coefficients: bool = False,
-               task_weights: Optional[Sequence[float]] = None
+               task_weights: Optional[Sequence[float]] = None, batch_size: int = 16
                ) -> Union[nn.Module, tuple[nn.Module, torch.Tensor]]:
     """Layer-wise AdaMerging (a new module; with ``return_coefficients`` also λ (L, K)).
 
@@ -39,7 +40,9 @@ def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tenso
     task k, initialised to ``init_lam``, learned with Adam (``lr``, ``steps``) to minimise
     Σ_k entropy(logits_fn(model, k, batch_k)): ``logits_fn`` receives the model with the merged
     parameters swapped in (``torch.func.functional_call``), the task index k and one batch of
-    ``unlabeled[k]`` (batches taken in a seeded random order). As in the reference implementation,
+    ``unlabeled[k]`` (batches taken in a seeded random order). ``unlabeled[k]``: task k's inputs as the trainer
+    takes them, one tensor (N, ...) — cut into batches of ``batch_size`` — or a list of batches
+    (``methods.unlabeled``). As in the reference implementation,
     the merge uses clamp(λ, 0, 1) and Adam updates the raw λ (so a coefficient pushed past a bound
     stops receiving gradient but keeps its raw value); the returned coefficients are the clamped
     ones. One batch per task per step. ``task_weights`` (K non-negative numbers; None = all 1)
@@ -52,13 +55,12 @@ def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tenso
     if not callable(logits_fn):
         raise TypeError(f"logits_fn must be callable (model, k, batch) -> logits, got {type(logits_fn).__name__}")
     if isinstance(unlabeled, (torch.Tensor, str)) or len(unlabeled) != K:
-        raise ValueError(f"unlabeled must be a sequence of K = {K} sequences of batches (one per task), got "
-                         f"{type(unlabeled).__name__}" + ("" if isinstance(unlabeled, (torch.Tensor, str))
-                                                          else f" of length {len(unlabeled)}"))
-    for i, b in enumerate(unlabeled):
-        if isinstance(b, torch.Tensor) or len(b) == 0:
-            raise ValueError(f"unlabeled[{i}] must be a non-empty sequence of batches (a list of inputs), got "
-                             f"{'a Tensor' if isinstance(b, torch.Tensor) else 'an empty sequence'}")
+        raise ValueError(f"unlabeled must be a sequence of K = {K} input sets (one per task: a tensor or a list of "
+                         f"batches), got {type(unlabeled).__name__}" + (
+                             "" if isinstance(unlabeled, (torch.Tensor, str)) else f" of length {len(unlabeled)}"))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    unlabeled = [as_batches(b, i, batch_size) for i, b in enumerate(unlabeled)]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     lr = check_number(lr, "lr")

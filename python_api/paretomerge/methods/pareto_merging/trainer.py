@@ -53,6 +53,7 @@ from ...distributed import (DistContext, DistributedSetupError, average_gradient
 from ...io import atomic_write
 from ...layers import convert, factored_weights, pareto_layers, pareto_parameters
 from ..merge_utils import LayerwiseMerge
+from ..unlabeled import Unlabeled, as_tensor
 from .objectives import DataFreeObjective, Normalizer, entropy_objectives, factor_regularizer, scalarize
 from .structures import apply_structure
 
@@ -138,14 +139,6 @@ def load_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
     return ckpt
 
 
-def _unlabeled_tensor(data: Union[torch.Tensor, Sequence[torch.Tensor]], k: int) -> torch.Tensor:
-    if isinstance(data, torch.Tensor):
-        return data
-    if isinstance(data, (list, tuple)) and data and all(isinstance(b, torch.Tensor) for b in data):
-        return torch.cat(list(data), 0)
-    raise TypeError(f"unlabeled[{k}] must be a tensor of inputs or a list of input batches")
-
-
 class ParetoMergingTrainer:
     """Trains Pareto Merging's tensors on a base-merged model.
 
@@ -165,7 +158,7 @@ class ParetoMergingTrainer:
     def __init__(self, model: nn.Module, pool=None, config: Optional[TrainerConfig] = None, *,
                  finetuned: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
                  logits_fn: Optional[Callable] = None,
-                 unlabeled: Optional[Sequence[Union[torch.Tensor, Sequence[torch.Tensor]]]] = None,
+                 unlabeled: Optional[Sequence[Unlabeled]] = None,
                  task_names: Optional[Sequence[str]] = None, meta: Optional[dict] = None,
                  identity: Optional[dict] = None, dist: Optional[DistContext] = None) -> None:
         self.cfg = (config or TrainerConfig()).validate()
@@ -213,8 +206,13 @@ class ParetoMergingTrainer:
         if (cfg.mode == "datafree" or cfg.anchor) and pool is None and finetuned is None:
             raise ValueError("trainer.anchor > 0 needs pool= or finetuned= (the fine-tuned weights); set "
                              "anchor: 0 to train on unlabeled data alone")
-        if cfg.adamerging and pool is None:
+        # "auto": AdaMerging + PM (λ before the tensor) where it can be built, the model's own base otherwise
+        self.adamerging = cfg.adamerging if cfg.adamerging != "auto" else (
+            "before" if cfg.mode == "unlabeled" and pool is not None else "off")
+        if self.adamerging != "off" and pool is None:
             raise ValueError("trainer.adamerging needs pool= (pretrained weights and task vectors)")
+        self._pool = pool
+        self.adamerging_fitted = self.adamerging != "before"  # "before": λ is fit once, at the start of train()
         if cfg.mode == "datafree" or cfg.anchor:
             if finetuned is None:
                 # Only the converted layers' weights (this rank's shard), one tensor at a time, dense or low-rank
@@ -229,14 +227,15 @@ class ParetoMergingTrainer:
             if len(unlabeled) != self.K:
                 raise ValueError(f"unlabeled must hold K = {self.K} input sets, got {len(unlabeled)}")
             self.logits_fn = logits_fn
-            self.unlabeled = [_unlabeled_tensor(u, k) for k, u in enumerate(unlabeled)]
+            self.unlabeled = [as_tensor(u, k) for k, u in enumerate(unlabeled)]
         self.normalizer = Normalizer(self.K, cfg.normalize).to(self.device)
         self.anchor_normalizer = Normalizer(self.K, "init").to(self.device)
         self.ideal = None if cfg.ideal is None else torch.tensor(cfg.ideal, dtype=torch.float32, device=self.device)
         groups = [{"params": self.params}]
         self.lam: Optional[torch.Tensor] = None
-        if cfg.adamerging:
+        if self.adamerging != "off":
             self._setup_adamerging(pool)
+        if self.adamerging == "joint":
             groups.append({"params": [self.lam], "lr": cfg.adamerging_lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # structure variants: constrained cores G (projection + masked gradients; "tensor" leaves G free)
@@ -287,9 +286,39 @@ class ParetoMergingTrainer:
         for n, v in self._merged_base().items():
             own[n].copy_(v)
 
+    def _fit_adamerging_first(self) -> None:
+        """The "before" variant: AdaMerging itself (λ by Σ_k entropy_k, Adam at ``adamerging_lr``, one batch
+        per task per step, the tensor still 0), then λ frozen and baked into the base weights, and the anchor's
+        deltas re-taken from that base. Batches come from the trainer's generator (deterministic)."""
+        if self.adamerging_fitted:
+            return
+        cfg = self.cfg
+        opt = torch.optim.Adam([self.lam], lr=cfg.adamerging_lr)
+        uniform = torch.full((self.K,), 1.0 / self.K, device=self.device)
+        for _ in range(cfg.adamerging_steps):
+            opt.zero_grad(set_to_none=True)
+            h = entropy_objectives(self._forward_model(), self.logits_fn, self._batches(), uniform)
+            if self.dist is not None:
+                h = mean_across_ranks(h, self.dist.world_size)
+            loss = h.sum()
+            if not bool(torch.isfinite(loss)):
+                self._raise_nonfinite(f"the AdaMerging loss is {float(loss.detach())}", 0)
+            loss.backward()
+            if self.dist is not None:
+                average_gradients([self.lam], self.dist.world_size)
+            opt.step()
+        self.lam.requires_grad_(False)
+        self.adamerging_fitted = True
+        self.bake_adamerging()
+        if self.datafree is not None:  # the anchor: distances from the AdaMerging base, not the initial one
+            self.datafree = DataFreeObjective.from_pool(self.model, self._pool, impl=cfg.objective_impl,
+                                                        keys=self.shard_keys)
+            norms = self.datafree.delta_norms()
+            self.anchor_normalizer.fit(sum_across_ranks(norms) if self.shard_keys is not None else norms)
+
     def _forward_model(self) -> nn.Module:
-        if self.lam is None:
-            return self.model
+        if self.lam is None or (self.adamerging == "before" and self.adamerging_fitted):
+            return self.model  # λ frozen and baked
         return _FunctionalBase(self.model, self._merged_base())
 
     # ------------------------------------------------------------------ objectives
@@ -414,6 +443,7 @@ class ParetoMergingTrainer:
         """Run until ``steps`` (default cfg.steps) total steps; ``resume`` a checkpoint path first."""
         self._resume(resume)
         total = self.cfg.steps if steps is None else steps
+        self._fit_adamerging_first()
         self._fit_normalizer()
         was_training = self.model.training
         self.model.eval()  # no dropout: deterministic objectives
@@ -429,7 +459,7 @@ class ParetoMergingTrainer:
                     self._raise_nonfinite(f"the loss is {float(loss.detach())}", self.step + 1)
                 loss.backward()
                 if self.dist is not None and self.shard_keys is None:
-                    average_gradients(self.params + ([self.lam] if self.lam is not None else []),
+                    average_gradients(self.params + ([self.lam] if self.adamerging == "joint" else []),
                                       self.dist.world_size)
                 self.optimizer.step()
                 self._nonfinite = self._nonfinite or self._first_nonfinite_parameter()
@@ -511,6 +541,7 @@ class ParetoMergingTrainer:
             "task_names": list(self.task_names),
             "meta": self.meta,
             "adamerging_lambda": None if self.lam is None else self.lam.detach().clone(),
+            "adamerging_fitted": self.adamerging_fitted,
         }
 
     def save_checkpoint(self, path: Union[str, Path]) -> None:
@@ -577,6 +608,13 @@ class ParetoMergingTrainer:
         if self.lam is not None:
             with torch.no_grad():
                 self.lam.copy_(ckpt["adamerging_lambda"])
+            if self.adamerging == "before" and ckpt.get("adamerging_fitted", False) and not self.adamerging_fitted:
+                # λ was fit and baked before this checkpoint: the loaded model weights hold it
+                self.lam.requires_grad_(False)
+                self.adamerging_fitted = True
+                if self.datafree is not None:
+                    self.datafree = DataFreeObjective.from_pool(self.model, self._pool,
+                                                                impl=self.cfg.objective_impl, keys=self.shard_keys)
         self.normalizer.load_state_dict(ckpt["normalizer"])
         self.anchor_normalizer.load_state_dict(ckpt["anchor_normalizer"])
         self.step = int(ckpt["step"])
