@@ -1,8 +1,9 @@
 """Dispatch helpers shared by the pmkernels ops.
 
-Each op declares its implementations as a tuple (``pareto_linear.IMPLS``,
-``weight_distances.IMPLS``) and resolves a requested ``impl`` with
-``resolve_impl(op, impl, device)``. The rules are the same for every op:
+Each op module declares its implementations as a tuple ``IMPLS`` (``pareto_linear.IMPLS``,
+``weight_distances.IMPLS``, ``low_rank_distances.IMPLS``) and resolves a requested ``impl`` with its
+own ``resolve_impl(impl, device)``, which calls ``resolve_impl(op, impl, device)`` here. The rules are
+the same for every op:
 
 * ``"auto"``: the fused Triton kernels on CUDA when the op has them and they
   import; the C++ CPU kernel on CPU when the op has one and it builds;

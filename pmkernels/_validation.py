@@ -261,6 +261,21 @@ def _factor_list(factors: Deltas, name: str, K: int, rows: int, rows_name: str) 
     return _per_objective(factors, name, K, (rows, None), f"{rows_name}, R")
 
 
+def check_low_rank_delta_sq(A: Deltas, B: Deltas) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Validate the arguments of ``low_rank_delta_sq`` (K >= 1 pairs of 2-D factors with the same number of
+    columns); return A and B as lists."""
+    As = list(A.unbind(0)) if isinstance(A, torch.Tensor) else list(A)
+    Bs = list(B.unbind(0)) if isinstance(B, torch.Tensor) else list(B)
+    if len(As) != len(Bs) or not As:
+        raise ValueError(f"A and B must hold the same number K >= 1 of factors, got {len(As)} and {len(Bs)}")
+    for k, (a, b) in enumerate(zip(As, Bs)):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() != 2 or b.dim() != 2 \
+                or a.shape[1] != b.shape[1]:
+            raise ValueError(f"A[{k}] and B[{k}] must be 2-D tensors with the same number of columns R_k, got "
+                             f"{getattr(a, 'shape', type(a).__name__)} and {getattr(b, 'shape', type(b).__name__)}")
+    return As, Bs
+
+
 def check_low_rank_distances(
     U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor, A: Deltas, B: Deltas,
     delta_sq: Optional[torch.Tensor] = None,

@@ -27,12 +27,19 @@ import torch
 
 from . import reference
 from ._dispatch import register_op, resolve_impl as _resolve
-from ._validation import Deltas, check_delta_sq_values, check_low_rank_distances, check_pref_values
+from ._validation import (Deltas, check_delta_sq_values, check_low_rank_delta_sq, check_low_rank_distances,
+                          check_pref_values)
 
-__all__ = ["LR_IMPLS", "low_rank_delta_sq", "low_rank_distances"]
+__all__ = ["IMPLS", "low_rank_delta_sq", "low_rank_distances", "resolve_impl"]
 
-LR_IMPLS = ("auto", "torch", "naive")
-register_op("low_rank_distances", LR_IMPLS)
+IMPLS = ("auto", "torch", "naive")
+register_op("low_rank_distances", IMPLS)
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map ``impl`` to a concrete ``low_rank_distances`` implementation ("auto" is "torch"; rules:
+    ``pmkernels._dispatch``)."""
+    return _resolve("low_rank_distances", impl, device)
 
 
 def low_rank_delta_sq(A: Deltas, B: Deltas) -> torch.Tensor:
@@ -40,15 +47,7 @@ def low_rank_delta_sq(A: Deltas, B: Deltas) -> torch.Tensor:
 
     A: K (out, R_k) tensors or (K, out, R); B: K (in, R_k) tensors or (K, in, R).
     """
-    As = list(A.unbind(0)) if isinstance(A, torch.Tensor) else list(A)
-    Bs = list(B.unbind(0)) if isinstance(B, torch.Tensor) else list(B)
-    if len(As) != len(Bs) or not As:
-        raise ValueError(f"A and B must hold the same number K >= 1 of factors, got {len(As)} and {len(Bs)}")
-    for k, (a, b) in enumerate(zip(As, Bs)):
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() != 2 or b.dim() != 2 \
-                or a.shape[1] != b.shape[1]:
-            raise ValueError(f"A[{k}] and B[{k}] must be 2-D tensors with the same number of columns R_k, got "
-                             f"{getattr(a, 'shape', type(a).__name__)} and {getattr(b, 'shape', type(b).__name__)}")
+    As, Bs = check_low_rank_delta_sq(A, B)
     return reference.low_rank_delta_sq(As, Bs)
 
 
@@ -67,7 +66,7 @@ def low_rank_distances(U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: 
     >= 0, and 0 only for a zero A_k B_kᵀ.
     """
     As, Bs = check_low_rank_distances(U, G, V, pref, A, B, delta_sq)
-    impl = _resolve("low_rank_distances", impl, U.device)
+    impl = resolve_impl(impl, U.device)
     if check_values or normalize:
         pref = check_pref_values(pref, normalize=normalize)
     if check_values and delta_sq is not None:

@@ -1,86 +1,9 @@
-"""Fused Triton kernels for ``pareto_linear`` (impl="triton").
+"""Fused Triton kernels for ``pareto_linear`` (impl="triton"), in reading order: kernels -> autotune hooks and
+host launchers -> the ``torch.library`` ops with their autograd and fake rules -> ``triton_pareto_linear``.
 
-One file per op, Liger-Kernel style: Triton kernels, host launchers, the
-``torch.library`` ops with their autograd and fake (meta) rules, and the
-public ``triton_pareto_linear`` entry point (inputs already validated by
-``pmkernels.pareto_linear``).
-
-Maths (docs/design.md §2), with x flattened to (N, in), row n belonging to sample
-b = n // L (L = N / B; B = 1 for a shared preference):
-
-    forward   z = x V                    (N, r) fp32     } one "shrink" kernel,
-              t = z M_bᵀ                 (N, r) fp32     } x read once
-              y = x Wᵀ + t Uᵀ + b                        one GEMM, expand in epilogue
-    backward  w = dy U, s = w M_b        (N, r) fp32     shrink kernel again
-              dx = dy W + s Vᵀ                           same GEMM kernel
-              dW = dyᵀ x (only if W needs grad)          same GEMM kernel    } reductions over tokens:
-              dU = dyᵀ t, dV = xᵀ s                      same, rank-sized    } split-K when few tiles
-              dM_b = w_bᵀ z_b                            split-L Triton kernel, host sum
-              dG_k = Σ_b γ_bk dM_b, dγ_bk = <dM_b, G_k>  torch einsums on (B, r, r)
-              db = Σ_n dy
-
-Launches: a forward is exactly two kernels (shrink, GEMM) for a shared or a per-sample γ, with no
-host-side torch op on γ (fp32 or fp64 γ is read as it is), no host sync and no value-dependent
-allocation, so a decode step can be captured in a CUDA graph (tests/test_triton_pareto_linear.py).
-A backward is the shrink, one GEMM per needed gradient of x/W/U/V (+ a split-K sum when split),
-the core-gradient kernel + its split sum and the two K-sized einsums (dG, dγ), and db's sum.
-
-Per-sample γ never builds per-row (or per-sample r×r) matrices in the
-shrink: it computes z·H_k for every k as K IEEE-fp32 dots on z pre-scaled by
-the row's γ_{b,k}. For r > 32 those dots run over BLOCK_C × BLOCK_C blocks of
-H with z re-read in column slices (fp32 FMA dots hold their whole contraction
-extent per thread in registers; over all of r = 128 they spilled tens of KB).
-A shared γ (one row) takes the kernel's SHARED_PREF variant: each CTA folds
-M = Σ_k γ_k G_k block by block in registers (K r×r loads, no per-row work) and
-runs one dot per block, so z·Mᵀ costs what a K = 1 core would.
-
-Only x, the weights themselves and the (N, r) fp32 intermediates z, t are
-saved for backward; W(γ) is never built.
-
-Precision: fp32 accumulation everywhere. For fp32 inputs the big dots use
-tf32 on CUDA (``_DOT_PRECISION``; error ~1e-3 relative, docs/design.md §4) and
-exact IEEE fp32 under the Triton interpreter; the small core contractions
-(z·G_k) always use IEEE fp32. bf16/fp16 use the tensor cores with fp32
-accumulators; the (N, r) fp32 intermediates are rounded to the input dtype
-just before the expand dot (as the torch implementation does).
-
-Base GEMM: the main path is an all-Triton GEMM with the expand t Uᵀ (+bias)
-fused into its epilogue. docs/design.md §5 also measures a hybrid (cuBLAS for
-x Wᵀ, Triton for the low-rank part). ``_BASE_GEMM = "cublas"`` (or env var
-``PMKERNELS_BASE_GEMM=cublas``) switches to it: the base product comes from
-``torch.mm`` and the same GEMM kernel runs with an empty reduction, seeding
-its accumulator with that result and adding the expand (+bias) in one pass.
-Neither variant has been timed on a GPU yet.
-
-Registration: the op is a ``torch.library.custom_op`` (opaque to inductor)
-with ``register_autograd`` and ``register_fake``, so ``torch.compile``
-traces it with no graph break. We use ``custom_op`` rather than
-``triton_op``/``wrap_triton`` because the latter does not work under the
-interpreter: with torch 2.14 / triton 3.8 and ``TRITON_INTERPRET=1`` even a
-one-kernel ``triton_op`` runs eagerly but fails ``torch.compile`` (both
-aot_eager and inductor) with "Cannot access data pointer of Tensor
-(FakeTensor)": the interpreter's launcher touches the fake tensors' data
-during tracing. custom_op keeps one code path (eager, compile, interpreter,
-CUDA), and the launchers also run host-side torch code (the hybrid's torch.mm,
-the K-sized backward einsums). On CUDA-only builds a
-``triton_op`` variant would let inductor see and fuse around the kernels. Autocast: the Python wrapper
-casts x/weight/bias/U/G/V to the autocast dtype before calling the op (pref
-keeps its fp32/fp64 dtype), as F.linear would, so the op itself never sees mixed dtypes.
-
-Configs: each autotuned kernel's configs come from a pure pruner
-(``gemm_configs``, ``shrink_configs``) of dtype, shape bucket, rank, K, variant
-flags and the GPU's compute capability; the runtime ``early_config_prune``
-calls it with the device's capability. bench/scripts/aot_sweep.py compiles
-every config those pruners keep, for every launch variant, dtype and sm_80 /
-sm_90, with Triton's bundled ptxas (no GPU needed) and checks shared memory,
-spills and GEMM software pipelining; its table is in bench/RESULTS.md, and a
-subset runs in the test suite.
-
-Not done / not measured: no GPU was available while writing this; which
-configs are fast, the split-K heuristic and the fused-vs-hybrid choice are
-unmeasured (bench/scripts/perf_model.py has roofline predictions only). No
-TMA / warp-specialised Hopper path, no double backward (the backward op has no
-autograd of its own).
+Inputs are already validated by ``pmkernels.pareto_linear``. The design (maths, launches, per-sample and shared
+γ, precision, base GEMM, registration, what is not measured yet) is docs/design.md §10; the launch configs and
+their pure pruners are ``pmkernels.triton_configs``.
 
 Importing this module raises ImportError when triton is not importable.
 """
@@ -93,6 +16,8 @@ import torch
 
 from ._dispatch import cuda_capability, interpreting, pad_rank
 from ._validation import check_triton_dtype
+from .triton_configs import (GEMM_CONFIGS, SHRINK_CONFIGS, core_grad_launch, gemm_bucket, gemm_configs,
+                             loads_aligned, shrink_block_c, shrink_configs)
 
 try:
     import triton
@@ -326,128 +251,8 @@ def _core_grad_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Autotune configs and their pruners
+# Autotune: the pure config pruners live in triton_configs; these hooks feed them a launch's arguments
 # --------------------------------------------------------------------------------------------
-# The pruners are pure functions of (dtype, shape bucket, rank, K, variant flags, GPU capability), so
-# bench/scripts/aot_sweep.py enumerates exactly the configs the runtime autotuner may pick and compiles
-# each for sm_90 and sm_80 (shared memory, registers, spills). The runtime ``early_config_prune`` hooks
-# call the same functions with the capability of the tensors' device.
-
-# Max dynamic shared memory one block may opt into, by compute capability (major * 10 + minor).
-_SMEM_LIMIT = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
-               103: 232448, 120: 101376}
-_ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-def smem_limit(capability: int) -> int:
-    """Bytes of shared memory a block may use on a GPU of this capability (unknown: the most common 99 KB)."""
-    return _SMEM_LIMIT.get(capability, 101376)
-
-
-def dtype_name(dtype) -> str:
-    """torch.float32/bfloat16/float16 (or "fp32"/"bf16"/"fp16") -> "fp32"/"bf16"/"fp16"."""
-    if isinstance(dtype, str):
-        return dtype
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-def _cfg(bm, bn, bk, stages, warps, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_stages=stages, num_warps=warps)
-
-
-# Small token counts (decode, M <= 64) get thin-M tiles, large ones square-ish tiles, rank-sized
-# outputs (dU = dyᵀ t, dV = xᵀ s: N = r, a reduction over all tokens) thin-N tiles.
-_GEMM_BUCKET_CONFIGS = {
-    "small_m": [
-        _cfg(16, 32, 256, 4, 4), _cfg(16, 32, 128, 5, 2),  # more CTAs for decode-sized M
-        _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4), _cfg(16, 256, 64, 3, 4),
-        _cfg(32, 64, 128, 4, 4), _cfg(32, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(64, 128, 64, 3, 4),
-    ],
-    "large_m": [
-        _cfg(128, 256, 64, 3, 8), _cfg(256, 128, 64, 3, 8), _cfg(128, 128, 64, 4, 8), _cfg(128, 128, 64, 3, 4),
-        _cfg(128, 128, 32, 4, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 5, 4),
-    ],
-    "thin_n": [
-        _cfg(64, 16, 128, 4, 4), _cfg(128, 16, 128, 3, 4), _cfg(64, 32, 128, 4, 4), _cfg(128, 32, 64, 4, 4),
-        _cfg(32, 32, 256, 3, 4), _cfg(64, 32, 64, 3, 4),
-    ],
-}
-# Launches whose A/B loads Triton cannot prove 16-element aligned (an odd K or row stride: odd in/out
-# features, odd-width views) load element by element, unpipelined for half precision, with 64-bit addresses
-# per element: nearly every config above spilled there (AOT sweep at odd sizes, sm_80/sm_90, 8 B to 7 KB).
-# These keep BLOCK_K = 32 (a third of the registers of the loaded tiles) and <= 32 accumulators per thread.
-# (Each was spill-free at odd sizes on sm_80 in bf16 and fp32 for the forward, decode, dx and dW launches.)
-_GEMM_UNALIGNED_CONFIGS = {
-    "small_m": [_cfg(16, 32, 64, 4, 4), _cfg(16, 64, 64, 4, 4), _cfg(32, 32, 64, 3, 4), _cfg(16, 64, 32, 3, 4)],
-    "large_m": [_cfg(64, 128, 32, 3, 8), _cfg(128, 64, 32, 3, 8), _cfg(64, 64, 32, 3, 4), _cfg(32, 64, 32, 3, 4)],
-}
-_GEMM_CONFIGS = [c for cs in list(_GEMM_BUCKET_CONFIGS.values()) + list(_GEMM_UNALIGNED_CONFIGS.values()) for c in cs]
-
-
-def loads_aligned(K: int, *strides: int) -> bool:
-    """True when the reduction length and every non-unit stride of A and B are multiples of 16 elements,
-    i.e. Triton specialises them as divisible and vectorises (and pipelines) the tile loads."""
-    return K % 16 == 0 and all(s == 1 or s % 16 == 0 for s in strides)
-
-
-def gemm_bucket(M: int, N: int) -> str:
-    """Shape bucket of a _gemm_kernel launch: "small_m" (decode), "thin_n" (rank-sized N) or "large_m"."""
-    if M <= 64:
-        return "small_m"
-    return "thin_n" if N <= 32 else "large_m"
-
-
-def _gemm_smem(c: triton.Config, a_bytes: int, b_bytes: int, lora: bool, block_r: int) -> int:
-    """Shared memory estimate: num_stages buffers of the A and B tiles (+ the expand's t and U tiles)."""
-    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-    smem = c.num_stages * (bm * a_bytes + bn * b_bytes) * bk
-    if lora:
-        smem = max(smem, (bm + bn) * block_r * a_bytes)
-    return smem
-
-
-# Register rules that only older Triton codegen needs (the pruners are exact per installed version).
-_TRITON_BEFORE_3_8 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8)
-
-
-def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: int, capability: int,
-                 b_dtype=None, aligned: bool = True) -> list:
-    """The _gemm_kernel configs the autotuner may try for this launch, in order; never empty.
-
-    dtype: A's dtype (B is cast to it; b_dtype: B's own dtype when it differs, fp32 for dU/dV).
-    aligned: ``loads_aligned`` of the launch; unaligned small_m / large_m launches draw from
-    ``_GEMM_UNALIGNED_CONFIGS`` instead (thin_n's tiles were spill-free at odd sizes too).
-    Kept: shared memory estimate within the capability's limit, and register rules the AOT sweep
-    (bench/scripts/aot_sweep.py) found spill-free on sm_80/sm_90: at most 128 fp32 accumulators per
-    thread, at most 64 with the expand epilogue at block_r >= 64 or in the accumulate-into-C pass
-    (``add_c``, the cuBLAS hybrid: it has no main loop, so big tiles buy nothing there).
-    """
-    a_bytes = _ELEM_BYTES[dtype_name(dtype)]
-    b_bytes = _ELEM_BYTES[dtype_name(b_dtype)] if b_dtype is not None else a_bytes
-    limit = smem_limit(capability)
-    keep = []
-    cands = _GEMM_BUCKET_CONFIGS[bucket] if aligned or bucket not in _GEMM_UNALIGNED_CONFIGS \
-        else _GEMM_UNALIGNED_CONFIGS[bucket]
-    for c in cands:
-        acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
-        if _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r) > limit:
-            continue
-        if acc_per_thread > 128 or ((add_c or (has_lora and block_r >= 64)) and acc_per_thread > 64):
-            continue
-        if a_bytes == 4 and capability < 90 and acc_per_thread > 64:  # fp32 on sm_80: 128×128/4 warps spilled
-            continue
-        if a_bytes == 2 and capability < 90 and c.num_stages >= 5:  # Triton 3.9, sm_80: 64×64×64 at 5 stages spilled 4 B
-            continue
-        if add_c and not aligned and a_bytes == 2 and capability < 90 and c.num_warps < 8:
-            continue  # the hybrid pass at odd sizes, sm_80, half precision: 64×64 on 4 warps spilled 52 B
-        if _TRITON_BEFORE_3_8 and capability < 90 and a_bytes == 2:
-            # Triton 3.6's sm_80 codegen (not 3.8/3.9's) spilled 8-72 B in the 128-accumulator half-precision
-            # tiles and 4 B in the 128×128 A tile of dU/dV (fp32 B cast in the loop): found by the AOT sweep.
-            if acc_per_thread > 64 or (b_bytes == 4 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] >= 128 * 128):
-                continue
-        keep.append(c)
-    return keep or [min(cands, key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r))]
 
 
 def _prune_gemm(configs, named_args, **kwargs):
@@ -457,59 +262,11 @@ def _prune_gemm(configs, named_args, **kwargs):
                         b_dtype=b.dtype, aligned=named_args["M_BUCKET"] < 2)[:_AUTOTUNE_MAX]
 
 
-_SHRINK_CONFIGS = {  # (BLOCK_N, BLOCK_D, num_stages, num_warps)
-    "small_n": [(16, 128, 4, 4), (16, 256, 3, 4), (32, 128, 4, 4), (16, 64, 4, 4)],
-    "large_n": [(64, 64, 4, 4), (64, 128, 3, 4), (128, 64, 3, 8), (64, 32, 4, 4)],
-}
-
-
-def shrink_block_c(block_r: int, K: int) -> int:
-    """Width of the H blocks the core contraction runs over (see _shrink_kernel): all of r up to 32."""
-    return block_r if block_r <= 32 else 32
-
-
-def shrink_configs(dtype, block_r: int, K: int, per_sample: bool, capability: int, small_n: bool,
-                   aligned: bool = True) -> list:
-    """The _shrink_kernel configs the autotuner may try, in order; never empty.
-
-    dtype: x's (A's) dtype; block_r: r padded (pad_rank); K: core slices;
-    small_n: N <= 64 (decode). Kept: shared memory estimate (num_stages buffers of the A and P tiles)
-    within the limit, at most 64 fp32 z accumulators per thread; BLOCK_C from shrink_block_c.
-    aligned: ``loads_aligned`` of the launch; at odd sizes (element-wise loads) the prefill configs with
-    BLOCK_D >= 64 spilled 4-36 B (AOT sweep, sm_80/sm_90), so unaligned prefill launches keep BLOCK_D <= 32.
-    """
-    es = _ELEM_BYTES[dtype_name(dtype)]
-    limit = smem_limit(capability)
-    cands = _SHRINK_CONFIGS["small_n" if small_n else "large_n"]
-    block_c = shrink_block_c(block_r, K)
-
-    def smem(bn, bd, st):
-        return st * (bn + block_r) * bd * es
-
-    def spills(bn, bd, w):  # register rules from the AOT sweep (sm_80 spilled 12-40 B in these)
-        return ((es == 4 and block_r >= 32 and bd >= 128)
-                or (capability < 90 and block_r >= 64 and bn >= 128)
-                or (not aligned and not small_n and bd >= 64))
-
-    keep = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_C": block_c}, num_stages=st, num_warps=w)
-            for bn, bd, st, w in cands
-            if smem(bn, bd, st) <= limit and bn * block_r // (32 * w) <= 64 and not spills(bn, bd, w)]
-    if not keep:
-        bn, bd, st, w = min(cands, key=lambda c: smem(*c[:3]))
-        keep = [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_C": block_c}, num_stages=st, num_warps=w)]
-    return keep
-
-
 def _prune_shrink(configs, named_args, **kwargs):
     a = named_args["a_ptr"]
     return shrink_configs(a.dtype, kwargs["BLOCK_R"], named_args["K"], not kwargs["SHARED_PREF"],
                           cuda_capability(a.device), small_n=named_args["N"] <= 64,
                           aligned=named_args["N_BUCKET"] < 2)[:_AUTOTUNE_MAX]
-
-
-def core_grad_launch(block_r: int) -> dict:
-    """Launch constants of _core_grad_kernel (no autotuning: it reads only the (N, r) fp32 intermediates)."""
-    return {"BLOCK_L": 16 if _INTERPRET else 32, "num_warps": 8 if block_r >= 64 else 4}
 
 
 if _INTERPRET:
@@ -520,14 +277,14 @@ if _INTERPRET:
 else:
     _GEMM_FIXED = {}
     _gemm_launch = triton.autotune(
-        configs=_GEMM_CONFIGS,
+        configs=GEMM_CONFIGS,
         key=["M_BUCKET", "N", "K", "R", "K_PER_SPLIT", "HAS_LORA", "HAS_BIAS", "ADD_C"],
         prune_configs_by={"early_config_prune": _prune_gemm},
         restore_value=["c_ptr"],  # ADD_C accumulates into C; tuning must not compound it
     )(_gemm_kernel)
     _shrink_launch = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_stages=st, num_warps=w)
-                 for cs in _SHRINK_CONFIGS.values() for bn, bd, st, w in cs],  # BLOCK_C is added by the pruner
+                 for cs in SHRINK_CONFIGS.values() for bn, bd, st, w in cs],  # BLOCK_C is added by the pruner
         key=["N_BUCKET", "D", "R", "K", "SHARED_PREF"],
         prune_configs_by={"early_config_prune": _prune_shrink},
     )(_shrink_kernel)

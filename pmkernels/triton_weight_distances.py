@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import cuda_capability, interpreting, pad_rank
+from .triton_configs import wd_configs
 
 
 @triton.jit
@@ -60,27 +61,6 @@ def _wd_pass_kernel(
         tl.atomic_add(Z + rn[:, None] * R + rr[None, :], z, mask=mask_n[:, None] & mask_r[None, :])
     tl.store(Y + rm[:, None] * R + rr[None, :], acc_y, mask=mask_m[:, None] & mask_r[None, :])
     tl.store(SQ + pid, tl.sum(acc_sq, axis=0))
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by BLOCK_R. The pass's IEEE-fp32 dots run on CUDA cores,
-# and an FMA dot keeps its whole contraction extent per thread in registers: the AOT sweep
-# (bench/scripts/aot_sweep.py) found 64×64 tiles spilling 8-204 B at r = 16 (bf16/fp16, sm_90), 1-13 KB at r = 64 and 12-33 KB at r = 128 on
-# sm_80/sm_90 (tf32x3 dots spill too), while these tiles compile spill-free. Smaller row blocks mean
-# more Z atomics ((out / BLOCK_M) · in · r adds), the price of no spills at large r.
-_WD_TILES = {16: (32, 32, 4, 3), 32: (32, 32, 4, 3), 64: (16, 32, 4, 3), 128: (32, 32, 4, 3)}
-
-
-def wd_configs(dtype, block_r: int, capability: int) -> list:
-    """The pass's launch config for deltas of ``dtype`` at BLOCK_R ``block_r`` (one, no autotuning: the
-    pass accumulates Z with atomics, so a tuning rerun would compound it). Pure, like the pareto_linear
-    pruners; the shared memory it needs (at most ~60 KB) fits every GPU from sm_75 on, so ``capability``
-    does not change it today."""
-    bm, bn, warps, stages = _WD_TILES[min(max(block_r, 16), 128)]
-    if block_r <= 16 and str(dtype) in ("fp32", "torch.float32"):
-        # fp32 at r = 16: 64×64 tiles (32×32 spilled 4 B on sm_90), 8 warps: with 4, odd sizes (no
-        # divisibility hints) spilled 280 B (sm_90) / 324 B (sm_80); 8 warps compile spill-free at both
-        bm, bn, warps = 64, 64, 8
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)]
 
 
 def triton_pass(deltas: list[torch.Tensor], U: torch.Tensor, V: torch.Tensor):

@@ -33,13 +33,13 @@ from . import reference
 from ._dispatch import cpp_available, register_op, resolve_impl as _resolve
 from ._validation import Deltas, check_pref_values, check_weight_distances
 
-__all__ = ["IMPLS", "cpp_available", "resolve_wd_impl", "weight_distances"]
+__all__ = ["IMPLS", "cpp_available", "resolve_impl", "weight_distances"]
 
 IMPLS = ("auto", "triton", "cpp", "torch", "naive")
 register_op("weight_distances", IMPLS, triton_module="triton_weight_distances", cpp=True)
 
 
-def resolve_wd_impl(impl: str, device: torch.device) -> str:
+def resolve_impl(impl: str, device: torch.device) -> str:
     """Map ``impl`` to a concrete ``weight_distances`` implementation for tensors on ``device``.
 
     "auto" is "triton" on CUDA when triton imports, "cpp" on CPU when the C++ kernel builds, else
@@ -61,12 +61,12 @@ def weight_distances(U: torch.Tensor, G: torch.Tensor, V: torch.Tensor, pref: to
     ``check_values=False`` skips the value checks of pref (they sync with the
     device), as in ``pareto_linear``, for a pref already checked.
     """
-    if impl not in IMPLS:
+    if impl not in IMPLS:  # resolve_impl's check, made before the tensors are checked
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     ds = check_weight_distances(U, G, V, pref, deltas)
     if check_values or normalize:
         pref = check_pref_values(pref, normalize=normalize)
-    impl = resolve_wd_impl(impl, U.device)
+    impl = resolve_impl(impl, U.device)
     if impl == "torch" or U.shape[0] == 0 or V.shape[0] == 0:  # empty layers: nothing to fuse
         return reference.torch_weight_distances(U, G, V, pref, ds)
     if impl == "naive":

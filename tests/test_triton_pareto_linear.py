@@ -18,6 +18,7 @@ from helpers import HAS_CUDA, make_problem, poisoned, random_pref, rel_err
 
 tpl = pytest.importorskip("pmkernels.triton_pareto_linear", reason="triton is not importable here")
 triton_pareto_linear = tpl.triton_pareto_linear
+tcfg = pytest.importorskip("pmkernels.triton_configs", reason="triton is not importable here")
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -251,27 +252,27 @@ def test_autotune_config_buckets():
     # The pruners are pure functions (no GPU needed): decode-sized token counts get thin-M tiles, large
     # ones big tiles, rank-sized outputs thin-N tiles; every kept config fits the target's shared memory.
     kw = dict(has_lora=True, add_c=False, block_r=16)
-    small = tpl.gemm_configs("bf16", tpl.gemm_bucket(16, 4096), capability=90, **kw)
-    large = tpl.gemm_configs("bf16", tpl.gemm_bucket(8192, 4096), capability=90, **kw)
-    thin = tpl.gemm_configs("bf16", tpl.gemm_bucket(4096, 16), capability=90, has_lora=False, add_c=False,
+    small = tcfg.gemm_configs("bf16", tcfg.gemm_bucket(16, 4096), capability=90, **kw)
+    large = tcfg.gemm_configs("bf16", tcfg.gemm_bucket(8192, 4096), capability=90, **kw)
+    thin = tcfg.gemm_configs("bf16", tcfg.gemm_bucket(4096, 16), capability=90, has_lora=False, add_c=False,
                             block_r=16, b_dtype=torch.float32)
     assert small and all(c.kwargs["BLOCK_M"] <= 64 for c in small)
     assert large and all(c.kwargs["BLOCK_M"] >= 64 for c in large) and not set(map(id, small)) & set(map(id, large))
     assert thin and all(c.kwargs["BLOCK_N"] <= 32 for c in thin)
     for cap in (80, 90):
         for dt, es in (("fp32", 4), ("bf16", 2)):
-            for c in tpl.gemm_configs(dt, "large_m", capability=cap, **kw):
+            for c in tcfg.gemm_configs(dt, "large_m", capability=cap, **kw):
                 assert c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * es \
-                    <= tpl.smem_limit(cap)
+                    <= tcfg.smem_limit(cap)
             # r = 128 per-sample fp32 on an A100: the case that had no fitting config
-            cfgs = tpl.shrink_configs(dt, 128, 64, True, cap, small_n=False)
+            cfgs = tcfg.shrink_configs(dt, 128, 64, True, cap, small_n=False)
             assert cfgs and all(c.num_stages * (c.kwargs["BLOCK_N"] + 128) * c.kwargs["BLOCK_D"] * es
-                                <= tpl.smem_limit(cap) for c in cfgs)
+                                <= tcfg.smem_limit(cap) for c in cfgs)
             assert all(c.kwargs["BLOCK_C"] < 128 for c in cfgs)  # the tiled core contraction
-    assert tpl.shrink_configs("fp16", 16, 8, True, 90, small_n=True)[0].kwargs["BLOCK_C"] == 16
+    assert tcfg.shrink_configs("fp16", 16, 8, True, 90, small_n=True)[0].kwargs["BLOCK_C"] == 16
     # the hybrid pass (no main loop) keeps only tiles with <= 64 accumulators per thread
     assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps
-               for c in tpl.gemm_configs("bf16", "large_m", has_lora=True, add_c=True, block_r=16, capability=90))
+               for c in tcfg.gemm_configs("bf16", "large_m", has_lora=True, add_c=True, block_r=16, capability=90))
     from pmkernels._dispatch import pad_rank
     assert [pad_rank(r) for r in (1, 3, 16, 17, 128)] == [16, 16, 16, 32, 128]
 
@@ -513,7 +514,7 @@ def test_autotune_config_cap(monkeypatch):
     gemm_args = dict(a_ptr=a, b_ptr=a, M=8192, N=4096, M_BUCKET=1)
     shrink_kw = dict(BLOCK_R=16, SHARED_PREF=True)
     shrink_args = dict(a_ptr=a, K=8, N=8192, N_BUCKET=1)
-    every_gemm = tpl.gemm_configs(torch.bfloat16, "large_m", has_lora=True, add_c=False, block_r=16, capability=90,
+    every_gemm = tcfg.gemm_configs(torch.bfloat16, "large_m", has_lora=True, add_c=False, block_r=16, capability=90,
                                   b_dtype=torch.bfloat16)
     assert len(every_gemm) > 2
     monkeypatch.setattr(tpl, "_AUTOTUNE_MAX", None)
@@ -533,23 +534,23 @@ def test_unaligned_gemm_configs(monkeypatch):
     # Odd K or row strides (no divisibility hints: element-wise, unpipelined loads) spilled in nearly every
     # aligned config (AOT sweep at odd sizes); such launches get their own small-K tiles, chosen by the
     # launch's M_BUCKET bit 1, which is also part of the autotune key.
-    assert tpl.loads_aligned(4096, 4096, 1, 4096, 1) and tpl.loads_aligned(0, 1, 4096, 1, 768)
-    assert not tpl.loads_aligned(4093, 4093, 1, 4093, 1) and not tpl.loads_aligned(4096, 4093, 1, 4096, 1)
+    assert tcfg.loads_aligned(4096, 4096, 1, 4096, 1) and tcfg.loads_aligned(0, 1, 4096, 1, 768)
+    assert not tcfg.loads_aligned(4093, 4093, 1, 4093, 1) and not tcfg.loads_aligned(4096, 4093, 1, 4096, 1)
     for bucket in ("small_m", "large_m"):
         for cap in (80, 90):
             for dt in ("bf16", "fp32"):
-                odd = tpl.gemm_configs(dt, bucket, has_lora=True, add_c=False, block_r=16, capability=cap,
+                odd = tcfg.gemm_configs(dt, bucket, has_lora=True, add_c=False, block_r=16, capability=cap,
                                        aligned=False)
-                assert odd and all(c in tpl._GEMM_UNALIGNED_CONFIGS[bucket] for c in odd)
+                assert odd and all(c in tcfg.GEMM_UNALIGNED_CONFIGS[bucket] for c in odd)
                 assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) <= 32 for c in odd)
     thin = dict(has_lora=False, add_c=False, block_r=16, capability=90, b_dtype=torch.float32)
-    assert tpl.gemm_configs("bf16", "thin_n", aligned=False, **thin) == tpl.gemm_configs("bf16", "thin_n", **thin)
+    assert tcfg.gemm_configs("bf16", "thin_n", aligned=False, **thin) == tcfg.gemm_configs("bf16", "thin_n", **thin)
     monkeypatch.setattr(tpl, "cuda_capability", lambda dev: 90)
     a = torch.empty(8, 8, dtype=torch.bfloat16)
     kw = dict(HAS_LORA=True, ADD_C=False, BLOCK_R=16)
     for m_bucket, odd in ((1, False), (3, True)):
         got = tpl._prune_gemm([], dict(a_ptr=a, b_ptr=a, M=8185, N=4091, M_BUCKET=m_bucket), **kw)
-        assert all((c in tpl._GEMM_UNALIGNED_CONFIGS["large_m"]) == odd for c in got)
+        assert all((c in tcfg.GEMM_UNALIGNED_CONFIGS["large_m"]) == odd for c in got)
 
 
 def test_unaligned_shrink_configs():
@@ -558,7 +559,7 @@ def test_unaligned_shrink_configs():
     for cap in (80, 90):
         for dt in ("bf16", "fp32"):
             for r in (16, 64):
-                odd = tpl.shrink_configs(dt, r, 8, True, cap, small_n=False, aligned=False)
+                odd = tcfg.shrink_configs(dt, r, 8, True, cap, small_n=False, aligned=False)
                 assert odd and all(c.kwargs["BLOCK_D"] <= 32 for c in odd)
-                assert tpl.shrink_configs(dt, r, 8, True, cap, small_n=True, aligned=False) == \
-                    tpl.shrink_configs(dt, r, 8, True, cap, small_n=True)
+                assert tcfg.shrink_configs(dt, r, 8, True, cap, small_n=True, aligned=False) == \
+                    tcfg.shrink_configs(dt, r, 8, True, cap, small_n=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pmkernels
-from pmkernels.weight_distances import cpp_available, resolve_wd_impl, weight_distances
+from pmkernels.weight_distances import cpp_available, resolve_impl, weight_distances
 
 from pmkernels.testing import assert_close_terms, term_scales
 from helpers import HAS_CUDA, random_pref, rel_err
@@ -193,7 +193,7 @@ def test_empty_layer(impl):
 
 def test_auto_picks_cpp_on_cpu():
     expected = "cpp" if _cpp_ok() else "torch"
-    assert resolve_wd_impl("auto", torch.device("cpu")) == expected
+    assert resolve_impl("auto", torch.device("cpu")) == expected
     U, G, V, pref, D = [t.float() for t in make_wd(23, 19, 3, 4)]
     assert rel_err(pmkernels.weight_distances(U, G, V, pref, D), reference(U, G, V, pref, D)) < 1e-5
 
@@ -276,7 +276,7 @@ def test_bad_impl(good):
 
 def test_impl_device_mismatch():
     with pytest.raises(ValueError, match="impl='cpp' needs CPU tensors"):
-        resolve_wd_impl("cpp", torch.device("cuda"))
+        resolve_impl("cpp", torch.device("cuda"))
 
 
 # ---------------------------------------------------------------- torch.library integration

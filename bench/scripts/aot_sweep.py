@@ -69,7 +69,7 @@ def _gemm_args(dt, M, N, K, R, a_strides, b_strides, c_dt, t_dt, u_dt, lora, spl
 
 
 def _aligned(K, a_strides, b_strides) -> bool:
-    from pmkernels.triton_pareto_linear import loads_aligned
+    from pmkernels.triton_configs import loads_aligned
     return loads_aligned(K, *a_strides, *b_strides)
 
 
@@ -100,8 +100,7 @@ def specs(subset: bool = False, shapes: tuple[str, ...] = SHAPES, kernels: Optio
 
 
 def _specs_at(aligned: bool) -> list[Spec]:
-    import pmkernels.triton_pareto_linear as tpl
-    import pmkernels.triton_weight_distances as twd
+    import pmkernels.triton_configs as tcfg  # the configs the runtime pruners keep: no kernel module needed
     from pmkernels._dispatch import pad_rank
 
     out: list[Spec] = []
@@ -138,7 +137,7 @@ def _specs_at(aligned: bool) -> list[Spec]:
             ]
             for variant, bucket, r, flags, args in gemm:
                 R = pad_rank(r)
-                kept = tpl.gemm_configs(dt, bucket, has_lora=flags["HAS_LORA"], add_c=flags["ADD_C"], block_r=R,
+                kept = tcfg.gemm_configs(dt, bucket, has_lora=flags["HAS_LORA"], add_c=flags["ADD_C"], block_r=R,
                                         capability=arch, b_dtype="fp32" if bucket == "thin_n" else None,
                                         aligned=args["M_BUCKET"] < 2)
                 out.append(Spec("gemm", variant, dt, arch, r, args, dict(flags, BLOCK_R=R, PRECISION=prec),
@@ -156,8 +155,8 @@ def _specs_at(aligned: bool) -> list[Spec]:
                             stride_an=n_in, stride_ad=1, stride_pd=r, stride_pr=1,
                             stride_ha=K, stride_hc=r * K, stride_hk=1,
                             stride_gb=K, stride_gk=1, stride_zn=r, stride_tn=r,
-                            N_BUCKET=(0 if n <= 64 else 1) + (0 if tpl.loads_aligned(n_in, n_in, 1, r, 1) else 2))
-                kept = tpl.shrink_configs(dt, R, K, per_sample, arch, small_n=n <= 64, aligned=args["N_BUCKET"] < 2)
+                            N_BUCKET=(0 if n <= 64 else 1) + (0 if tcfg.loads_aligned(n_in, n_in, 1, r, 1) else 2))
+                kept = tcfg.shrink_configs(dt, R, K, per_sample, arch, small_n=n <= 64, aligned=args["N_BUCKET"] < 2)
                 name = f"{'decode' if n <= 64 else 'prefill'} {'per-sample' if per_sample else 'shared'} r={r} K={K}"
                 out.append(Spec("shrink", name, dt, arch, r, args,
                                 dict(BLOCK_R=R, PRECISION=prec, SHARED_PREF=not per_sample),
@@ -168,11 +167,11 @@ def _specs_at(aligned: bool) -> list[Spec]:
                 args = dict(D="*" + dt, stride_dm=n_in, stride_dn=1, U="*fp32", V="*fp32", Y="*fp32", Z="*fp32",
                             SQ="*fp32", OUT=n_out, IN=n_in, R=r)
                 out.append(Spec("wd_pass", f"r={r}", dt, arch, r, args, dict(BLOCK_R=R, PRECISION="ieee"),
-                                [_cfg(c) for c in twd.wd_configs(dt, R, arch)], aligned))
+                                [_cfg(c) for c in tcfg.wd_configs(dt, R, arch)], aligned))
         # core gradient dM_b = w_bᵀ z_b (fp32 only)
         for r in (16, 64, 128):
             R = pad_rank(r)
-            lc = tpl.core_grad_launch(R)
+            lc = tcfg.core_grad_launch(R)
             rows = 128 if aligned else 125
             args = dict(w_ptr="*fp32", z_ptr="*fp32", out_ptr="*fp32", L=rows, R=r, CHUNK=rows,
                         stride_wn=r, stride_zn=r, stride_ob=r * r, stride_os=r * r)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+import pmkernels
 
 
 def _parse_pref(text: str) -> list[float]:
@@ -48,16 +51,33 @@ def _output_dir(text: str) -> str:
     return text
 
 
+# The program functions (program.py, serve.py) start their errors with the parameter's name; the CLI reports
+# the flag that sets it.
+_FLAGS = {"pref": "--pref", "prefs": "--pref", "fmt": "--format", "out_dir": "--out", "tokenizer_dir": "--tokenizer",
+          "max_new_tokens": "--max-new-tokens", "prompts": "--prompts (or lines on stdin)", "device": "--device",
+          "max_batch": "--max-batch", "batch_wait_ms": "--batch-wait-ms", "host/port": "--host/--port"}
+_LEADING_NAME = re.compile(r"^(" + "|".join(re.escape(k) for k in sorted(_FLAGS, key=len, reverse=True))
+                           + r")(?=[\s:])")
+
+
+def _with_flag_names(msg: str) -> str:
+    """``msg`` with its leading program parameter name (``pref``, ``fmt`` …) replaced by the CLI flag that sets it
+    (``--pref``, ``--format`` …)."""
+    return _LEADING_NAME.sub(lambda m: _FLAGS[m[1]], msg)
+
+
 class _InputError(Exception):
-    """A bad argument of generate / export --format hf|peft: reported in one line, exit status 2."""
+    """A bad argument of export / generate / serve, named by its flag: reported in one line, exit status 2."""
 
 
 @contextmanager
 def _input_errors():
     try:
         yield
-    except (ValueError, TypeError) as e:
-        raise _InputError(str(e)) from None
+    except (ValueError, TypeError, OSError) as e:
+        if not (isinstance(e, OSError) or _raised_by_library(e)):
+            raise  # a bug: keep its traceback
+        raise _InputError(_with_flag_names(str(e))) from None
 
 
 # ----------------------------------------------------------------------------- demo
@@ -154,7 +174,8 @@ def cmd_export(args) -> int:
         _output_file(args.out)
         if len(args.pref) != 1:
             raise ValueError(f"--format safetensors writes one model: give one --pref, got {len(args.pref)}")
-        export_checkpoint(args.checkpoint, args.pref[0], args.out)
+        with _input_errors():
+            export_checkpoint(args.checkpoint, args.pref[0], args.out)
     else:
         with _input_errors():
             export_checkpoint_dir(args.checkpoint, args.pref, args.out, args.format, overwrite=args.overwrite)
@@ -338,6 +359,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_LIBRARY_DIRS = tuple(str(Path(m.__file__).resolve().parent) for m in (sys.modules[__package__], pmkernels))
+
+
+def _raised_by_library(e: BaseException) -> bool:
+    """Whether ``e`` comes from a ``raise`` statement of paretomerge or pmkernels itself (which name the
+    argument, field or file), not from a failing lookup, conversion or call inside them or a dependency."""
+    import linecache
+
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    filename = str(Path(tb.tb_frame.f_code.co_filename).resolve())
+    return (filename.startswith(_LIBRARY_DIRS)
+            and linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise"))
+
+
+def _expected_failure(e: BaseException) -> bool:
+    """An expected failure (bad config, missing or corrupt file, bad input, a run that cannot go on): reported
+    in one line, exit 2. The library's own error types always are; a ValueError, TypeError or KeyError only
+    when the library raised it itself (input checks); an OSError always (files). Anything else is a bug."""
+    from .config import ConfigError
+    from .distributed import DistributedSetupError
+    from .methods.pareto_merging import NonFiniteTrainingError, RunMismatchError
+    from .io import OutputLockedError
+
+    if isinstance(e, (ConfigError, _InputError, NonFiniteTrainingError, RunMismatchError, OutputLockedError,
+                      DistributedSetupError, OSError)):
+        return True
+    return isinstance(e, (ValueError, TypeError, KeyError)) and _raised_by_library(e)
+
+
+def _print_failure(command: str, e: BaseException) -> None:
+    """An expected failure as one line on stderr (with the process's rank in a multi-process run)."""
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
+    print(f"paretomerge {command}: error{'' if rank is None else f' (rank {rank})'}: "
+          f"{msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised like SIGINT's KeyboardInterrupt so every write in progress removes its temp files."""
 
@@ -349,11 +411,6 @@ def _raise_terminated(signum, frame):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .config import ConfigError
-    from .distributed import DistributedSetupError
-    from .methods.pareto_merging import NonFiniteTrainingError, RunMismatchError
-    from .program import OutputLockedError
-
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -370,15 +427,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"paretomerge {args.command}: interrupted ({name}); nothing was left half written",
               file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
-    except (ConfigError, ValueError, OSError, KeyError, _InputError, NonFiniteTrainingError, RunMismatchError,
-            OutputLockedError, DistributedSetupError) as e:
-        # Expected failures (bad config, missing/corrupt file, bad input, a run that cannot go on): one line,
-        # exit 2. ConfigError and the loaders' errors name the field or file; anything else is a bug and
-        # keeps its traceback.
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
-        print(f"paretomerge {args.command}: error{'' if rank is None else f' (rank {rank})'}: "
-              f"{msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+    except Exception as e:
+        if not _expected_failure(e):
+            raise  # a bug: keep its traceback
+        _print_failure(args.command, e)
         return 2
     finally:
         if on_main_thread:

@@ -6,7 +6,7 @@ This module sits below the code it configures: it imports nothing else of
 A YAML file (see ``examples/merge_demo.yaml``)::
 
     pool:
-      format: files            # files | open_clip | hf
+      format: files            # files | open_clip | hf | peft | compressed (see pools/formats.py)
       architecture: {kind: open_clip_vision, embed_dim: 32, vision_cfg: {layers: 2, width: 64, ...}}
       pretrained: pool/pretrained.safetensors
       finetuned: {digits: pool/digits.safetensors, ...}
@@ -36,18 +36,24 @@ import pmkernels
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
-    "ARCH_KINDS", "BASE_METHODS", "INCLUDES", "MODES", "POOL_FORMATS", "SCALARIZATIONS", "STRUCTURES",
+    "ARCH_KINDS", "BASE_METHODS", "COMPRESS_METHODS", "INCLUDES", "MODES", "NORMALIZATIONS", "POOL_FORMATS",
+    "SCALARIZATIONS", "STRUCTURES", "TIES_SCOPES",
     "BaseConfig", "CompressConfig", "ConfigError", "MergeConfig", "OutputConfig", "PoolConfig", "TrainerConfig",
     "from_dict", "load_config", "plain_data",
 ]
 
+# The choices of the config's fields, written once: the fields below are ``Literal[<list>]`` (TrainerConfig's
+# spell theirs out; tests/test_config.py checks they are these lists), and the code they configure imports them.
 MODES = ("datafree", "unlabeled")
 INCLUDES = ("qkv", "qkv+mlp", "attention", "attention+mlp", "mlp", "all")
 SCALARIZATIONS = ("stch", "tch", "linear")
 STRUCTURES = ("tensor", "lora_sum", "diag")
-POOL_FORMATS = ("files", "open_clip", "hf", "peft")
+POOL_FORMATS = ("files", "open_clip", "hf", "peft", "compressed")  # loaders: pools.formats.POOL_LOADERS
 BASE_METHODS = ("task_arithmetic", "ties", "pretrained")
 ARCH_KINDS = ("open_clip_vision", "open_clip", "hf")
+NORMALIZATIONS = ("init", "none")
+TIES_SCOPES = ("model", "tensor")
+COMPRESS_METHODS = ("svd", "lowrank")
 
 
 class ConfigError(ValueError):
@@ -260,14 +266,14 @@ class PoolConfig(_Strict):
 
     _prefix: ClassVar[str] = "pool"
 
-    format: Literal["files", "open_clip", "hf", "peft"] = "files"
+    format: Literal[POOL_FORMATS] = "files"
     architecture: Optional[Union["OpenClipVisionArch", "OpenClipArch", "HfArch"]] = Field(
         default=None, discriminator="kind")
     pretrained: Annotated[str, Field(min_length=1)]
     finetuned: Annotated[dict[str, Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     heads: Optional[dict[str, Annotated[str, Field(min_length=1)]]] = None
     trusted: bool = False
-    # formats hf / peft: the transformers class that builds the pretrained model from its directory (a PEFT
+    # formats hf / peft (and compressed without architecture): the transformers class that builds the pretrained model from its directory (a PEFT
     # adapter's tensor names are those of the model it was trained on, e.g. AutoModelForCausalLM); None:
     # the class config.json's "architectures" names (AutoModel if it names none)
     auto_class: Optional[str] = None
@@ -280,10 +286,13 @@ class PoolConfig(_Strict):
                                        f"got {sorted(self.heads)}")
         if self.format == "files" and self.architecture is None:
             raise ConfigError("architecture", "required for format 'files' (how to build the model)")
-        if self.format != "files" and self.architecture is not None:
-            raise ConfigError("architecture", f"only used with format 'files', not {self.format!r}")
-        if self.auto_class is not None and self.format not in ("hf", "peft"):
-            raise ConfigError("auto_class", f"only used with formats 'hf' and 'peft', not {self.format!r}")
+        if self.format not in ("files", "compressed") and self.architecture is not None:
+            raise ConfigError("architecture", f"only used with formats 'files' and 'compressed', not {self.format!r}")
+        if self.auto_class is not None and (self.format not in ("hf", "peft", "compressed")
+                                            or self.architecture is not None):
+            raise ConfigError("auto_class", "only used with formats 'hf', 'peft' and 'compressed' from a Hugging "
+                                            f"Face directory, not {self.format!r}"
+                                            + (" with pool.architecture" if self.architecture is not None else ""))
         return self
 
 
@@ -297,7 +306,7 @@ class CompressConfig(_Strict):
 
     rank: Optional[PositiveInt] = None
     keep: Optional[Annotated[float, Field(gt=0, le=1)]] = None
-    method: Literal["svd", "lowrank"] = "svd"
+    method: Literal[COMPRESS_METHODS] = "svd"
     save: Optional[str] = None
 
     @model_validator(mode="after")
@@ -351,11 +360,11 @@ class BaseConfig(_Strict):
 
     _prefix: ClassVar[str] = "base"
 
-    method: Literal["task_arithmetic", "ties", "pretrained"] = "task_arithmetic"
+    method: Literal[BASE_METHODS] = "task_arithmetic"
     # task arithmetic's λ (default 0.3; a number, or one per task) / TIES' λ (default 1.0, a number)
     lam: Optional[Union[float, list[float]]] = None
     k: Annotated[float, Field(gt=0, le=1)] = 0.2  # TIES: fraction of each task vector kept
-    scope: Literal["model", "tensor"] = "model"  # TIES: trim over the whole task vector or per tensor
+    scope: Literal[TIES_SCOPES] = "model"  # TIES: trim over the whole task vector or per tensor
 
     @model_validator(mode="after")
     def _lam_per_task(self) -> "BaseConfig":
@@ -375,7 +384,7 @@ class MergeConfig(_Strict):
 
     pool: PoolConfig
     base: BaseConfig = Field(default_factory=BaseConfig)
-    mode: Literal["datafree", "unlabeled"] = "datafree"
+    mode: Literal[MODES] = "datafree"
     unlabeled: Optional[dict[str, Annotated[str, Field(min_length=1)]]] = None
     eval_data: Optional[dict[str, Annotated[str, Field(min_length=1)]]] = None
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)

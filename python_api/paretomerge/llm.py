@@ -155,6 +155,28 @@ def _lora_targets(model: nn.Module) -> tuple[list[str], dict[str, ParetoLinear],
     return list(layers), layers, conv.pop()
 
 
+def _named_preferences(prefs: Union[Mapping[str, PrefLike], Sequence[PrefLike]]) -> dict[str, torch.Tensor]:
+    """{adapter name: γ} of export_peft's ``prefs``: each name a valid directory name, each γ a checked (K,)."""
+    named = dict(prefs) if isinstance(prefs, Mapping) else {f"pref_{i}": p for i, p in enumerate(prefs)}
+    if not named:
+        raise ValueError("prefs must hold at least one preference")
+    for n in named:  # each name is a directory: one path component, nothing the filesystem refuses
+        if not isinstance(n, str) or not n or n.startswith(".") or any(c in n for c in "/\\\0"):
+            raise ValueError(f"prefs: adapter name {n!r} must be a non-empty string without '/', '\\', a NUL "
+                             f"byte or a leading '.'")
+    return {n: single_preference(p, name=f"prefs[{n!r}]") for n, p in named.items()}
+
+
+@torch.no_grad()
+def _set_lora_weights(peft_model: nn.Module, layers: Mapping[str, nn.Module], pref: torch.Tensor) -> None:
+    """Every target's LoRA pair at γ = ``pref``: lora_B = U M(γ) (out, r), lora_A = Vᵀ (r, in)."""
+    for name, src in layers.items():
+        dst = peft_model.base_model.model.get_submodule(name)
+        M = core_matrix(src.G, pref.to(src.G.device))
+        dst.lora_B["default"].weight.copy_(src.U.float() @ M.float())
+        dst.lora_A["default"].weight.copy_(src.V.t())
+
+
 def export_peft(model: nn.Module, prefs: Union[Mapping[str, PrefLike], Sequence[PrefLike]], out_dir: PathLike, *,
                 overwrite: bool = False, task_names: Optional[Sequence[str]] = None) -> Path:
     """The base merge and one PEFT LoRA adapter per preference, in one tree::
@@ -175,14 +197,7 @@ def export_peft(model: nn.Module, prefs: Union[Mapping[str, PrefLike], Sequence[
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"model must be a Hugging Face PreTrainedModel (with save_pretrained), got "
                         f"{type(model).__name__}")
-    named = dict(prefs) if isinstance(prefs, Mapping) else {f"pref_{i}": p for i, p in enumerate(prefs)}
-    if not named:
-        raise ValueError("prefs must hold at least one preference")
-    for n in named:  # each name is a directory: one path component, nothing the filesystem refuses
-        if not isinstance(n, str) or not n or n.startswith(".") or any(c in n for c in "/\\\0"):
-            raise ValueError(f"prefs: adapter name {n!r} must be a non-empty string without '/', '\\', a NUL "
-                             f"byte or a leading '.'")
-    checked = {n: single_preference(p, name=f"prefs[{n!r}]") for n, p in named.items()}
+    checked = _named_preferences(prefs)
     names, layers, fan_in_fan_out = _lora_targets(model)
     K = layers[names[0]].G.shape[-1]
     for n, p in checked.items():
@@ -203,13 +218,7 @@ def export_peft(model: nn.Module, prefs: Union[Mapping[str, PrefLike], Sequence[
                          base_model_name_or_path=base_path)
         peft_model = get_peft_model(base, cfg)
         for adapter, p in checked.items():
-            with torch.no_grad():
-                for name in names:
-                    src = layers[name]
-                    dst = peft_model.base_model.model.get_submodule(name)
-                    M = core_matrix(src.G, p.to(src.G.device))
-                    dst.lora_B["default"].weight.copy_(src.U.float() @ M.float())
-                    dst.lora_A["default"].weight.copy_(src.V.t())
+            _set_lora_weights(peft_model, layers, p)
             peft_model.save_pretrained(tmp / "adapters" / adapter)
         (tmp / "preferences.json").write_text(json.dumps(
             {"task_names": list(task_names) if task_names is not None else None,

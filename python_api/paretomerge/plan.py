@@ -111,6 +111,26 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """What the state dict holds: parameters (tied ones once) and persistent buffers."""
+    tensors = {id(p): p for p in model.parameters()}
+    for m in model.modules():
+        tensors.update({id(b): b for n, b in m._buffers.items()
+                        if b is not None and n not in m._non_persistent_buffers_set})
+    return list(tensors.values())
+
+
+def _check_ranks_fit(trainer: TrainerConfig, largest: int, K: int) -> None:
+    """A rank whose U (out, r) or G (r, r, K) cannot exist (more bytes than a tensor's size can count) is a
+    config error, not the storage overflow building it on the meta device would raise."""
+    from .config import ConfigError
+
+    for name, r in (("trainer.rank", trainer.rank), ("trainer.rank_mlp", trainer.rank_mlp)):
+        if r is not None and max(largest * r, r * r * K) * 8 >= 2**63:
+            raise ConfigError(name, f"{r} is too large: a Pareto layer's U (out, r) or G (r, r, K) would hold "
+                                    f"more elements than a tensor can (largest dimension {largest}, K = {K})")
+
+
 def memory_plan(model: nn.Module, K: int, trainer: Optional[TrainerConfig] = None, *,
                 lowrank_R: Optional[int] = None, adapter_bytes: Optional[int] = None,
                 base_bytes: Optional[int] = None) -> MemoryPlan:
@@ -129,21 +149,9 @@ def memory_plan(model: nn.Module, K: int, trainer: Optional[TrainerConfig] = Non
     if lowrank_R is not None and (not isinstance(lowrank_R, int) or lowrank_R < 1):
         raise ValueError(f"lowrank_R must be an int >= 1, got {lowrank_R!r}")
     trainer = trainer or TrainerConfig()
-    # what the state dict holds: parameters (tied ones once) and persistent buffers
-    tensors = {id(p): p for p in model.parameters()}
-    for m in model.modules():
-        tensors.update({id(b): b for n, b in m._buffers.items()
-                        if b is not None and n not in m._non_persistent_buffers_set})
-    model_bytes = sum(_nbytes(t) for t in tensors.values())
-    # a rank whose U (out, r) or G (r, r, K) cannot exist (more bytes than a tensor's size can count) is a
-    # config error, not the storage overflow building it on the meta device would raise
-    largest = max((max(t.shape) for t in tensors.values() if t.dim()), default=1)
-    for name, r in (("trainer.rank", trainer.rank), ("trainer.rank_mlp", trainer.rank_mlp)):
-        if r is not None and max(largest * r, r * r * K) * 8 >= 2**63:
-            from .config import ConfigError
-
-            raise ConfigError(name, f"{r} is too large: a Pareto layer's U (out, r) or G (r, r, K) would hold "
-                                    f"more elements than a tensor can (largest dimension {largest}, K = {K})")
+    tensors = _state_tensors(model)
+    model_bytes = sum(_nbytes(t) for t in tensors)
+    _check_ranks_fit(trainer, max((max(t.shape) for t in tensors if t.dim()), default=1), K)
     convert_for_config(model, K, trainer)
     slots = factored_weights(model)
     pareto = sum(_nbytes(U) + _nbytes(G) + _nbytes(V) for _, U, G, V, _ in slots)
@@ -173,37 +181,35 @@ def _hf_weight_files(d: Path) -> list[Path]:
 def plan_for_config(cfg, lowrank_R: Optional[int] = None) -> MemoryPlan:
     """The memory plan of a ``paretomerge merge`` config (a validated MergeConfig), nothing allocated.
 
-    The architecture comes from the pretrained directory's config.json (formats hf, peft) or from
-    ``pool.architecture`` built on the meta device (format files); the base bytes from the safetensors headers
-    when there are any. Low-rank deltas: at ``lowrank_R`` if given, else ``pool.compress.rank``; for a peft
-    pool, the adapters' file bytes.
+    The pool's format (``pools.formats.POOL_LOADERS``) says where the architecture is: the pretrained
+    directory's config.json (formats hf, peft; compressed without ``pool.architecture``) or ``pool.architecture``
+    built on the meta device (files, compressed); the base bytes come from the safetensors headers when there
+    are any. Low-rank deltas: the factored files' bytes (peft adapters, a compressed file), else at
+    ``lowrank_R`` if given, else ``pool.compress.rank``.
     """
     from .config import ConfigError
     from .pools.architectures import build_architecture, hf_model_class
+    from .pools.formats import POOL_LOADERS
 
     p = cfg.pool
-    K = len(p.finetuned)
+    fmt = POOL_LOADERS[p.format]
+    if not fmt.plannable:
+        raise ConfigError("pool.format", f"the memory plan cannot read format {p.format!r} (open_clip pickles "
+                                         "cannot be inspected without unpickling them)")
     pre = cfg.path(p.pretrained)
-    base_bytes = adapter_bytes = None
-    if p.format in ("hf", "peft"):
-        if not (pre / "config.json").is_file():
-            raise ConfigError("pool.pretrained", f"{str(pre)!r} is not a local Hugging Face model directory")
-        model = meta_model(pre, hf_model_class(pre, p.auto_class))  # the class merge builds
-        files = _hf_weight_files(pre)
+    base_bytes = None
+    hf = fmt.hf_dir(cfg)
+    if hf is not None:
+        model = meta_model(hf, hf_model_class(hf, p.auto_class))  # the class merge builds
+        files = _hf_weight_files(hf)
         base_bytes = safetensors_bytes(files) if files else None
-        if p.format == "peft":
-            adapter_files = [cfg.path(d) / "adapter_model.safetensors" for d in p.finetuned.values()]
-            missing = [str(f) for f in adapter_files if not f.is_file()]
-            if missing:
-                raise ConfigError("pool.finetuned", f"no such adapter file: {missing[0]!r}")
-            adapter_bytes = safetensors_bytes(adapter_files)
-    elif p.format == "files":
+    else:
         with torch.device("meta"):
             model = build_architecture(p.architecture.model_dump())
         if pre.is_file() and pre.suffix == ".safetensors":
             base_bytes = safetensors_bytes(pre)
-    else:
-        raise ConfigError("pool.format", "the memory plan reads formats files, hf and peft (open_clip pickles "
-                                         "cannot be inspected without unpickling them)")
+    factored = fmt.factored_files(cfg)
+    adapter_bytes = safetensors_bytes(factored) if factored else None
     R = lowrank_R if lowrank_R is not None else (p.compress.rank if p.compress is not None else None)
-    return memory_plan(model, K, cfg.trainer, lowrank_R=R, adapter_bytes=adapter_bytes, base_bytes=base_bytes)
+    return memory_plan(model, len(p.finetuned), cfg.trainer, lowrank_R=R, adapter_bytes=adapter_bytes,
+                       base_bytes=base_bytes)

@@ -19,25 +19,20 @@ from .evaluation import Report, evaluate_tasks, preference_set
 from .io import OutputLockedError, check_export_target, load_state_dict, remove_stale_temp_files, save_model
 from .layers import export
 from .layers.convert import QKV_PRESETS
-from .methods import merge
+from .methods import merge_base
 from .methods.pareto_merging import ParetoMergingTrainer, RunMismatchError, load_checkpoint, reconvert
 from .pools import ModelPool
 from .pools.architectures import build_architecture, hf_model_class
-from .pools.sources import load_hf_model
+from .pools.formats import POOL_LOADERS, need_file
 
-__all__ = ["OutputLockedError", "base_merge", "evaluate_checkpoint", "export_checkpoint", "export_checkpoint_dir",
-           "generate_from_checkpoint", "lm_from_checkpoint", "load_pool", "load_tensors", "model_from_checkpoint",
-           "output_lock", "run_identity", "run_merge"]
+__all__ = ["OutputLockedError", "base_merge", "checkpoint_architecture", "evaluate_checkpoint", "export_checkpoint",
+           "export_checkpoint_dir", "generate_from_checkpoint", "lm_from_checkpoint", "load_pool", "load_tensors",
+           "model_from_checkpoint", "output_lock", "run_identity", "run_merge"]
 
 
 def base_merge(cfg: MergeConfig, pool: ModelPool) -> nn.Module:
     """The base merge ``cfg.base`` names (λ and k from the config where given, else each method's default)."""
-    b = cfg.base
-    options = {} if b.lam is None or b.method == "pretrained" else {"lam": b.lam}
-    if b.method == "ties":
-        options["k"] = b.k
-        options["scope"] = b.scope
-    return merge(b.method, pool, **options)
+    return merge_base(cfg.base, pool)
 
 
 def logits_fn_of(pool: ModelPool):
@@ -51,45 +46,16 @@ def logits_fn_of(pool: ModelPool):
     return logits_fn
 
 
-def _need_file(cfg: MergeConfig, p: str, fieldname: str) -> Path:
-    q = cfg.path(p)
-    if not q.exists():
-        raise ConfigError(fieldname, f"no such file or directory: {str(q)!r}")
-    return q
-
-
-def _head_from_state(sd: Mapping[str, torch.Tensor]) -> nn.Module:
-    w = sd["weight"]
-    head = nn.Linear(w.shape[1], w.shape[0], bias="bias" in sd)
-    head.load_state_dict(dict(sd))
-    return head
-
-
 def load_pool(cfg: MergeConfig):
-    """The ``ModelPool`` the config describes (files are checked, naming the field)."""
+    """The ``ModelPool`` the config describes, loaded by its format's loader (``pools.formats.POOL_LOADERS``);
+    every file is checked first, naming its field."""
     p = cfg.pool
-    pre = _need_file(cfg, p.pretrained, "pool.pretrained")
-    fts = {t: _need_file(cfg, f, f"pool.finetuned.{t}") for t, f in p.finetuned.items()}
-    heads_paths = {t: _need_file(cfg, f, f"pool.heads.{t}") for t, f in (p.heads or {}).items()}
-    if p.format == "files":
-        model = build_architecture(p.architecture)
-        model.load_state_dict(load_state_dict(pre))
-        heads = {t: _head_from_state(load_state_dict(f)) for t, f in heads_paths.items()} or None
-        return _compressed(cfg, ModelPool.from_state_dict_files(model, fts, heads=heads))
-    if p.format == "open_clip":
-        return _compressed(cfg, ModelPool.from_open_clip_checkpoints(pre, fts, heads_paths or None, trusted=p.trusted))
-    heads = {t: _head_from_state(load_state_dict(f)) for t, f in heads_paths.items()} or None
-    if not (pre / "config.json").is_file():
-        raise ConfigError("pool.pretrained", f"{str(pre)!r} is not a local Hugging Face model directory")
-    auto = hf_model_class(pre, p.auto_class)
-    if p.format == "peft":
-        model = load_hf_model(auto, pre)
-        pool = ModelPool.from_peft_adapters(model, fts)
-    else:
-        pool = ModelPool.from_hf_dirs(pre, fts, auto_class=auto)
-    if heads:
-        pool.heads = heads
-    return _compressed(cfg, pool)
+    need_file(cfg, p.pretrained, "pool.pretrained")
+    for t, f in p.finetuned.items():
+        need_file(cfg, f, f"pool.finetuned.{t}")
+    for t, f in (p.heads or {}).items():
+        need_file(cfg, f, f"pool.heads.{t}")
+    return _compressed(cfg, POOL_LOADERS[p.format].load(cfg))
 
 
 def _compressed(cfg: MergeConfig, pool: ModelPool) -> ModelPool:
@@ -110,7 +76,7 @@ def load_tensors(cfg: MergeConfig, mapping: Mapping[str, str], fieldname: str, k
     """{task: {key: tensor}} from safetensors/torch files holding the named tensors."""
     out = {}
     for t, f in mapping.items():
-        sd = load_state_dict(_need_file(cfg, f, f"{fieldname}.{t}"))
+        sd = load_state_dict(need_file(cfg, f, f"{fieldname}.{t}"))
         for k in keys:
             if k not in sd:
                 raise ConfigError(f"{fieldname}.{t}", f"file has no tensor {k!r} (has {sorted(sd)})")
@@ -154,7 +120,7 @@ def run_identity(cfg: MergeConfig) -> dict:
              **{f"pool.heads.{t}": f for t, f in (p.heads or {}).items()},
              **{f"unlabeled.{t}": f for t, f in ((cfg.unlabeled or {}) if cfg.mode == "unlabeled" else {}).items()}}
     return {"base": cfg.base.model_dump(), "pool_format": p.format,
-            "files": {k: _file_identity(_need_file(cfg, f, k)) for k, f in files.items()}}
+            "files": {k: _file_identity(need_file(cfg, f, k)) for k, f in files.items()}}
 
 
 def _prepare_output(out: Path, fresh: bool) -> None:
@@ -195,6 +161,17 @@ def run_merge(cfg, fresh: bool = False, dist: Optional[DistContext] = None) -> P
         return _run_merge_locked(cfg, out, dist)
 
 
+def checkpoint_architecture(cfg: MergeConfig) -> Optional[dict]:
+    """How a checkpoint of this config rebuilds its model: ``pool.architecture``, or the pretrained Hugging Face
+    directory's config.json (formats hf, peft, compressed without architecture)."""
+    hf = POOL_LOADERS[cfg.pool.format].hf_dir(cfg)
+    if hf is None:
+        arch = cfg.pool.architecture
+        return None if arch is None else arch.model_dump()
+    pre = hf.resolve()
+    return {"kind": "hf", "dir": str(pre), "auto_class": hf_model_class(pre, cfg.pool.auto_class).__name__}
+
+
 def _run_merge_locked(cfg, out: Path, dist: Optional[DistContext]) -> Path:
     pool = load_pool(cfg)
     model = base_merge(cfg, pool)
@@ -204,12 +181,7 @@ def _run_merge_locked(cfg, out: Path, dist: Optional[DistContext]) -> Path:
     if cfg.mode == "unlabeled":
         data = load_tensors(cfg, cfg.unlabeled, "unlabeled")
         unlabeled = [data[t]["inputs"] for t in pool.task_names]
-    arch = cfg.pool.architecture
-    arch = None if arch is None else arch.model_dump()
-    if cfg.pool.format == "hf":  # rebuilt from the pretrained directory's config.json
-        pre = cfg.path(cfg.pool.pretrained).resolve()
-        arch = {"kind": "hf", "dir": str(pre), "auto_class": hf_model_class(pre, cfg.pool.auto_class).__name__}
-    meta = {"architecture": arch, "base": cfg.base.method}
+    meta = {"architecture": checkpoint_architecture(cfg), "base": cfg.base.method}
     trainer = ParetoMergingTrainer(model, pool, tcfg, logits_fn=logits_fn_of(pool) if unlabeled else None,
                                    unlabeled=unlabeled, meta=meta, identity=run_identity(cfg), dist=dist)
     resume = out / "checkpoints" / "last.pt"
@@ -241,7 +213,7 @@ def export_checkpoint(ckpt_path, pref: Sequence[float], out_path) -> torch.nn.Mo
     """Bake W(γ) into a plain model of the original architecture and save it (safetensors, atomic)."""
     model, ck = model_from_checkpoint(ckpt_path)
     if len(pref) != int(ck["num_objectives"]):
-        raise ValueError(f"--pref has {len(pref)} entries but the checkpoint has K = {ck['num_objectives']} "
+        raise ValueError(f"pref has {len(pref)} entries but the checkpoint has K = {ck['num_objectives']} "
                          f"tasks {ck['task_names']}")
     plain = export(model, pref)
     save_model(plain, out_path)
@@ -272,7 +244,7 @@ def _check_prefs(prefs: Sequence[Sequence[float]], ck: Mapping) -> None:
     K = int(ck["num_objectives"])
     for p in prefs:
         if len(p) != K:
-            raise ValueError(f"--pref has {len(p)} entries but the checkpoint has K = {K} tasks {ck['task_names']}")
+            raise ValueError(f"prefs: one has {len(p)} entries but the checkpoint has K = {K} tasks {ck['task_names']}")
 
 
 def export_checkpoint_dir(ckpt_path, prefs: Sequence[Sequence[float]], out_dir, fmt: str,
@@ -282,13 +254,13 @@ def export_checkpoint_dir(ckpt_path, prefs: Sequence[Sequence[float]], out_dir, 
     from .llm import export_hf, export_peft
 
     if fmt not in ("hf", "peft"):
-        raise ValueError(f"--format must be 'hf', 'peft' or 'safetensors', got {fmt!r}")
-    check_export_target(out_dir, overwrite, "--out")  # before loading anything
+        raise ValueError(f"fmt must be 'hf' or 'peft', got {fmt!r}")
+    check_export_target(out_dir, overwrite, "out_dir")  # before loading anything
     model, ck = model_from_checkpoint(ckpt_path)
     _check_prefs(prefs, ck)
     if fmt == "hf":
         if len(prefs) != 1:
-            raise ValueError(f"--format hf writes one model: give one --pref, got {len(prefs)}")
+            raise ValueError(f"fmt hf writes one model: give one preference, got {len(prefs)}")
         return export_hf(model, prefs[0], out_dir, overwrite=overwrite)
     return export_peft(model, list(prefs), out_dir, overwrite=overwrite, task_names=ck["task_names"])
 
@@ -304,8 +276,8 @@ def lm_from_checkpoint(ckpt_path, tokenizer_dir=None) -> tuple[torch.nn.Module, 
     model, ck = model_from_checkpoint(ckpt_path)
     tok_dir = tokenizer_dir or ((ck.get("meta") or {}).get("architecture") or {}).get("dir")
     if tok_dir is None:
-        raise ValueError("--tokenizer is required: the checkpoint names no Hugging Face directory")
-    tok = AutoTokenizer.from_pretrained(str(check_hf_dir(tok_dir, "--tokenizer")), local_files_only=True)
+        raise ValueError("tokenizer_dir is required: the checkpoint names no Hugging Face directory")
+    tok = AutoTokenizer.from_pretrained(str(check_hf_dir(tok_dir, "tokenizer_dir")), local_files_only=True)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -324,9 +296,9 @@ def generate_from_checkpoint(ckpt_path, prompts: Sequence[str], prefs: Sequence[
     from .llm import generate
 
     if not prompts:
-        raise ValueError("no prompts given (--prompts FILE, or lines on stdin)")
+        raise ValueError("prompts: none given")
     if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     model, tok, ck = lm_from_checkpoint(ckpt_path, tokenizer_dir)
     _check_prefs(prefs, ck)
     rows = [(t, list(p)) for t in prompts for p in prefs]

@@ -87,7 +87,7 @@ class ServedModel:
         try:
             device = torch.device(device)
         except RuntimeError:
-            raise ValueError(f"--device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
         model, tok, ck = lm_from_checkpoint(ckpt_path, tokenizer_dir)
         return cls(model.to(device), tok, int(ck["num_objectives"]), name=Path(ckpt_path).stem,
                    task_names=list(ck.get("task_names") or []) or None)
@@ -396,7 +396,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise OSError(f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e})") from None
+        raise OSError(f"host/port: cannot listen on {host}:{port} ({e.strerror or e})") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -408,9 +408,9 @@ def run_server(served: ServedModel, *, host: str = "127.0.0.1", port: int = 8000
     import uvicorn
 
     if max_batch < 1:
-        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     if not (math.isfinite(batch_wait_ms) and batch_wait_ms >= 0):
-        raise ValueError(f"--batch-wait-ms must be >= 0, got {batch_wait_ms}")
+        raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
     sock = bind_socket(host, port)
     app = create_app(served, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000.0)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=None))

@@ -39,7 +39,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from ..config import BaseConfig, TrainerConfig, plain_data
 from ..layers import export, set_preference, single_preference
-from ..methods import merge
+from ..methods import merge_base
 from ..methods.pareto_merging import ParetoMergingTrainer
 from ..pools import ModelPool
 from ..pools.sources import LoaderSource, ModuleSource, Source, hf_safetensors_source, hub_kernels_off
@@ -215,11 +215,7 @@ class ParetoMergingAlgorithm(BaseAlgorithm):
         self.history: list[dict] = []
 
     def base_merge(self, pool: ModelPool) -> nn.Module:
-        b = self._base
-        options = {} if b.lam is None or b.method == "pretrained" else {"lam": b.lam}
-        if b.method == "ties":
-            options.update(k=b.k, scope=b.scope)
-        return merge(b.method, pool, **options)
+        return merge_base(self._base, pool)
 
     def run(self, modelpool) -> nn.Module:
         pool = pool_from_fusion_bench(modelpool)

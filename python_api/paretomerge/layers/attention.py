@@ -63,6 +63,8 @@ class ParetoMultiheadAttention(nn.Module):
 
     @property
     def impl(self) -> str:
+        """The ``pmkernels.pareto_linear`` impl (a property, unlike the other Pareto layers' attribute ``impl``,
+        because setting it also sets the adapted ``out_proj``'s)."""
         return self._impl
 
     @impl.setter

@@ -73,6 +73,38 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _convertible(mod: nn.Module, explicit_include: bool) -> bool:
+    """A layer type ``convert`` swaps: nn.Linear, nn.MultiheadAttention, GPT-2's Conv1D, and pointwise convs
+    when an explicit include asks (opt-in)."""
+    return (isinstance(mod, (nn.Linear, nn.MultiheadAttention)) or is_conv1d(mod)
+            or (explicit_include and is_pointwise_conv(mod)))
+
+
+def _layers_to_convert(model: nn.Module, inc: Optional[tuple[str, ...]], exc: Optional[tuple[str, ...]]
+                       ) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the layers ``convert`` swaps, outermost first: convertible, matched by ``inc`` (None:
+    every one) and not by ``exc``, weight not tied, and not inside a Pareto layer or a converted attention."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    chosen: list[tuple[str, nn.Module]] = []
+    skip_prefixes: list[str] = []
+    for name, mod in model.named_modules():
+        if not name or any(name.startswith(p) for p in skip_prefixes):
+            continue
+        if isinstance(mod, PARETO_TYPES):
+            skip_prefixes.append(name + ".")
+            continue
+        if not _convertible(mod, inc is not None):
+            continue
+        if (inc is not None and not _matches(name, inc)) or _matches(name, exc):
+            continue
+        if isinstance(getattr(mod, "weight", None), nn.Parameter) and uses[id(mod.weight)] > 1:
+            continue  # tied weight: a low-rank update would untie it
+        if isinstance(mod, nn.MultiheadAttention):
+            skip_prefixes.append(name + ".")  # converted whole, out_proj included
+        chosen.append((name, mod))
+    return chosen
+
+
 def convert(
     model: nn.Module,
     num_objectives: int,
@@ -108,26 +140,11 @@ def convert(
     if qkv:
         exc = (exc or ()) + ATTENTION_OUT
     converted: list[str] = []
-    skip_prefixes: list[str] = []
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    for name, mod in list(model.named_modules()):
-        if not name or any(name.startswith(p) for p in skip_prefixes):
-            continue
-        if isinstance(mod, PARETO_TYPES):
-            skip_prefixes.append(name + ".")
-            continue
-        pointwise = inc is not None and is_pointwise_conv(mod)  # opt-in: only an explicit include converts convs
-        if not (pointwise or isinstance(mod, (nn.Linear, nn.MultiheadAttention)) or is_conv1d(mod)):
-            continue
-        if (inc is not None and not _matches(name, inc)) or _matches(name, exc):
-            continue
-        if isinstance(getattr(mod, "weight", None), nn.Parameter) and uses[id(mod.weight)] > 1:
-            continue  # tied weight: a low-rank update would untie it
+    for name, mod in _layers_to_convert(model, inc, exc):
         if isinstance(mod, nn.MultiheadAttention):
             new: nn.Module = ParetoMultiheadAttention.from_mha(mod, num_objectives, rank, impl=impl,
                                                               adapt_out_proj=attention_out_proj)
-            skip_prefixes.append(name + ".")
-        elif pointwise:
+        elif isinstance(mod, nn.Conv2d):
             new = ParetoConv1x1.from_conv(mod, num_objectives, rank, impl=impl)
         else:
             bd = _infer_batch_dim(model, name) if batch_dim is None else batch_dim

@@ -40,6 +40,15 @@ MERGE_METHODS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def merge_base(base, pool: ModelPool) -> nn.Module:
+    """The base merge a ``config.BaseConfig`` names (λ, and TIES' k and scope, where given; else each method's
+    defaults): what ``paretomerge merge`` and the FusionBench algorithm start Pareto Merging from."""
+    options = {} if base.lam is None or base.method == "pretrained" else {"lam": base.lam}
+    if base.method == "ties":
+        options.update(k=base.k, scope=base.scope)
+    return merge(base.method, pool, **options)
+
+
 def merge(method: str, pool: ModelPool, **options: Any) -> nn.Module:
     """Run the merge method named ``method`` on ``pool`` (a new module); ``options`` are its keyword arguments."""
     if method not in MERGE_METHODS:
@@ -47,6 +56,6 @@ def merge(method: str, pool: ModelPool, **options: Any) -> nn.Module:
     return MERGE_METHODS[method](pool, **options)
 
 
-__all__ = ["LayerwiseMerge", "MERGE_METHODS", "adamerging", "entropy", "merge", "pretrained", "task_arithmetic",
+__all__ = ["LayerwiseMerge", "MERGE_METHODS", "adamerging", "entropy", "merge", "merge_base", "pretrained", "task_arithmetic",
            "ties_merging", "MAP", "TaskVectors", "adamerging_preference", "map_merge", "ta_preference",
            "weighted_merge"]

@@ -53,10 +53,10 @@ import torch.nn as nn
 import pmkernels
 from pmkernels import check_pref_values
 
+from ...config import SCALARIZATIONS  # the one list of choices
 from ...layers import factored_weights, transposed_keys, use_preference
 from ..losses import masked_entropy, mean_prediction, mean_prediction_gap, per_sample_entropy
 
-SCALARIZATIONS = ("stch", "tch", "linear")
 
 
 # ----------------------------------------------------------------------------- scalarisation

@@ -189,3 +189,8 @@ def test_merge_program_on_a_peft_pool_config(adapter_pool, tmp_path):
     assert set(pool.factored_keys()) >= {k for k in pool.task_factors("a")}
     ckpt = run_merge(config)
     assert ckpt.is_file() and (tmp_path / "tv.safetensors").is_file()
+    # the checkpoint records the pretrained directory's architecture, as for format hf (export, generate)
+    from paretomerge.methods.pareto_merging import load_checkpoint
+
+    arch = load_checkpoint(ckpt)["meta"]["architecture"]
+    assert arch == {"kind": "hf", "dir": str((tmp_path / "base").resolve()), "auto_class": "AutoModelForCausalLM"}

@@ -1,5 +1,4 @@
-"""The parts of the integrations that need no third-party merging library: causal-LM HF pools, TIES
-scope, the Pareto factors file."""
+"""The Pareto factors file (integrations/factors.py) that paretomerge-mergekit reads: round trip and errors."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +9,6 @@ import torch
 import paretomerge as pm
 from helpers import Tiny
 from paretomerge.integrations.factors import ParetoFactors, save_factors, weight_stats
-from paretomerge.methods.ties import ties_tensor
 
 
 def _tiny_pool(K=3):
@@ -24,37 +22,6 @@ def _tiny_pool(K=3):
                 p.add_(0.05 * torch.randn_like(p))
         fts[f"t{i}"] = m
     return pm.ModelPool.from_modules(pre, fts)
-
-
-def test_from_hf_dirs_builds_the_saved_architecture_and_reads_lazily(tmp_path, no_network):
-    transformers = pytest.importorskip("transformers")
-    from paretomerge.pools.sources import SafetensorsSource
-    from tiny_llama import make_tiny_llama_dirs
-
-    d = make_tiny_llama_dirs(tmp_path, tasks=("a",))
-    pool = pm.ModelPool.from_hf_dirs(d["pretrained"], {"a": d["a"]})
-    # config.json says LlamaForCausalLM: the head is kept and the keys match the (sharded) files
-    assert isinstance(pool.pretrained, transformers.LlamaForCausalLM)
-    assert isinstance(pool._sources[0], SafetensorsSource) and len(pool._sources[0].paths) > 1
-    assert "lm_head.weight" in pool.task_vector("a")
-    bare = pm.ModelPool.from_hf_dirs(d["pretrained"], {"a": d["a"]}, auto_class=transformers.AutoModel)
-    assert isinstance(bare.pretrained, transformers.LlamaModel)  # an explicit class still wins
-
-
-def test_ties_scope_tensor_is_ties_per_tensor():
-    pool = _tiny_pool()
-    merged = pm.ties_merging(pool, k=0.3, lam=0.9, scope="tensor").state_dict()
-    base = pool.pretrained_state()
-    tvs = [pool.task_vector(k) for k in range(len(pool))]
-    for n in tvs[0]:
-        want = base[n] + ties_tensor([tv[n] for tv in tvs], k=0.3, lam=0.9)
-        assert torch.equal(merged[n], want), n
-    model_scope = pm.ties_merging(pool, k=0.3, lam=0.9).state_dict()  # default: one threshold per model
-    assert any(not torch.equal(merged[n], model_scope[n]) for n in merged)
-    with pytest.raises(ValueError, match="scope must be one of"):
-        pm.ties_merging(pool, scope="layer")
-    with pytest.raises(ValueError, match="task_vectors is empty"):
-        ties_tensor([])
 
 
 def test_factors_file_round_trip(tmp_path):

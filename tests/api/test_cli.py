@@ -15,7 +15,7 @@ from paretomerge.pools.architectures import build_architecture
 from helpers import ARCH, good_config as _good, mutate as _mutate
 from paretomerge.methods.pareto_merging import ParetoMergingTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests/api/ -> the repository
 
 
 def test_shipped_configs_validate():

@@ -1,13 +1,19 @@
-"""Base merges on tiny hand-computed models: task arithmetic, TIES, AdaMerging, entropy."""
+"""Base merges: task arithmetic, TIES and AdaMerging on tiny hand-computed models, against their reference
+implementations (PEFT's magnitude prune, AdaMerging's clamp), TIES' per-tensor scope; entropy."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
+import paretomerge as pm
+from helpers import Tiny as HelpersTiny, good_config as _good
+from paretomerge.config import from_dict
 from paretomerge.methods import adamerging, entropy, task_arithmetic, ties_merging
+from paretomerge.methods.ties import _trim_threshold, ties_tensor
 from paretomerge.pools import ModelPool
 
 D = torch.float64
@@ -255,3 +261,98 @@ def test_adamerging_float_buffers_merged_with_init_lam():
     torch.testing.assert_close(m[1].running_mean, ta[1].running_mean)
     torch.testing.assert_close(m[1].running_var, ta[1].running_var)
     assert m.training == pre.training
+
+
+# ----------------------------------------------------------------------------- against the reference algorithms
+class _Lin(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(w)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _lin_pool(K=3, shape=(6, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pre = _Lin(torch.randn(*shape, generator=g))
+    fts = {f"t{k}": _Lin(pre.lin.weight.detach() + torch.randn(*shape, generator=g)) for k in range(K)}
+    return ModelPool.from_modules(pre, fts)
+
+
+def test_ties_keeps_what_peft_magnitude_prune_keeps():
+    # PEFT's magnitude_prune keeps int(density * numel) entries: 28 of 100 at density 0.29
+    t = torch.arange(1, 101, dtype=torch.float32)
+    th = _trim_threshold([t], 0.29)
+    assert int((t.abs() >= th).sum()) == 28 == int(0.29 * 100)
+    peft_utils = pytest.importorskip("peft.utils.merge_utils")
+    tv = torch.randn(10, 10, generator=torch.Generator().manual_seed(1))
+    ours = torch.where(tv.abs() >= _trim_threshold([tv], 0.29), tv, torch.zeros_like(tv))
+    assert torch.equal(ours, peft_utils.magnitude_based_pruning(tv, 0.29))
+    pool = _lin_pool()
+    assert isinstance(ties_merging(pool, k=0.001), nn.Module)  # keeps nothing: the pretrained model
+
+
+def test_task_arithmetic_accepts_one_lambda_per_task():
+    pool = _lin_pool()
+    lam = [0.5, 0.25, 0.25]
+    m = task_arithmetic(pool, lam=lam)
+    want = pool.pretrained.lin.weight + sum(l * pool.task_vector(k)["lin.weight"] for k, l in enumerate(lam))
+    assert torch.allclose(m.lin.weight, want, atol=1e-6)
+    assert torch.allclose(task_arithmetic(pool, lam=[0.3] * 3).lin.weight, task_arithmetic(pool, lam=0.3).lin.weight,
+                          atol=1e-6)
+    with pytest.raises(TypeError, match="K = 3"):
+        task_arithmetic(pool, lam=[0.5, 0.5])
+    cfg = _good()
+    cfg["base"]["lam"] = [0.5, 0.5]
+    assert from_dict(cfg).base.lam == [0.5, 0.5]
+
+
+def test_adamerging_clamps_in_the_merge_and_keeps_raw_lambda():
+    """As the reference implementation: the merge uses clamp(λ_raw, 0, 1); λ_raw itself is not clipped,
+    so a coefficient pushed past 1 stays past it (no gradient there) instead of being reset to 1."""
+    pool = _lin_pool(K=2, shape=(3, 4))
+    x = [[torch.randn(8, 4, generator=torch.Generator().manual_seed(i))] for i in range(2)]
+    logits_fn = lambda model, k, b: model(b) * 50.0  # noqa: E731  sharp logits: large entropy gradients
+    m, coef = adamerging(pool, logits_fn, x, steps=40, lr=0.2, init_lam=0.9, return_coefficients=True)
+    assert float(coef.min()) >= 0.0 and float(coef.max()) <= 1.0
+    from paretomerge.methods import LayerwiseMerge
+
+    merge = LayerwiseMerge.from_pool(pool, ["lin.weight"])
+    raw = torch.tensor([[1.7, -0.4]])
+    assert torch.equal(merge.coefficients(raw), torch.tensor([[1.0, 0.0]]))
+    assert torch.allclose(merge.merged(raw)["lin.weight"],
+                          pool.pretrained.lin.weight + pool.task_vector(0)["lin.weight"])
+    # same model as merging with the returned (clamped) coefficients
+    assert torch.allclose(m.lin.weight, merge.merged(coef)["lin.weight"])
+
+
+def _tiny_pool(K=3):
+    torch.manual_seed(0)
+    pre = HelpersTiny()
+    fts = {}
+    for i in range(K):
+        m = copy.deepcopy(pre)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        fts[f"t{i}"] = m
+    return pm.ModelPool.from_modules(pre, fts)
+
+
+def test_ties_scope_tensor_is_ties_per_tensor():
+    pool = _tiny_pool()
+    merged = pm.ties_merging(pool, k=0.3, lam=0.9, scope="tensor").state_dict()
+    base = pool.pretrained_state()
+    tvs = [pool.task_vector(k) for k in range(len(pool))]
+    for n in tvs[0]:
+        want = base[n] + ties_tensor([tv[n] for tv in tvs], k=0.3, lam=0.9)
+        assert torch.equal(merged[n], want), n
+    model_scope = pm.ties_merging(pool, k=0.3, lam=0.9).state_dict()  # default: one threshold per model
+    assert any(not torch.equal(merged[n], model_scope[n]) for n in merged)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        pm.ties_merging(pool, scope="layer")
+    with pytest.raises(ValueError, match="task_vectors is empty"):
+        ties_tensor([])

@@ -21,7 +21,7 @@ from paretomerge.io import EXPORT_MARKER, OutputLockedError, atomic_directory, a
 
 from _pool_files import write_config, write_pool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests/api/ -> the repository
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python_api"),
                                                    os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
 
