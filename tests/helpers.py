@@ -40,6 +40,22 @@ class Tiny(nn.Module):
         return h + self.mlp(h)
 
 
+def tiny_pool(K: int = 3, noise: float = 0.05):
+    """A ModelPool of a seeded ``Tiny`` and K copies with Gaussian noise (std ``noise``) on every weight."""
+    import paretomerge as pm
+
+    torch.manual_seed(0)
+    pre = Tiny()
+    fts = {}
+    for i in range(K):
+        m = copy.deepcopy(pre)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(noise * torch.randn_like(p))
+        fts[f"t{i}"] = m
+    return pm.ModelPool.from_modules(pre, fts)
+
+
 def random_pref(K: int, B: int | None = None, generator=None) -> torch.Tensor:
     """Random point(s) of the simplex, strictly inside it."""
     shape = (K,) if B is None else (B, K)

@@ -2,7 +2,6 @@
 implementations (PEFT's magnitude prune, AdaMerging's clamp), TIES' per-tensor scope; entropy."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import paretomerge as pm
-from helpers import Tiny as HelpersTiny, good_config as _good
+from helpers import good_config as _good, tiny_pool
 from paretomerge.config import from_dict
 from paretomerge.methods import adamerging, entropy, task_arithmetic, ties_merging
 from paretomerge.methods.ties import _trim_threshold, ties_tensor
@@ -329,21 +328,10 @@ def test_adamerging_clamps_in_the_merge_and_keeps_raw_lambda():
     assert torch.allclose(m.lin.weight, merge.merged(coef)["lin.weight"])
 
 
-def _tiny_pool(K=3):
-    torch.manual_seed(0)
-    pre = HelpersTiny()
-    fts = {}
-    for i in range(K):
-        m = copy.deepcopy(pre)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        fts[f"t{i}"] = m
-    return pm.ModelPool.from_modules(pre, fts)
 
 
 def test_ties_scope_tensor_is_ties_per_tensor():
-    pool = _tiny_pool()
+    pool = tiny_pool()
     merged = pm.ties_merging(pool, k=0.3, lam=0.9, scope="tensor").state_dict()
     base = pool.pretrained_state()
     tvs = [pool.task_vector(k) for k in range(len(pool))]

@@ -1,31 +1,19 @@
 """The Pareto factors file (integrations/factors.py) that paretomerge-mergekit reads: round trip and errors."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 import paretomerge as pm
-from helpers import Tiny
+from helpers import tiny_pool
 from paretomerge.integrations.factors import ParetoFactors, save_factors, weight_stats
 
 
-def _tiny_pool(K=3):
-    torch.manual_seed(0)
-    pre = Tiny()
-    fts = {}
-    for i in range(K):
-        m = copy.deepcopy(pre)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        fts[f"t{i}"] = m
-    return pm.ModelPool.from_modules(pre, fts)
 
 
 def test_factors_file_round_trip(tmp_path):
-    pool = _tiny_pool(2)
+    pool = tiny_pool(2)
     model = pm.task_arithmetic(pool, lam=0.5)
     pm.train_pareto_merging(model, pool, pm.TrainerConfig(rank=2, steps=2, include="attention+mlp",
                                                           progress=False, impl="torch", objective_impl="torch"))
