@@ -223,14 +223,62 @@ def run_demo(out: Optional[str | Path] = None, cfg: Optional[DemoConfig] = None,
         torch.set_num_threads(threads)
 
 
-def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
-    from .config import TrainerConfig
-    from .evaluation import Report, evaluate_tasks
-    from .methods import merge
-    from .methods.pareto_merging import ParetoMergingTrainer
+@dataclass
+class _DemoRun:
+    """What the demo's stages share: the config, the pool and data, the report, and the clocks."""
 
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    cfg: DemoConfig
+    log: Callable
+    outdir: Optional[Path]
+    data: dict
+    pool: object
+    heads: dict
+    tasks: list
+    test: dict                 # task -> (inputs, labels) on the device
+    unlabeled: dict            # task -> inputs on the device
+    report: object
+    timings: dict = dataclasses.field(default_factory=dict)
+    eval_time: dict = dataclasses.field(default_factory=dict)
+    merged: dict = dataclasses.field(default_factory=dict)         # base merges by name
+    pareto_models: dict = dataclasses.field(default_factory=dict)  # trained Pareto models by method name
+    scen: list = dataclasses.field(default_factory=list)           # (scenario, γ) every preference method runs
+
+    def logits_fn(self, model, k, x):
+        return self.heads[self.tasks[k]](model(x))
+
+    def metrics(self, model, pref=None, method=None) -> dict:
+        """Accuracy per task under γ; the evaluation time is charged to ``method`` (the cost table)."""
+        from .evaluation import evaluate_tasks
+
+        t0 = time.perf_counter()
+        out = evaluate_tasks(model, self.heads, self.test, pref)
+        if method is not None:
+            self.eval_time[method] = self.eval_time.get(method, 0.0) + time.perf_counter() - t0
+        return out
+
+    def timed(self, name: str, fn: Callable):
+        t0 = time.perf_counter()
+        r = fn()
+        self.timings[name] = time.perf_counter() - t0
+        self.log(f"{name}: {self.timings[name]:.1f}s")
+        return r
+
+    def batches(self) -> list:
+        """Each task's unlabeled inputs cut into ``pareto_batch`` batches (AdaMerging's input)."""
+        b = self.cfg.pareto_batch
+        return [[self.unlabeled[t][i:i + b] for i in range(0, len(self.unlabeled[t]), b)] for t in self.tasks]
+
+    @property
+    def per_pref_store(self) -> int:
+        """θ0 + K task vectors: what a one-merge-per-γ method keeps."""
+        return (len(self.tasks) + 1) * sum(p.numel() for p in self.pool.pretrained.parameters())
+
+
+def _start(out, cfg: DemoConfig, log: Callable) -> _DemoRun:
+    """Data, the pool of fine-tuned models, held-out and unlabeled inputs, the fine-tuned models' rows."""
+    from .evaluation import Report
+
+    t0 = time.perf_counter()
     outdir = Path(out) if out is not None else None
     if outdir is not None:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -238,63 +286,50 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
     data = load_data(cfg)
     tasks = list(TASKS)
     pool, heads = build_pool(cfg, data, log)
-    timings["pool"] = time.perf_counter() - t_start
     xte, yte = data["test"]
-    test = {t: (task_inputs(t, xte).to(dev), yte.to(dev)) for t in tasks}
     xun = data["train"][0][: cfg.unlabeled_size]
-    unlabeled = {t: task_inputs(t, xun).to(dev) for t in tasks}
-
-    def logits_fn(model, k, x):
-        return heads[tasks[k]](model(x))
-
-    eval_time: dict[str, float] = {}
-
-    def metrics(model, pref=None, method=None):
-        t0 = time.perf_counter()
-        out = evaluate_tasks(model, heads, test, pref)
-        if method is not None:
-            eval_time[method] = eval_time.get(method, 0.0) + time.perf_counter() - t0
-        return out
-
-    report = Report(tasks)
+    run = _DemoRun(cfg, log, outdir, data, pool, heads, tasks,
+                   test={t: (task_inputs(t, xte).to(dev), yte.to(dev)) for t in tasks},
+                   unlabeled={t: task_inputs(t, xun).to(dev) for t in tasks}, report=Report(tasks))
+    run.timings["pool"] = time.perf_counter() - t0
     for t in tasks:
-        report.add(f"finetuned:{t}", None, None, metrics(pool.finetuned_model(t)))
-
-    merged: dict[str, nn.Module] = {}
-
-    def timed(name, fn):
-        t0 = time.perf_counter()
-        r = fn()
-        timings[name] = time.perf_counter() - t0
-        log(f"{name}: {timings[name]:.1f}s")
-        return r
-
-    want = set(cfg.methods)
-    base_needed = {"pareto_merging_datafree", "pareto_merging_unlabeled"} & want
-    if "task_arithmetic" in want or (base_needed and cfg.base == "task_arithmetic"):
-        merged["task_arithmetic"] = timed("task_arithmetic", lambda: merge("task_arithmetic", pool, lam=cfg.ta_lam))
-    if "ties" in want or (base_needed and cfg.base == "ties"):
-        merged["ties"] = timed("ties", lambda: merge("ties", pool))
-    if "adamerging" in want or (base_needed and cfg.base == "adamerging"):
-        batches = [[unlabeled[t][i:i + cfg.pareto_batch] for i in range(0, len(unlabeled[t]), cfg.pareto_batch)]
-                   for t in tasks]
-        merged["adamerging"] = timed("adamerging", lambda: merge(
-            "adamerging", pool, logits_fn=logits_fn, unlabeled=batches, steps=cfg.adamerging_steps, seed=cfg.seed,
-            init_lam=cfg.ta_lam))
-    for name in ("task_arithmetic", "ties", "adamerging"):
-        if name in want:
-            report.add(name, None, None, metrics(merged[name], method=name))
-
-    scen = _scenarios(tasks, cfg.priority)
+        run.report.add(f"finetuned:{t}", None, None, run.metrics(pool.finetuned_model(t)))
+    run.scen = _scenarios(tasks, cfg.priority)
     if cfg.grid_resolution:
         from .evaluation import preference_set
-        scen += preference_set("grid", tasks, resolution=cfg.grid_resolution)
-    pareto_models = {}
+        run.scen += preference_set("grid", tasks, resolution=cfg.grid_resolution)
+    return run
+
+
+def _run_base_merges(run: _DemoRun) -> None:
+    """Task arithmetic, TIES, AdaMerging: those asked for, and the one Pareto Merging builds on."""
+    from .methods import merge
+
+    cfg, want = run.cfg, set(run.cfg.methods)
+    base_needed = {"pareto_merging_datafree", "pareto_merging_unlabeled"} & want
+    build = {"task_arithmetic": lambda: merge("task_arithmetic", run.pool, lam=cfg.ta_lam),
+             "ties": lambda: merge("ties", run.pool),
+             "adamerging": lambda: merge("adamerging", run.pool, logits_fn=run.logits_fn, unlabeled=run.batches(),
+                                         steps=cfg.adamerging_steps, seed=cfg.seed, init_lam=cfg.ta_lam)}
+    for name, fn in build.items():
+        if name in want or (base_needed and cfg.base == name):
+            run.merged[name] = run.timed(name, fn)
+    for name in build:
+        if name in want:
+            run.report.add(name, None, None, run.metrics(run.merged[name], method=name))
+
+
+def _run_pareto(run: _DemoRun) -> None:
+    """Pareto Merging, data-free and unlabeled, on the base merge; evaluated on every scenario."""
+    from .config import TrainerConfig
+    from .methods.pareto_merging import ParetoMergingTrainer
+
+    cfg, tasks = run.cfg, run.tasks
     for mode in ("datafree", "unlabeled"):
         name = f"pareto_merging_{mode}"
-        if name not in want:
+        if name not in cfg.methods:
             continue
-        model = copy.deepcopy(merged[cfg.base])
+        model = copy.deepcopy(run.merged[cfg.base])
         tcfg = TrainerConfig(mode=mode, steps=cfg.pareto_steps, rank=cfg.pareto_rank, include=cfg.pareto_include,
                              lr=cfg.pareto_lr if mode == "datafree" else cfg.pareto_lr_unlabeled,
                              diversity=cfg.pareto_diversity, anchor=cfg.pareto_anchor,
@@ -302,119 +337,137 @@ def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
                              batch_size=cfg.pareto_batch, mu=cfg.pareto_mu, alpha=cfg.pareto_alpha,
                              per_sample=cfg.pareto_per_sample, reg_frobenius=cfg.pareto_reg_frobenius,
                              seed=cfg.seed, progress=cfg.progress,
-                             checkpoint_dir=str(outdir / "checkpoints" / name) if outdir is not None else None)
-        trainer = ParetoMergingTrainer(model, pool, tcfg, logits_fn=logits_fn,
-                                       unlabeled=[unlabeled[t] for t in tasks], task_names=tasks,
+                             checkpoint_dir=str(run.outdir / "checkpoints" / name) if run.outdir is not None else None)
+        trainer = ParetoMergingTrainer(model, run.pool, tcfg, logits_fn=run.logits_fn,
+                                       unlabeled=[run.unlabeled[t] for t in tasks], task_names=tasks,
                                        meta={"architecture": architecture(cfg), "base": cfg.base})
-        if trainer.datafree is not None and "op_warmup" not in timings:
+        if trainer.datafree is not None and "op_warmup" not in run.timings:
             # The data-free op's first call in a process loads (or JIT-builds) its C++ extension; do it
             # outside the timed training so the cost table shows training, not a one-off load (no RNG used).
             t0 = time.perf_counter()
             with torch.no_grad():
-                trainer.datafree(torch.full((len(tasks),), 1.0 / len(tasks), device=dev))
-            timings["op_warmup"] = time.perf_counter() - t0
-        timed(name, trainer.train)
-        pareto_models[name] = model
-        for scenario, pref in scen:
-            report.add(name, scenario, list(pref), metrics(model, torch.tensor(pref), method=name), base=cfg.base)
+                trainer.datafree(torch.full((len(tasks),), 1.0 / len(tasks), device=torch.device(cfg.device)))
+            run.timings["op_warmup"] = time.perf_counter() - t0
+        run.timed(name, trainer.train)
+        run.pareto_models[name] = model
+        for scenario, pref in run.scen:
+            run.report.add(name, scenario, list(pref), run.metrics(model, torch.tensor(pref), method=name),
+                           base=cfg.base)
 
-    # ------------------------------------------------------------ baselines, ablations and the cost table
-    K = len(tasks)
-    model_params = sum(p.numel() for p in pool.pretrained.parameters())
-    per_pref_store = (K + 1) * model_params  # θ0 + K task vectors: what a one-merge-per-γ method keeps
+
+def _add_costs(run: _DemoRun) -> None:
+    """Cost-table rows of the base merges and the Pareto methods."""
+    model_params = sum(p.numel() for p in run.pool.pretrained.parameters())
     for name in ("task_arithmetic", "ties", "adamerging"):
-        if name in want:
-            report.add_cost(name, params_stored=model_params, models_trained=int(name == "adamerging"),
-                            models_merged=1, evaluations=0,
-                            train_time_s=timings[name] if name == "adamerging" else None,
-                            eval_time_s=eval_time.get(name))
-    for name, model in pareto_models.items():
-        _pareto_cost(report, name, model, K, timings, eval_time)
-    map_info = None
-    if "map" in want:
-        map_info = run_map(cfg, pool, data, tasks, scen, report, metrics, logits_fn, timings, per_pref_store, eval_time, log)
-    if "ta_preference" in want:
-        from .methods import ta_preference
-        merge_time = 0.0
-        for scenario, pref in scen:
-            t0 = time.perf_counter()
-            m = ta_preference(pool, pref, lam=cfg.ta_lam)
-            merge_time += time.perf_counter() - t0
-            report.add("ta_preference", scenario, list(pref), metrics(m, method="ta_preference"))
-        timings["ta_preference"] = merge_time
-        report.add_cost("ta_preference", params_stored=per_pref_store, models_trained=0, models_merged=len(scen),
-                        evaluations=0, new_pref_time_s=merge_time / len(scen),
-                        eval_time_s=eval_time.get("ta_preference"))
-    if cfg.ablations:
-        run_ablations(cfg, pool, tasks, scen, merged, report, metrics, logits_fn, unlabeled, timings,
-                      per_pref_store, eval_time, outdir, log)
+        if name in run.cfg.methods:
+            run.report.add_cost(name, params_stored=model_params, models_trained=int(name == "adamerging"),
+                                models_merged=1, evaluations=0,
+                                train_time_s=run.timings[name] if name == "adamerging" else None,
+                                eval_time_s=run.eval_time.get(name))
+    for name, model in run.pareto_models.items():
+        _pareto_cost(run, name, model)
 
-    checks = preference_control(report, tasks, list(pareto_models))
-    timings["total"] = time.perf_counter() - t_start
-    summary = {"config": _jsonable(dataclasses.asdict(cfg)), "timings_s": timings, "preference_control": checks}
+
+def _run_ta_preference(run: _DemoRun) -> None:
+    """Task arithmetic with preference: one merge per γ."""
+    from .methods import ta_preference
+
+    merge_time = 0.0
+    for scenario, pref in run.scen:
+        t0 = time.perf_counter()
+        m = ta_preference(run.pool, pref, lam=run.cfg.ta_lam)
+        merge_time += time.perf_counter() - t0
+        run.report.add("ta_preference", scenario, list(pref), run.metrics(m, method="ta_preference"))
+    run.timings["ta_preference"] = merge_time
+    run.report.add_cost("ta_preference", params_stored=run.per_pref_store, models_trained=0,
+                        models_merged=len(run.scen), evaluations=0, new_pref_time_s=merge_time / len(run.scen),
+                        eval_time_s=run.eval_time.get("ta_preference"))
+
+
+def _write_outputs(run: _DemoRun, summary: dict) -> None:
+    """report.json, summary.json, plots, and the pool/data/merge.yaml for ``paretomerge merge``."""
+    outdir, tasks = run.outdir, run.tasks
+    run.report.save(outdir / "report.json")
+    (outdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run.cfg.plots:
+        try:
+            from .evaluation.plots import plot_fronts, plot_scenarios, plot_tradeoff
+            plot_tradeoff(run.report, outdir / "tradeoff.png", tasks=(tasks[1], tasks[2]))
+            plot_fronts(run.report, outdir / "fronts.png", tasks=(tasks[1], tasks[2]))
+            plot_scenarios(run.report, outdir / "scenarios.png")
+        except Exception as e:  # plots are a convenience: never fail the demo on them
+            run.log(f"plots skipped: {type(e).__name__}: {e}")
+    if run.cfg.write_pool:
+        write_pool(outdir, run.pool, run.heads, run.cfg, run.data)
+
+
+def _run_demo(out, cfg: DemoConfig, log: Callable) -> dict:
+    t_start = time.perf_counter()
+    run = _start(out, cfg, log)
+    _run_base_merges(run)
+    _run_pareto(run)
+    # baselines (after the methods above, so their numbers do not depend on these), ablations, costs
+    _add_costs(run)
+    map_info = run_map(run) if "map" in cfg.methods else None
+    if "ta_preference" in cfg.methods:
+        _run_ta_preference(run)
+    if cfg.ablations:
+        run_ablations(run)
+    checks = preference_control(run.report, run.tasks, list(run.pareto_models))
+    run.timings["total"] = time.perf_counter() - t_start
+    summary = {"config": _jsonable(dataclasses.asdict(cfg)), "timings_s": run.timings, "preference_control": checks}
     if map_info is not None:
         summary["map"] = map_info
-    if outdir is not None:
-        report.save(outdir / "report.json")
-        (outdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if cfg.plots:
-            try:
-                from .evaluation.plots import plot_fronts, plot_scenarios, plot_tradeoff
-                plot_tradeoff(report, outdir / "tradeoff.png", tasks=(tasks[1], tasks[2]))
-                plot_fronts(report, outdir / "fronts.png", tasks=(tasks[1], tasks[2]))
-                plot_scenarios(report, outdir / "scenarios.png")
-            except Exception as e:  # plots are a convenience: never fail the demo on them
-                log(f"plots skipped: {type(e).__name__}: {e}")
-        if cfg.write_pool:
-            write_pool(outdir, pool, heads, cfg, data)
-    summary["report"] = report
+    if run.outdir is not None:
+        _write_outputs(run, summary)
+    summary["report"] = run.report
     return summary
 
 
-def _pareto_cost(report, name: str, model: nn.Module, K: int, timings: dict, eval_time: dict) -> None:
+def _pareto_cost(run: _DemoRun, name: str, model: nn.Module) -> None:
     """A Pareto Merging row of the cost table: a new γ costs one export (no training)."""
     from .layers import export
 
+    K = len(run.tasks)
     t0 = time.perf_counter()
     export(model, torch.full((K,), 1.0 / K))
-    report.add_cost(name, params_stored=sum(p.numel() for p in model.parameters()), models_trained=1,
-                    models_merged=1, evaluations=0, train_time_s=timings[name],
-                    new_pref_time_s=time.perf_counter() - t0, eval_time_s=eval_time.get(name))
+    run.report.add_cost(name, params_stored=sum(p.numel() for p in model.parameters()), models_trained=1,
+                        models_merged=1, evaluations=0, train_time_s=run.timings[name],
+                        new_pref_time_s=time.perf_counter() - t0, eval_time_s=run.eval_time.get(name))
 
 
-def run_map(cfg: DemoConfig, pool, data: dict, tasks, scen, report, metrics, logits_fn, timings, per_pref_store,
-            eval_time, log) -> dict:
+def run_map(run: _DemoRun) -> dict:
     """MAP on the pool: labelled validation split from the train split's last ``map_val_size`` images
     (the fine-tuned models saw them; the demo's test split stays untouched), then one model per γ."""
     from .methods import MAP
 
+    cfg, data = run.cfg, run.data
     dev = torch.device(cfg.device)
     xva, yva = data["train"][0][-cfg.map_val_size:], data["train"][1][-cfg.map_val_size:]
-    val = {t: (task_inputs(t, xva).to(dev), yva.to(dev)) for t in tasks}
+    val = {t: (task_inputs(t, xva).to(dev), yva.to(dev)) for t in run.tasks}
     t0 = time.perf_counter()
-    mp = MAP(pool, val, logits_fn=logits_fn, budget=cfg.map_budget, low=cfg.map_low, high=cfg.map_high,
+    mp = MAP(run.pool, val, logits_fn=run.logits_fn, budget=cfg.map_budget, low=cfg.map_low, high=cfg.map_high,
              seed=cfg.seed, n_gen=cfg.map_generations)
     front = mp.fit()
-    timings["map"] = time.perf_counter() - t0
+    run.timings["map"] = time.perf_counter() - t0
     r2 = ", ".join("-" if v is None else f"{v:.3f}" for v in front.r2_holdout)
-    log(f"map: {timings['map']:.1f}s ({front.evaluations} evaluations {front.eval_time_s:.1f}s, "
-        f"{len(front.solutions)} non-dominated solutions, held-out R² per task {r2})")
+    run.log(f"map: {run.timings['map']:.1f}s ({front.evaluations} evaluations {front.eval_time_s:.1f}s, "
+            f"{len(front.solutions)} non-dominated solutions, held-out R² per task {r2})")
     serve = 0.0
-    for scenario, pref in scen:
+    for scenario, pref in run.scen:
         t1 = time.perf_counter()
         model = mp.model(pref)
         serve += time.perf_counter() - t1
-        report.add("map", scenario, list(pref), metrics(model, method="map"))
-    report.add_cost("map", params_stored=per_pref_store + front.solutions.size, models_trained=0,
-                    models_merged=front.evaluations + len(scen), evaluations=front.evaluations,
-                    train_time_s=timings["map"], new_pref_time_s=serve / len(scen),
-                    eval_time_s=eval_time.get("map"))
+        run.report.add("map", scenario, list(pref), run.metrics(model, method="map"))
+    run.report.add_cost("map", params_stored=run.per_pref_store + front.solutions.size, models_trained=0,
+                        models_merged=front.evaluations + len(run.scen), evaluations=front.evaluations,
+                        train_time_s=run.timings["map"], new_pref_time_s=serve / len(run.scen),
+                        eval_time_s=run.eval_time.get("map"))
     return {"r2_holdout": front.r2_holdout, "solutions": int(len(front.solutions)),
             "evaluations": front.evaluations, "eval_time_s": front.eval_time_s, "search_time_s": front.search_time_s}
 
 
-def run_ablations(cfg: DemoConfig, pool, tasks, scen, merged, report, metrics, logits_fn, unlabeled, timings,
-                  per_pref_store, eval_time, outdir, log) -> None:
+def run_ablations(run: _DemoRun) -> None:
     """Pareto Merging (data-free) with one of scalarisation / structure / rank changed, and AdaMerging
     with preference (one AdaMerging training per γ)."""
     from .config import TrainerConfig
@@ -422,40 +475,42 @@ def run_ablations(cfg: DemoConfig, pool, tasks, scen, merged, report, metrics, l
     from .methods.pareto_merging import ParetoMergingTrainer
     from .methods.pareto_merging.structures import trainable_count
 
+    cfg, tasks = run.cfg, run.tasks
     variants = ([("scalarization", v) for v in cfg.ablation_scalarizations]
                 + [("structure", v) for v in cfg.ablation_structures]
                 + [("rank", int(v)) for v in cfg.ablation_ranks])
     for key, value in variants:
         name = f"pareto_merging_datafree[{key}={value}]"
-        model = copy.deepcopy(merged[cfg.base])
+        model = copy.deepcopy(run.merged[cfg.base])
         fields = dict(mode="datafree", steps=cfg.pareto_steps, rank=cfg.pareto_rank, include=cfg.pareto_include,
                       lr=cfg.pareto_lr, batch_size=cfg.pareto_batch, mu=cfg.pareto_mu, alpha=cfg.pareto_alpha,
                       per_sample=cfg.pareto_per_sample, reg_frobenius=cfg.pareto_reg_frobenius, seed=cfg.seed,
                       progress=False)
         fields[key] = value
-        trainer = ParetoMergingTrainer(model, pool, TrainerConfig(**fields), task_names=tasks)
+        trainer = ParetoMergingTrainer(model, run.pool, TrainerConfig(**fields), task_names=tasks)
         t0 = time.perf_counter()
         trainer.train()
-        timings[name] = time.perf_counter() - t0
-        log(f"{name}: {timings[name]:.1f}s ({trainable_count(model, trainer.cfg.structure):,} trainable factor "
-            f"entries)")
-        for scenario, pref in scen:
-            report.add(name, scenario, list(pref), metrics(model, torch.tensor(pref), method=name), base=cfg.base)
-        _pareto_cost(report, name, model, len(tasks), timings, eval_time)
-    batches = [[unlabeled[t][i:i + cfg.pareto_batch] for i in range(0, len(unlabeled[t]), cfg.pareto_batch)]
-               for t in tasks]
+        run.timings[name] = time.perf_counter() - t0
+        run.log(f"{name}: {run.timings[name]:.1f}s ({trainable_count(model, trainer.cfg.structure):,} trainable "
+                f"factor entries)")
+        for scenario, pref in run.scen:
+            run.report.add(name, scenario, list(pref), run.metrics(model, torch.tensor(pref), method=name),
+                           base=cfg.base)
+        _pareto_cost(run, name, model)
+    batches = run.batches()
     train_time = 0.0
-    for scenario, pref in scen:
+    for scenario, pref in run.scen:
         t0 = time.perf_counter()
-        m = adamerging_preference(pool, pref, logits_fn, batches, steps=cfg.adamerging_steps, seed=cfg.seed,
-                                  init_lam=cfg.ta_lam)
+        m = adamerging_preference(run.pool, pref, run.logits_fn, batches, steps=cfg.adamerging_steps,
+                                  seed=cfg.seed, init_lam=cfg.ta_lam)
         train_time += time.perf_counter() - t0
-        report.add("adamerging_preference", scenario, list(pref), metrics(m, method="adamerging_preference"))
-    timings["adamerging_preference"] = train_time
-    log(f"adamerging_preference: {train_time:.1f}s ({len(scen)} trainings)")
-    report.add_cost("adamerging_preference", params_stored=per_pref_store, models_trained=len(scen),
-                    models_merged=len(scen), evaluations=0, train_time_s=train_time,
-                    new_pref_time_s=train_time / len(scen), eval_time_s=eval_time.get("adamerging_preference"))
+        run.report.add("adamerging_preference", scenario, list(pref), run.metrics(m, method="adamerging_preference"))
+    run.timings["adamerging_preference"] = train_time
+    run.log(f"adamerging_preference: {train_time:.1f}s ({len(run.scen)} trainings)")
+    run.report.add_cost("adamerging_preference", params_stored=run.per_pref_store, models_trained=len(run.scen),
+                        models_merged=len(run.scen), evaluations=0, train_time_s=train_time,
+                        new_pref_time_s=train_time / len(run.scen),
+                        eval_time_s=run.eval_time.get("adamerging_preference"))
 
 
 def _jsonable(x):
