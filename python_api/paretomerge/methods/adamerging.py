@@ -52,6 +52,28 @@ def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tenso
     """
     check_pool(pool)
     K = len(pool)
+    unlabeled, steps, lr, init_lam, task_weights = _checked_arguments(
+        K, logits_fn, unlabeled, steps, lr, init_lam, task_weights, batch_size)
+
+    model = copy.deepcopy(pool.pretrained)
+    was_training = model.training
+    model.eval()
+    model.requires_grad_(False)
+    names = [n for n, p in model.named_parameters() if is_float(p)]
+    # (K, *shape) per parameter: AdaMerging needs every τ_{k,l} at once
+    merge = LayerwiseMerge.from_pool(pool, names)
+    lam = _fit_coefficients(merge, _Call(model, logits_fn), unlabeled, steps, lr, init_lam, task_weights, seed)
+    coef = merge.coefficients(lam).clone()
+    _write_merge(model, pool, merge, coef, names, init_lam)
+    model.requires_grad_(True)
+    for n, p in pool.pretrained.named_parameters():  # keep the pretrained model's requires_grad flags
+        model.get_parameter(n).requires_grad_(p.requires_grad)
+    model.train(was_training)
+    return (model, coef) if return_coefficients else model
+
+
+def _checked_arguments(K: int, logits_fn, unlabeled, steps, lr, init_lam, task_weights, batch_size):
+    """Every argument check of ``adamerging`` (before any work); the unlabeled inputs as K lists of batches."""
     if not callable(logits_fn):
         raise TypeError(f"logits_fn must be callable (model, k, batch) -> logits, got {type(logits_fn).__name__}")
     if isinstance(unlabeled, (torch.Tensor, str)) or len(unlabeled) != K:
@@ -71,31 +93,29 @@ def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tenso
         task_weights = [check_number(w, f"task_weights[{k}]") for k, w in enumerate(task_weights)]
         if any(w < 0 for w in task_weights) or not any(task_weights):
             raise ValueError(f"task_weights must be non-negative and not all 0, got {task_weights}")
+    return unlabeled, steps, lr, init_lam, task_weights
 
-    model = copy.deepcopy(pool.pretrained)
-    was_training = model.training
-    model.eval()
-    model.requires_grad_(False)
-    names = [n for n, p in model.named_parameters() if is_float(p)]
-    buffer_names = [n for n in pool.float_keys() if n not in set(names)]
-    # (K, *shape) per parameter: AdaMerging needs every τ_{k,l} at once
-    merge = LayerwiseMerge.from_pool(pool, names)
-    L = len(names)
-    lam = torch.full((L, K), init_lam, dtype=torch.float32, requires_grad=True)
+
+def _merged_params(merge: LayerwiseMerge, coef: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The merged parameters under ``_Call``'s names ("model." + parameter name)."""
+    return {"model." + n: t for n, t in merge.merged(coef).items()}
+
+
+def _fit_coefficients(merge: LayerwiseMerge, wrapper: "_Call", unlabeled: list, steps: int, lr: float,
+                      init_lam: float, task_weights: Optional[list], seed) -> torch.Tensor:
+    """Raw λ (L, K) after ``steps`` Adam steps on Σ_k w_k entropy_k, one batch per task per step, each task's
+    batches in seeded random orders reshuffled when used up (global RNG untouched)."""
+    K = len(unlabeled)
+    lam = torch.full((len(merge.names), K), init_lam, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([lam], lr=lr)
-    wrapper = _Call(model, logits_fn)
     gen = torch.Generator().manual_seed(int(seed))
     orders = [torch.randperm(len(b), generator=gen).tolist() for b in unlabeled]
     pos = [0] * K
-
-    def merged_params(coef: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"model." + n: t for n, t in merge.merged(coef).items()}
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            params = merged_params(lam)
+            params = _merged_params(merge, lam)
             loss = torch.zeros((), dtype=torch.float32)
             for k in range(K):
                 batches = unlabeled[k]
@@ -111,23 +131,24 @@ def adamerging(pool: ModelPool, logits_fn: Callable[[nn.Module, int, torch.Tenso
                 loss = loss + (h if task_weights is None else task_weights[k] * h)
             loss.backward()
             opt.step()
+    return lam.detach()
 
-    coef = merge.coefficients(lam.detach()).clone()
+
+def _write_merge(model: nn.Module, pool: ModelPool, merge: LayerwiseMerge, coef: torch.Tensor, names: list[str],
+                 init_lam: float) -> None:
+    """Write the merge at the (clamped) ``coef`` into ``model``'s parameters; floating buffers the
+    parameters don't cover get task arithmetic at ``init_lam``."""
+    buffer_names = [n for n in pool.float_keys() if n not in set(names)]
     with torch.no_grad():
-        final = merged_params(coef)
+        final = _merged_params(merge, coef)
         for n in names:
             model.get_parameter(n).copy_(final["model." + n])
         if buffer_names:
             sd = model.state_dict()
             total: dict[str, torch.Tensor] = {}
-            for k in range(K):
+            for k in range(len(pool)):
                 for n, t in pool.task_vector(k, buffer_names).items():
                     total[n] = t.clone() if n not in total else total[n] + t
             base_sd = pool.pretrained_state()
             for n, t in total.items():
                 sd[n].copy_(base_sd[n] + init_lam * t)
-    model.requires_grad_(True)
-    for n, p in pool.pretrained.named_parameters():  # keep the pretrained model's requires_grad flags
-        model.get_parameter(n).requires_grad_(p.requires_grad)
-    model.train(was_training)
-    return (model, coef) if return_coefficients else model
