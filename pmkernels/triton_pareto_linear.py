@@ -53,6 +53,26 @@ _AUTOTUNE_MAX = _autotune_max_configs()
 
 
 @triton.jit
+def _core_block(z, t, h_block_ptr, h_mask, g_ptr, sample, row_ok, K, stride_hk, stride_gb, stride_gk,
+                SHARED_PREF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr):
+    """t + Σ_k γ_k z H_k over one (BLOCK_A × BLOCK_C) block of H (``h_block_ptr``: its offsets, ``h_mask``),
+    fp32. Shared γ (g (1, K)): M = Σ_k γ_k H_k folded in registers, one dot. Per-sample γ: K dots on z
+    scaled by each row's γ_{b,k} (b = ``sample``)."""
+    if SHARED_PREF:
+        m = tl.zeros((BLOCK_A, BLOCK_C), dtype=tl.float32)
+        for k in range(0, K):
+            h = tl.load(h_block_ptr + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
+            m += tl.load(g_ptr + k * stride_gk).to(tl.float32) * h
+        t = tl.dot(z, m, t, input_precision="ieee")
+    else:
+        for k in range(0, K):
+            h = tl.load(h_block_ptr + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + sample * stride_gb + k * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
+            t = tl.dot(z * g[:, None], h, t, input_precision="ieee")
+    return t
+
+
+@triton.jit
 def _shrink_kernel(
     a_ptr, p_ptr, h_ptr, g_ptr, z_ptr, t_ptr,
     N, D, R, K, L,
@@ -104,17 +124,8 @@ def _shrink_kernel(
         h_off = rr[:, None] * stride_ha + rr[None, :] * stride_hc
         h_mask = r_ok[:, None] & r_ok[None, :]
         t = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        if SHARED_PREF:
-            m = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
-            for k in range(0, K):
-                h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
-                m += tl.load(g_ptr + k * stride_gk).to(tl.float32) * h
-            t = tl.dot(z, m, t, input_precision="ieee")
-        else:
-            for k in range(0, K):
-                h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
-                g = tl.load(g_ptr + sample * stride_gb + k * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
-                t = tl.dot(z * g[:, None], h, t, input_precision="ieee")
+        t = _core_block(z, t, h_ptr + h_off, h_mask, g_ptr, sample, row_ok, K, stride_hk, stride_gb, stride_gk,
+                        SHARED_PREF, BLOCK_R, BLOCK_R)
         tl.store(t_ptr + rows[:, None] * stride_tn + rr[None, :], t, mask=out_mask)
     else:
         tl.debug_barrier()  # this CTA's z stores are visible to all its threads before the re-reads
@@ -130,18 +141,8 @@ def _shrink_kernel(
                              mask=row_ok[:, None] & a_ok[None, :], other=0.0)
                 h_off = aa[:, None] * stride_ha + cc[None, :] * stride_hc
                 h_mask = a_ok[:, None] & c_ok[None, :]
-                if SHARED_PREF:
-                    m = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
-                    for k in range(0, K):
-                        h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
-                        m += tl.load(g_ptr + k * stride_gk).to(tl.float32) * h
-                    t = tl.dot(zc, m, t, input_precision="ieee")
-                else:
-                    for k in range(0, K):
-                        h = tl.load(h_ptr + h_off + k * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
-                        g = tl.load(g_ptr + sample * stride_gb + k * stride_gk, mask=row_ok,
-                                    other=0.0).to(tl.float32)
-                        t = tl.dot(zc * g[:, None], h, t, input_precision="ieee")
+                t = _core_block(zc, t, h_ptr + h_off, h_mask, g_ptr, sample, row_ok, K, stride_hk, stride_gb,
+                                stride_gk, SHARED_PREF, BLOCK_C, BLOCK_C)
             tl.store(t_ptr + rows[:, None] * stride_tn + cc[None, :], t, mask=row_ok[:, None] & c_ok[None, :])
 
 
