@@ -174,23 +174,41 @@ class ParetoMergingTrainer:
         if cfg.ideal is not None and len(cfg.ideal) != self.K:
             raise ValueError(f"trainer.ideal: must have K = {self.K} entries, got {len(cfg.ideal)}")
         self.model = model
+        self._convert_and_freeze(model)
+        self.meta = dict(meta or {})
+        self.identity = dict(identity or {})
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
+        self._shard(model)
+        self._nonfinite: Optional[str] = None  # a parameter found non-finite after a step (distributed: deferred)
+        self._objectives(model, pool, finetuned, logits_fn, unlabeled)
+        self._optimizer(model, pool)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.history: list[dict] = []
+        if self.dist is not None:
+            self._check_same_run_on_every_rank()
+
+    # ------------------------------------------------------------------ construction steps
+    def _convert_and_freeze(self, model: nn.Module) -> None:
+        """Convert the model (seeded) unless it has Pareto layers; only the Pareto factors train."""
         existing = list(pareto_layers(model))
         if existing:
             self.layers = {n: int(m.rank) for n, m in existing}
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                self.layers = convert_for_config(model, self.K, cfg)
+                torch.manual_seed(self.cfg.seed)
+                self.layers = convert_for_config(model, self.K, self.cfg)
         for p in model.parameters():
             p.requires_grad_(False)
         self.params = list(pareto_parameters(model))
         for p in self.params:
             p.requires_grad_(True)
         self.device = self.params[0].device
-        self.meta = dict(meta or {})
-        self.identity = dict(identity or {})
-        self.dist = dist if dist is not None and dist.world_size > 1 else None
-        # Sharded data-free: the factored weights (state-dict keys) this rank owns; None = all of them.
+
+    def _shard(self, model: nn.Module) -> None:
+        """Several processes: the factored weights this rank owns in the data-free mode (``shard_keys``;
+        None = all), the global batch's split in the unlabeled mode; ``_own_named``: this rank's factors."""
+        cfg = self.cfg
         self.shard_keys: Optional[set[str]] = None
         if self.dist is not None and cfg.mode == "datafree":
             slots = factored_weights(model)
@@ -203,8 +221,11 @@ class ParetoMergingTrainer:
         own = {id(p) for key, U, G, V, _ in factored_weights(model)
                if self.shard_keys is None or key in self.shard_keys for p in (U, G, V)}
         self._own_named = [(n, p) for n, p in model.named_parameters() if id(p) in own]
-        self._nonfinite: Optional[str] = None  # a parameter found non-finite after a step (distributed: deferred)
 
+    def _objectives(self, model: nn.Module, pool, finetuned, logits_fn, unlabeled) -> None:
+        """The data-free objective (mode "datafree", or the anchor), the unlabeled inputs, the AdaMerging
+        variant, and the normalisers."""
+        cfg = self.cfg
         self.datafree: Optional[DataFreeObjective] = None
         if (cfg.mode == "datafree" or cfg.anchor) and pool is None and finetuned is None:
             raise ValueError("trainer.anchor > 0 needs pool= or finetuned= (the fine-tuned weights); set "
@@ -234,6 +255,10 @@ class ParetoMergingTrainer:
         self.normalizer = Normalizer(self.K, cfg.normalize).to(self.device)
         self.anchor_normalizer = Normalizer(self.K, "init").to(self.device)
         self.ideal = None if cfg.ideal is None else torch.tensor(cfg.ideal, dtype=torch.float32, device=self.device)
+
+    def _optimizer(self, model: nn.Module, pool) -> None:
+        """Adam over the factors (and λ in the joint AdaMerging variant); the structure's constraints."""
+        cfg = self.cfg
         groups = [{"params": self.params}]
         self.lam: Optional[torch.Tensor] = None
         if self.adamerging != "off":
@@ -243,11 +268,6 @@ class ParetoMergingTrainer:
         self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # structure variants: constrained cores G (projection + masked gradients; "tensor" leaves G free)
         self.structure = apply_structure(model, cfg.structure, self.optimizer)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.step = 0
-        self.history: list[dict] = []
-        if self.dist is not None:
-            self._check_same_run_on_every_rank()
 
     # ------------------------------------------------------------------ identity
     def run_identity(self) -> dict:
