@@ -79,14 +79,14 @@ echo "device: $device; budget ${budget}s; autotune configs per launch: $cap"
 
 op=bench/test_bench_pareto_linear.py
 pyt=(python -m pytest -q -p no:cacheprovider)
-stage cuda-tests "${pyt[@]}" -rs -m cuda tests/test_triton_pareto_linear.py tests/test_triton_decode_graph.py \
-    tests/test_weight_distances.py
+stage cuda-tests "${pyt[@]}" -rs -m cuda tests/ops/test_triton_pareto_linear.py tests/ops/test_triton_decode_graph.py \
+    tests/ops/test_weight_distances.py
 stage fwd "${pyt[@]}" "$op" --benchmark-only -k "bf16-fwd-" --benchmark-json="$out/bench-1-fwd.json"
 stage fwdbwd "${pyt[@]}" "$op" --benchmark-only -k "bf16-fwdbwd-frozenW" --benchmark-json="$out/bench-2-fwdbwd.json"
 stage autotune python bench/scripts/autotune_report.py --md "$out/autotune.md"
 stage op-rest "${pyt[@]}" "$op" --benchmark-only -k "not bf16-fwd- and not bf16-fwdbwd-frozenW" \
     --benchmark-json="$out/bench-3-op-rest.json"
-stage triton-tests "${pyt[@]}" -rs -m "not cuda" tests/test_triton_pareto_linear.py tests/test_triton_decode_graph.py
+stage triton-tests "${pyt[@]}" -rs -m "not cuda" tests/ops/test_triton_pareto_linear.py tests/ops/test_triton_decode_graph.py
 stage bench-rest "${pyt[@]}" bench --benchmark-only --ignore="$op" --benchmark-json="$out/bench-4-rest.json"
 stage aot-subset python bench/scripts/aot_sweep.py --subset
 

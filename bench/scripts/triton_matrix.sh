@@ -39,7 +39,7 @@ for v in "${versions[@]}"; do
     echo "== Triton $v: $vers"
     mkdir -p "$venvs"; log="$venvs/triton-$v.log"
     PYTHONPATH="$root:$root/python_api" "$py" -m pytest -q -p no:cacheprovider \
-        tests/test_triton_pareto_linear.py tests/test_weight_distances.py > "$log" 2>&1
+        tests/ops/test_triton_pareto_linear.py tests/ops/test_weight_distances.py > "$log" 2>&1
     rc=$?
     line=$(tail -n 1 "$log")
     [ $rc -eq 0 ] || { status=1; tail -n 40 "$log"; }
