@@ -42,6 +42,10 @@ VARIANTS: dict[str, dict] = {
     "before_div": {"adamerging": "before", "diversity": 1.0, "anchor": 0.0},
     "before_anchor": {"adamerging": "before", "diversity": 0.0, "anchor": 1.0},
     "before_div_anchor": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0},
+    "before_div_anchor_linear": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "scalarization": "linear"},
+    "before_div_anchor_mu0.5": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "mu": 0.5},
+    "before_div_anchor_alpha0.3": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "alpha": 0.3},
+    "before_div_anchor3_linear": {"adamerging": "before", "diversity": 1.0, "anchor": 3.0, "scalarization": "linear"},
     "joint_plain": {"adamerging": "joint", "diversity": 0.0, "anchor": 0.0},
     "joint_div_anchor": {"adamerging": "joint", "diversity": 1.0, "anchor": 1.0},
 }
