@@ -69,7 +69,7 @@ class Settings:
     pareto_diversity: Optional[float] = None  # unlabeled mode: TrainerConfig.diversity / anchor (None = default)
     pareto_anchor: Optional[float] = None
     priority: float = 0.5
-    preference_baselines: tuple[str, ...] = ("ta_preference", "adamerging_preference")  # of PREFERENCE_BASELINES
+    preference_baselines: tuple[str, ...] = ("ta_preference", "adamerging_preference", "map")  # of PREFERENCE_BASELINES
     grid_resolution: int = 2
     seed: int = 0
 
@@ -142,6 +142,7 @@ class Bench:
     heads: dict[str, nn.Module]
     test: dict[str, tuple[torch.Tensor, torch.Tensor]]
     unlabeled: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]  # the training split's labels (MAP's labelled validation data; no other merge reads them)
     timings: dict[str, float] = field(default_factory=dict)
 
     def logits_fn(self, model: nn.Module, k: int, x: torch.Tensor) -> torch.Tensor:
@@ -186,12 +187,25 @@ def _adamerging_preference(bench: Bench, scen):
                                            seed=s.seed)
 
 
+def _map_preference(bench: Bench, scen):
+    """MAP (Li et al., ICLR 2025): one amortized front per run (its 32 sampled merges evaluated on the *labelled*
+    training split, the only method here that reads labels besides the fine-tunes), then one merge per γ."""
+    from paretomerge.methods.map import MAP
+
+    fitted = MAP(bench.pool, {t: (bench.unlabeled[t], bench.labels[t]) for t in bench.tasks},
+                 logits_fn=bench.logits_fn, seed=bench.settings.seed)
+    fitted.fit()
+    for sc, p in scen:
+        yield sc, p, fitted.model(p)
+
+
 # Preference-aware baselines: name → fn(bench, scenarios) yielding (scenario, pref, model) for each (scenario,
 # pref) asked for (one merge or one training per γ). Evaluated and reported like Pareto Merging's rows
 # (priority control, HV over its points), on the same γ set.
 PREFERENCE_BASELINES: dict[str, Callable[[Bench, list[tuple[str, list[float]]]],
                                          Iterable[tuple[str, list[float], nn.Module]]]] = {
-    "ta_preference": _ta_preference, "adamerging_preference": _adamerging_preference}
+    "ta_preference": _ta_preference, "adamerging_preference": _adamerging_preference,
+    "map": _map_preference}
 
 
 def _single_options(bench: Bench) -> dict[str, dict]:
@@ -249,7 +263,7 @@ def prepare(settings: Settings, cache: Path, log: Callable = print) -> Bench:
         finetuned[name], heads[name] = ft.eval(), head.eval()
     pool = pm.ModelPool.from_modules(tail, finetuned, heads=heads)
     bench = Bench(s, tasks, pool, heads, {t: (feats[t]["test_x"], feats[t]["test_y"]) for t in tasks},
-                  {t: feats[t]["train_x"] for t in tasks})
+                  {t: feats[t]["train_x"] for t in tasks}, {t: feats[t]["train_y"] for t in tasks})
     bench.timings["prepare"] = time.perf_counter() - t0
     log(f"prepared {s.pool} pool ({', '.join(tasks)}) in {bench.timings['prepare']:.1f}s")
     return bench
@@ -389,7 +403,7 @@ def method_names(bench: Bench) -> tuple[list[str], list[str]]:
     """(methods run, single-model methods in MERGE_METHODS skipped because this benchmark has no options for them)."""
     known = _single_options(bench)
     singles = [m for m in MERGE_METHODS if m in known]
-    skipped = [m for m in MERGE_METHODS if m not in known]
+    skipped = [m for m in MERGE_METHODS if m not in known and m not in PREFERENCE_BASELINES]
     return ([f"finetuned:{t}" for t in bench.tasks] + singles + [f"pareto_merging_{m}" for m in PARETO_MODES]
             + [m for m in PREFERENCE_BASELINES if m in bench.settings.preference_baselines]), skipped
 
@@ -398,7 +412,8 @@ def method_names(bench: Bench) -> tuple[list[str], list[str]]:
 PRETTY = {"pretrained": "Pretrained", "task_arithmetic": "Task Arithmetic", "ties": "TIES-Merging",
           "adamerging": "AdaMerging", "pareto_merging_datafree": "Pareto Merging (data-free)",
           "pareto_merging_unlabeled": "Pareto Merging (unlabeled: AdaMerging + PM)",
-          "ta_preference": "Task Arithmetic + preference", "adamerging_preference": "AdaMerging + preference"}
+          "ta_preference": "Task Arithmetic + preference", "adamerging_preference": "AdaMerging + preference",
+          "map": "MAP (labelled val.)"}
 
 
 def table(report: Report, seconds: dict[str, float], ref: Optional[dict[str, float]] = None) -> str:
