@@ -68,6 +68,10 @@ def test_recipe_composes_offline_with_fusion_bench_pools(no_network):
     assert (t.mode, t.adamerging, t.adamerging_steps, t.adamerging_lr, t.rank, t.include, t.steps, t.batch_size) == \
         ("unlabeled", "auto", 1000, 1e-3, 16, "qkv", 2000, 16)
     assert algo.unlabeled_batches == 32
+    # FusionBench's program builds the task pool after the method: under transformers 5 its CLIP task pool
+    # imports only with clip_task_pool_compat (which the method applied); building it loads nothing
+    taskpool = instantiate(cfg.taskpool)
+    assert type(taskpool).__name__ == "CLIPVisionModelTaskPool" and list(taskpool._test_datasets) == TA8
 
     over = _compose_recipe(["method.mode=datafree", "method.steps=5"]).method
     assert instantiate(over)._trainer_cfg.mode == "datafree"
@@ -248,24 +252,34 @@ def test_unlabeled_mode_needs_the_pools_test_sets(clip_dirs, joblib_cache_in_tmp
 
 
 def test_fusion_bench_cli_runs_the_method_on_the_stand_ins(clip_dirs, tmp_path):
-    """The CLI path of the recipe (FusionBench's program, Fabric and model saving) with the stand-in pool
-    written as a model-pool config in place of TA8's hub one."""
+    """The CLI path of the recipe (FusionBench's program, Fabric, model saving and its CLIP task pool's
+    evaluation) with stand-in model and task pool configs in place of TA8's hub ones."""
     root, dirs = clip_dirs
-    pool_cfg = {"_target_": "fusion_bench.modelpool.CLIPVisionModelPool", "_recursive_": False,
-                "processor": str(dirs["_pretrained_"]), "models": {k: str(v) for k, v in dirs.items()},
-                "test_datasets": {t: {"_target_": "datasets.load_from_disk", "dataset_path": str(root / f"{t}_test")}
-                                  for t in TASKS}}
-    (tmp_path / "cfg" / "modelpool").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(pool_cfg), tmp_path / "cfg" / "modelpool" / "tiny_clip.yaml")
-    out = tmp_path / "merged"
+    pre = str(dirs["_pretrained_"])
+    test_sets = {t: {"_target_": "datasets.load_from_disk", "dataset_path": str(root / f"{t}_test")} for t in TASKS}
+    configs = {"modelpool": {"_target_": "fusion_bench.modelpool.CLIPVisionModelPool", "_recursive_": False,
+                             "processor": pre, "models": {k: str(v) for k, v in dirs.items()},
+                             "test_datasets": test_sets},
+               "taskpool": {"_target_": "fusion_bench.taskpool.CLIPVisionModelTaskPool", "_recursive_": False,
+                            "test_datasets": test_sets, "clip_model": pre, "processor": pre,
+                            "dataloader_kwargs": {"batch_size": 8, "num_workers": 0, "shuffle": False}}}
+    for group, cfg in configs.items():
+        (tmp_path / "cfg" / group).mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create(cfg), tmp_path / "cfg" / group / "tiny_clip.yaml")
+    out, report = tmp_path / "merged", tmp_path / "report.json"
     run_offline([sys.executable, "-m", "fusion_bench.scripts.cli", "--config-dir", str(OURS),
                  f"hydra.searchpath=[file://{tmp_path / 'cfg'}]", "method=pareto_merging_clip",
-                 "modelpool=tiny_clip", "taskpool=dummy", "fabric.accelerator=cpu", "print_config=false",
+                 "modelpool=tiny_clip", "taskpool=tiny_clip", "fabric.accelerator=cpu", "print_config=false",
+                 f"report_save_path={report}",
                  "method.rank=2", "method.steps=3", "method.batch_size=4", "method.unlabeled_batches=1",
                  "method.num_workers=0", "method.trainer_options.adamerging_steps=2",
                  *[f"+method.trainer_options.{k}={v}" for k, v in FAST.items() if k != "progress"],
                  "method.trainer_options.progress=false", f"merged_model_save_path={out}"],
                 cwd=tmp_path, timeout=240)
+    import json
+
+    accuracy = {t: json.loads(report.read_text())[t]["accuracy"] for t in TASKS}  # FusionBench's evaluation
+    assert all(0.0 <= a <= 1.0 for a in accuracy.values()), accuracy
     merged = transformers.CLIPVisionModel.from_pretrained(out, local_files_only=True)
     with torch.no_grad():
         assert torch.isfinite(merged(pixel_values=torch.randn(1, 3, 32, 32)).pooler_output).all()

@@ -54,7 +54,7 @@ from ..pools.sources import LoaderSource, ModuleSource, Source, hf_safetensors_s
 from .factors import save_factors
 
 __all__ = ["RETURNS", "MappingSource", "ParetoMergingAlgorithm", "ParetoMergingCLIPAlgorithm",
-           "pool_from_fusion_bench"]
+           "clip_task_pool_compat", "pool_from_fusion_bench"]
 
 RETURNS = ("exported", "pareto")
 PRETRAINED = "_pretrained_"
@@ -262,6 +262,20 @@ class ParetoMergingAlgorithm(BaseAlgorithm):
         return export(model, pref)
 
 
+def clip_task_pool_compat() -> None:
+    """Let FusionBench 0.2.33's CLIP task pools import under transformers >= 5: they import
+    ``CLIPVisionTransformer`` from ``transformers.models.clip.modeling_clip``, which transformers 5 removed
+    (``CLIPVisionModel`` holds its layers itself). Where the name is missing, it is set to ``CLIPVisionModel``:
+    ``CLIPVisionModelTaskPool`` uses it in type hints and in one ``isinstance`` (of its layer-wise feature
+    saving, off by default) only. Called by ``ParetoMergingCLIPAlgorithm()``, which FusionBench's program
+    builds before the task pool; a no-op where transformers still has the class."""
+    from transformers import CLIPVisionModel
+    from transformers.models.clip import modeling_clip
+
+    if not hasattr(modeling_clip, "CLIPVisionTransformer"):
+        modeling_clip.CLIPVisionTransformer = CLIPVisionModel
+
+
 @auto_register_config
 class ParetoMergingCLIPAlgorithm(CLIPClassificationMixin, ParetoMergingAlgorithm):
     """Pareto Merging on a FusionBench ``CLIPVisionModelPool``: the paper's own setting (CLIP image encoders,
@@ -279,6 +293,7 @@ class ParetoMergingCLIPAlgorithm(CLIPClassificationMixin, ParetoMergingAlgorithm
     num_workers: the test loader's worker processes.
     Every other option is ``ParetoMergingAlgorithm``'s. The pool's test datasets are keyed by task name (as
     FusionBench's CLIP pools are); the model trains on the Fabric's device (``fabric.accelerator``).
+    Constructing it applies ``clip_task_pool_compat`` (FusionBench's CLIP task pool under transformers 5).
     """
 
     TRAINER_FIELDS = ParetoMergingAlgorithm.TRAINER_FIELDS + ("batch_size",)
@@ -290,6 +305,7 @@ class ParetoMergingCLIPAlgorithm(CLIPClassificationMixin, ParetoMergingAlgorithm
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         super().__init__(mode=mode, **kwargs)
         self.zeroshot_weights = {}  # the mixin's default is one dict shared by every instance
+        clip_task_pool_compat()  # the recipe's task pool (CLIPVisionModelTaskPool) is built after the method
 
     def base_merge(self, pool: ModelPool) -> nn.Module:
         return super().base_merge(pool).to(self.fabric.device)
