@@ -21,6 +21,13 @@ fine-tuned weights are read tensor by tensor from the ``LazyStateDict``), and an
 local Hugging Face directories with safetensors (read lazily from the files, never loaded whole).
 A plain ``{name: nn.Module}`` mapping is wrapped in a ``BaseModelPool`` as FusionBench's own methods do.
 Only one fine-tuned model is ever held in memory unless the pool itself holds instances.
+
+``ParetoMergingCLIPAlgorithm`` is the paper's own setting on a ``CLIPVisionModelPool``: AdaMerging + PM on the
+test sets' unlabeled inputs with FusionBench's zero-shot heads. The recipe over FusionBench's TA8 pools
+(CLIP ViT-B/32, 8 tasks; FusionBench downloads models and datasets)::
+
+    PM_CONFIGS=$(python -c "import paretomerge.integrations.fusion_bench_config as c; print(c.__path__[0])")
+    fusion_bench --config-dir "$PM_CONFIGS" --config-name pareto_merging_clip_vit_b32_ta8
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import torch.nn as nn
 
 try:
     from fusion_bench import BaseAlgorithm, BaseModelPool, auto_register_config
+    from fusion_bench.mixins import CLIPClassificationMixin
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("paretomerge.integrations.fusion_bench needs FusionBench: pip install "
                       "'pmkernels[fusionbench]' (fusion-bench==0.2.33)") from e
@@ -45,7 +53,8 @@ from ..pools import ModelPool
 from ..pools.sources import LoaderSource, ModuleSource, Source, hf_safetensors_source, hub_kernels_off
 from .factors import save_factors
 
-__all__ = ["RETURNS", "MappingSource", "ParetoMergingAlgorithm", "pool_from_fusion_bench"]
+__all__ = ["RETURNS", "MappingSource", "ParetoMergingAlgorithm", "ParetoMergingCLIPAlgorithm",
+           "clip_task_pool_compat", "pool_from_fusion_bench"]
 
 RETURNS = ("exported", "pareto")
 PRETRAINED = "_pretrained_"
@@ -181,7 +190,8 @@ class ParetoMergingAlgorithm(BaseAlgorithm):
         "pretrained"), as ``paretomerge`` configs' ``base`` section.
     mode: "datafree" (weight-space objectives; what works on any pool) or "unlabeled" (entropy of
         each task's head: set ``algo.logits_fn(model, k, x)`` and ``algo.unlabeled`` (K input tensors)
-        in code before ``run``); it is the paper's AdaMerging + PM: AdaMerging's layer-wise λ are learned
+        in code before ``run``, or use ``ParetoMergingCLIPAlgorithm``, which builds both from a CLIP pool,
+        or override ``unlabeled_data``); it is the paper's AdaMerging + PM: AdaMerging's layer-wise λ are learned
         first on ``unlabeled`` and frozen, then the tensor (``trainer_options.adamerging``: "auto" =
         "before" | "joint" | "off" = the base merge alone).
     rank, include, steps: as ``TrainerConfig``; ``trainer_options``: any other ``TrainerConfig`` field.
@@ -192,6 +202,9 @@ class ParetoMergingAlgorithm(BaseAlgorithm):
     All arguments accept Hydra's ListConfig/DictConfig. After ``run``: ``task_names``, ``history``.
     """
 
+    # the algorithm's own options that are TrainerConfig fields (``trainer_options`` may not repeat them)
+    TRAINER_FIELDS: tuple[str, ...] = ("mode", "rank", "include", "steps")
+
     def __init__(self, base_method: str = "task_arithmetic", base_options: Optional[Mapping[str, Any]] = None,
                  mode: str = "datafree", rank: int = 8, include: str = "attention", steps: int = 200,
                  trainer_options: Optional[Mapping[str, Any]] = None, returns: str = "exported",
@@ -201,11 +214,11 @@ class ParetoMergingAlgorithm(BaseAlgorithm):
         # Checked now, before any model is loaded.
         self._base = BaseConfig(method=base_method, **plain_data(base_options or {}))
         opts = plain_data(trainer_options or {})
-        for fixed in ("mode", "rank", "include", "steps"):
+        own = {f: getattr(self, f) for f in self.TRAINER_FIELDS}  # set from the arguments by auto_register_config
+        for fixed in own:
             if fixed in opts:
                 raise ValueError(f"trainer_options.{fixed}: set it as the algorithm's own option {fixed}=")
-        self._trainer_cfg = TrainerConfig(**{**opts, "mode": mode, "rank": rank, "include": include,
-                                             "steps": steps})
+        self._trainer_cfg = TrainerConfig(**{**opts, **own})
         if returns not in RETURNS:
             raise ValueError(f"returns must be one of {RETURNS}, got {returns!r}")
         self._pref = None if preference is None else single_preference(plain_data(preference), name="preference")
@@ -217,18 +230,25 @@ class ParetoMergingAlgorithm(BaseAlgorithm):
     def base_merge(self, pool: ModelPool) -> nn.Module:
         return merge_base(self._base, pool)
 
+    def unlabeled_data(self, modelpool, task_names: Sequence[str]) -> tuple[Callable, Sequence]:
+        """Mode "unlabeled": ``(logits_fn(model, k, x), unlabeled)`` (task k's inputs: a tensor or a list of
+        batches) for the trainer; here the ones set in code (``algo.logits_fn``, ``algo.unlabeled``)."""
+        if self.logits_fn is None or self.unlabeled is None:
+            raise ValueError("mode 'unlabeled' needs algo.logits_fn(model, k, x) and algo.unlabeled (K input "
+                             "tensors) set before run(); use mode 'datafree' on a pool without data")
+        return self.logits_fn, self.unlabeled
+
     def run(self, modelpool) -> nn.Module:
         pool = pool_from_fusion_bench(modelpool)
         K = len(pool)
         if self._pref is not None and self._pref.shape[0] != K:
             raise ValueError(f"preference has {self._pref.shape[0]} entries but the pool has K = {K} models "
                              f"{pool.task_names}")
-        if self._trainer_cfg.mode == "unlabeled" and (self.logits_fn is None or self.unlabeled is None):
-            raise ValueError("mode 'unlabeled' needs algo.logits_fn(model, k, x) and algo.unlabeled (K input "
-                             "tensors) set before run(); use mode 'datafree' on a pool without data")
+        logits_fn, unlabeled = (self.unlabeled_data(modelpool, pool.task_names)
+                                if self._trainer_cfg.mode == "unlabeled" else (None, None))
         model = self.base_merge(pool)
-        trainer = ParetoMergingTrainer(model, pool, copy.deepcopy(self._trainer_cfg), logits_fn=self.logits_fn,
-                                       unlabeled=self.unlabeled, meta={"base": self._base.method})
+        trainer = ParetoMergingTrainer(model, pool, copy.deepcopy(self._trainer_cfg), logits_fn=logits_fn,
+                                       unlabeled=unlabeled, meta={"base": self._base.method})
         trainer.train()
         self.task_names, self.history = list(pool.task_names), list(trainer.history)
         if self.factors_path:
@@ -240,3 +260,70 @@ class ParetoMergingAlgorithm(BaseAlgorithm):
             return model
         pref = self._pref if self._pref is not None else torch.full((K,), 1.0 / K, dtype=torch.float64)
         return export(model, pref)
+
+
+def clip_task_pool_compat() -> None:
+    """Let FusionBench 0.2.33's CLIP task pools import under transformers >= 5: they import
+    ``CLIPVisionTransformer`` from ``transformers.models.clip.modeling_clip``, which transformers 5 removed
+    (``CLIPVisionModel`` holds its layers itself). Where the name is missing, it is set to ``CLIPVisionModel``:
+    ``CLIPVisionModelTaskPool`` uses it in type hints and in one ``isinstance`` (of its layer-wise feature
+    saving, off by default) only. Called by ``ParetoMergingCLIPAlgorithm()``, which FusionBench's program
+    builds before the task pool; a no-op where transformers still has the class."""
+    from transformers import CLIPVisionModel
+    from transformers.models.clip import modeling_clip
+
+    if not hasattr(modeling_clip, "CLIPVisionTransformer"):
+        modeling_clip.CLIPVisionTransformer = CLIPVisionModel
+
+
+@auto_register_config
+class ParetoMergingCLIPAlgorithm(CLIPClassificationMixin, ParetoMergingAlgorithm):
+    """Pareto Merging on a FusionBench ``CLIPVisionModelPool``: the paper's own setting (CLIP image encoders,
+    zero-shot heads), by default its headline variant AdaMerging + PM on unlabeled test inputs.
+
+    mode: "unlabeled" (default): FusionBench's ``CLIPClassificationMixin`` builds the zero-shot head of every
+        task from the pool's pretrained ``CLIPModel`` and processor (``setup_zero_shot_classification_head``)
+        and serves shuffled batches of each task's test set without labels (``get_shuffled_test_loader_iter``);
+        the logits are the mixin's ``compute_logits``. With ``trainer_options.adamerging`` "auto" (the
+        default) AdaMerging's layer-wise λ are learned first on those inputs (entropy), then the tensor.
+        "datafree": as ``ParetoMergingAlgorithm`` (no heads, no data).
+    batch_size: inputs per task per step (AdaMerging's and the tensor's) and the test loader's batch size.
+    unlabeled_batches: batches drawn once per task from the shuffled test loader and held on the CPU; the
+        trainer samples its batches from these ``unlabeled_batches * batch_size`` inputs per task.
+    num_workers: the test loader's worker processes.
+    Every other option is ``ParetoMergingAlgorithm``'s. The pool's test datasets are keyed by task name (as
+    FusionBench's CLIP pools are); the model trains on the Fabric's device (``fabric.accelerator``).
+    Constructing it applies ``clip_task_pool_compat`` (FusionBench's CLIP task pool under transformers 5).
+    """
+
+    TRAINER_FIELDS = ParetoMergingAlgorithm.TRAINER_FIELDS + ("batch_size",)
+
+    def __init__(self, mode: str = "unlabeled", batch_size: int = 16, unlabeled_batches: int = 32,
+                 num_workers: int = 0, **kwargs: Any) -> None:
+        for name, value, least in (("unlabeled_batches", unlabeled_batches, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        super().__init__(mode=mode, **kwargs)
+        self.zeroshot_weights = {}  # the mixin's default is one dict shared by every instance
+        clip_task_pool_compat()  # the recipe's task pool (CLIPVisionModelTaskPool) is built after the method
+
+    def base_merge(self, pool: ModelPool) -> nn.Module:
+        return super().base_merge(pool).to(self.fabric.device)
+
+    def unlabeled_data(self, modelpool, task_names: Sequence[str]) -> tuple[Callable, Sequence]:
+        if not hasattr(modelpool, "load_clip_model"):
+            raise ValueError(f"mode 'unlabeled' needs a fusion_bench CLIPVisionModelPool (zero-shot heads and "
+                             f"test sets), got {type(modelpool).__name__}; use mode 'datafree'")
+        missing = [t for t in task_names if t not in (modelpool.test_dataset_names or [])]
+        if missing:
+            raise ValueError(f"mode 'unlabeled': modelpool.test_datasets has no entry for {missing} (the unlabeled "
+                             f"inputs are each task's test set, keyed by the model's name)")
+        self.modelpool = modelpool
+        names = list(task_names)
+        self.setup_zero_shot_classification_head(task_names=names)
+        unlabeled = []
+        for task in names:
+            it = self.get_shuffled_test_loader_iter(task, batch_size=self._trainer_cfg.batch_size,
+                                                    num_workers=self.num_workers)
+            unlabeled.append([next(it)[0].cpu() for _ in range(self.unlabeled_batches)])  # labels unused
+        return (lambda model, k, x: self.compute_logits(model, x, names[k])), unlabeled
