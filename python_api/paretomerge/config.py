@@ -161,11 +161,6 @@ class TrainerConfig(_Strict):
         (needs the fine-tuned weights; 0 = off). On the digits demo, plain entropy (diversity = anchor = 0)
         collapses to one class within 200 steps at lr 3e-3; diversity alone keeps accuracy but gives
         weak preference control; both (the defaults) give the best mean accuracy and control.
-    surrogate: unlabeled mode: task k's objective on its unlabeled inputs. "entropy" (default): the mean
-        prediction entropy (AdaMerging's, the paper's). "distill": the mean KL divergence from fine-tuned
-        model k's predictions to the merged model's (the fine-tuned models as teachers, computed once at
-        the start; needs pool= and (N, C) classifier logits): the same inputs and models, no labels, and a
-        proxy that cannot be lowered by confidently wrong predictions (docs/design.md §6).
     adamerging: unlabeled mode: build on AdaMerging's layer-wise coefficients λ (one per parameter
         tensor and task, init ``adamerging_init``, Adam at ``adamerging_lr``, clamped to [0, 1] inside
         the merge as in AdaMerging's reference) — the paper's "AdaMerging + PM". The base weights become
@@ -209,7 +204,6 @@ class TrainerConfig(_Strict):
     reg_orthogonal: NonNegativeFloat = 0.0
     diversity: NonNegativeFloat = 1.0
     anchor: NonNegativeFloat = 1.0
-    surrogate: Literal["entropy", "distill"] = "entropy"
     adamerging: Literal["auto", "off", "before", "joint"] = "auto"
     adamerging_steps: PositiveInt = 100
     adamerging_lr: PositiveFloat = 1e-3

@@ -6,7 +6,7 @@ import math
 import torch
 
 __all__ = ["entropy", "marginal_entropy_gap", "masked_entropy", "mean_prediction", "mean_prediction_gap",
-           "per_sample_entropy", "per_sample_kl"]
+           "per_sample_entropy"]
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -23,14 +23,6 @@ def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
     """(...) Shannon entropy (nats) of softmax(logits) per row, in fp32 or wider (its mean is ``entropy``)."""
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-def per_sample_kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """(...) KL(target ‖ softmax(logits)) per row, nats, in fp32 or wider: target (..., C) probabilities (a
-    teacher's predictions), logits (..., C). 0 exactly where the prediction equals the target."""
-    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    t = target.to(logp.dtype)
-    return (t * (torch.log(t.clamp_min(1e-30)) - logp)).sum(-1)
 
 
 def masked_entropy(logits: torch.Tensor, mask: torch.Tensor, per_sample: bool = False) -> torch.Tensor:

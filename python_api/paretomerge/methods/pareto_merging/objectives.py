@@ -25,10 +25,7 @@ Two families of per-task objectives f = (f_1, …, f_K), both minimised:
 
 * **unlabeled data** (:func:`entropy_objectives`): f_k = the mean
   prediction entropy of task k's head on an unlabeled batch of task k
-  (AdaMerging's surrogate; ``methods.losses.entropy``), or, with ``targets``
-  (``TrainerConfig(surrogate="distill")``), the mean KL divergence from
-  fine-tuned model k's predictions on those inputs to the merged model's
-  (``methods.losses.per_sample_kl``): the same inputs and models, no labels.
+  (AdaMerging's surrogate; ``methods.losses.entropy``).
 
 Scalarisation (:func:`scalarize`): smooth Tchebycheff
 
@@ -58,7 +55,7 @@ from pmkernels import check_pref_values
 
 from ...config import SCALARIZATIONS  # the one list of choices
 from ...layers import factored_weights, transposed_keys, use_preference
-from ..losses import masked_entropy, mean_prediction, mean_prediction_gap, per_sample_entropy, per_sample_kl
+from ..losses import masked_entropy, mean_prediction, mean_prediction_gap, per_sample_entropy
 
 
 
@@ -256,8 +253,7 @@ LogitsFn = Callable[[nn.Module, int, torch.Tensor], torch.Tensor]
 
 def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[torch.Tensor],
                        pref: torch.Tensor, diversity: float = 0.0,
-                       batch_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                       targets: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+                       batch_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Entropy objectives of the merged model at preference(s) ``pref``.
 
     batches[k]: an unlabeled input batch of task k; ``logits_fn(model, k, x)``
@@ -271,11 +267,6 @@ def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[
     logits_fn may also return (logits (B, L, C), mask (B, L)): a causal LM's next-token predictions and the
     positions that count (padding masked; ``paretomerge.llm.causal_lm_logits_fn``); f_k is then the mean
     entropy over the masked positions (per sample: over each sample's own).
-
-    targets: per task, (B_k, C) probabilities for the batch's samples (fine-tuned model k's predictions,
-    ``TrainerConfig(surrogate="distill")``): every per-sample entropy above becomes KL(target ‖ prediction)
-    (``losses.per_sample_kl``), so f_k is 0 where the merged model predicts what model k predicts on its own
-    task's inputs. Classifier logits (N, C) only.
 
     diversity > 0 adds diversity · (log C − H(p̄)) to f_k, p̄ the batch's mean prediction (the
     information-maximisation term of SHOT/IM): a free low-rank update otherwise minimises entropy by
@@ -294,26 +285,16 @@ def entropy_objectives(model: nn.Module, logits_fn: LogitsFn, batches: Sequence[
             if x.shape[0] != pref.shape[0]:
                 raise ValueError(f"per-sample preferences: batch of task {k} has {x.shape[0]} samples, pref has "
                                  f"{pref.shape[0]} rows")
-    if targets is not None and len(targets) != len(batches):
-        raise ValueError(f"targets: one (B, C) tensor per task's batch ({len(batches)}), got {len(targets)}")
     entropies, stats = [], []  # stats[k]: task k's batch statistics, means over the (shard of the) batch
     with use_preference(pref):
         for k, x in enumerate(batches):
             logits, mask = _logits_mask(logits_fn(model, k, x), diversity)
-            if targets is None:
-                per_row = per_sample_entropy
-            elif mask is not None or targets[k].shape != logits.shape:
-                raise ValueError(f"targets[{k}]: distillation needs (B, C) classifier logits and targets of their "
-                                 f"shape {tuple(logits.shape)}, got targets {tuple(targets[k].shape)}"
-                                 + (" and masked token logits" if mask is not None else ""))
-            else:
-                per_row = lambda z, t=targets[k]: per_sample_kl(t, z)  # noqa: E731
             if per_sample:
-                entropies.append(per_row(logits) if mask is None
+                entropies.append(per_sample_entropy(logits) if mask is None
                                  else masked_entropy(logits, mask, per_sample=True))
                 parts = []
             elif mask is None:
-                parts = [per_row(logits).mean().reshape(1)]
+                parts = [per_sample_entropy(logits).mean().reshape(1)]
             else:  # Σ H·mask / B and Σ mask / B: their ratio is the mean entropy over the masked positions
                 w = mask.to(torch.float32)
                 parts = [torch.stack([(per_sample_entropy(logits) * w).sum(), w.sum()]) / mask.shape[0]]

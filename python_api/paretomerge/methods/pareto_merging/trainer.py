@@ -252,11 +252,6 @@ class ParetoMergingTrainer:
                 raise ValueError(f"unlabeled must hold K = {self.K} input sets, got {len(unlabeled)}")
             self.logits_fn = logits_fn
             self.unlabeled = [as_tensor(u, k) for k, u in enumerate(unlabeled)]
-        self.teacher: Optional[list[torch.Tensor]] = None
-        if cfg.mode == "unlabeled" and cfg.surrogate == "distill":
-            if pool is None:
-                raise ValueError("trainer.surrogate 'distill' needs pool= (the fine-tuned models are the teachers)")
-            self.teacher = self._teacher_predictions(pool)
         self.normalizer = Normalizer(self.K, cfg.normalize).to(self.device)
         self.anchor_normalizer = Normalizer(self.K, "init").to(self.device)
         self.ideal = None if cfg.ideal is None else torch.tensor(cfg.ideal, dtype=torch.float32, device=self.device)
@@ -357,41 +352,16 @@ class ParetoMergingTrainer:
         return (p if n else p[0]).to(self.device)
 
     def _batches(self) -> list[torch.Tensor]:
-        return self._draw()[0]
-
-    def _draw(self) -> tuple[list[torch.Tensor], Optional[list[torch.Tensor]]]:
-        """One batch per task (and, with ``surrogate="distill"``, the teacher's predictions for its rows)."""
-        out, targets = [], ([] if self.teacher is not None else None)
-        for k, x in enumerate(self.unlabeled):
+        out = []
+        for x in self.unlabeled:
             idx = torch.randint(0, x.shape[0], (self.cfg.batch_size,), generator=self.generator)
             if self.dist is not None:
                 # Every rank draws the same global batch and keeps its strided slice (as DistributedSampler).
                 idx = idx[self.dist.rank::self.dist.world_size]
             out.append(x[idx].to(self.device))
-            if targets is not None:
-                targets.append(self.teacher[k][idx].to(self.device))
-        return out, targets
-
-    @torch.no_grad()
-    def _teacher_predictions(self, pool) -> list[torch.Tensor]:
-        """Fine-tuned model k's softmax predictions on every unlabeled input of task k (``surrogate="distill"``),
-        computed once, one fine-tuned model in memory at a time; (N_k, C_k) fp32 each, on the CPU."""
-        out = []
-        for k, x in enumerate(self.unlabeled):
-            teacher = pool.finetuned_model(k).to(self.device).eval()
-            probs = []
-            for i in range(0, x.shape[0], 256):
-                logits = self.logits_fn(teacher, k, x[i:i + 256].to(self.device))
-                if isinstance(logits, tuple) or logits.dim() != 2:
-                    raise ValueError("trainer.surrogate 'distill' needs (N, C) classifier logits from logits_fn; "
-                                     "causal LMs' masked token logits are not supported (use 'entropy')")
-                probs.append(torch.softmax(logits.float(), -1).cpu())
-            out.append(torch.cat(probs))
-            del teacher
         return out
 
-    def objectives(self, pref: torch.Tensor, batches: Optional[list[torch.Tensor]] = None,
-                   targets: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+    def objectives(self, pref: torch.Tensor, batches: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """Raw (unnormalised) objectives: (K,) for pref (K,); (B, K) for per-sample pref (B, K).
 
         Distributed unlabeled mode: ``batches`` are this rank's shards (and a per-sample ``pref`` holds their
@@ -405,12 +375,9 @@ class ParetoMergingTrainer:
             # is the mean of the ranks' gradients (a second all-reduce, in the backward).
             batch_mean = functools.partial(mean_across_ranks, world_size=self.dist.world_size,
                                            same_loss=pref.dim() == 1)
-        if batches is None:
-            batches, targets = self._draw()
-        elif self.teacher is not None and targets is None:
-            raise ValueError("objectives: with surrogate 'distill', pass the batches' teacher targets too")
-        return entropy_objectives(self._forward_model(), self.logits_fn, batches, pref,
-                                  diversity=self.cfg.diversity, batch_mean=batch_mean, targets=targets)
+        return entropy_objectives(self._forward_model(), self.logits_fn,
+                                  batches if batches is not None else self._batches(), pref,
+                                  diversity=self.cfg.diversity, batch_mean=batch_mean)
 
     def _datafree(self, pref: torch.Tensor) -> torch.Tensor:
         if pref.dim() == 1:
@@ -433,9 +400,7 @@ class ParetoMergingTrainer:
             # The base merge's objectives on the first (up to) 256 inputs of each task: no RNG used.
             uniform = torch.full((self.K,), 1.0 / self.K, device=self.device)
             f0 = entropy_objectives(self._forward_model(), self.logits_fn, [x[:256].to(self.device) for x in self.unlabeled],
-                                    uniform, diversity=self.cfg.diversity,
-                                    targets=None if self.teacher is None else [t[:256].to(self.device)
-                                                                                for t in self.teacher])
+                                    uniform, diversity=self.cfg.diversity)
         self.normalizer.fit(f0)
 
     def loss(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,13 +410,13 @@ class ParetoMergingTrainer:
             pref = self._sample_pref(cfg.batch_size)
         else:
             pref = self._sample_pref(None)
-        batches, targets = (None, None) if cfg.mode == "datafree" else self._draw()
+        batches = None if cfg.mode == "datafree" else self._batches()
         # Distributed unlabeled, per sample: this rank's samples are the rows idx[rank::world_size] of the
         # global batch (``_batches``), so it takes those rows of γ.
         split_rows = cfg.per_sample and self.dist is not None and batches is not None
         if split_rows:
             pref = pref[self.dist.rank::self.dist.world_size]
-        raw = self.objectives(pref, batches, targets)
+        raw = self.objectives(pref, batches)
         reg = None
         if cfg.reg_frobenius or cfg.reg_orthogonal:
             reg = factor_regularizer(self.model, cfg.reg_frobenius, cfg.reg_orthogonal, keys=self.shard_keys)
