@@ -46,15 +46,7 @@ VARIANTS: dict[str, dict] = {
     "before_div_anchor_mu0.5": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "mu": 0.5},
     "before_div_anchor_alpha0.3": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "alpha": 0.3},
     "before_div_anchor3_linear": {"adamerging": "before", "diversity": 1.0, "anchor": 3.0, "scalarization": "linear"},
-    "before_distill": {"adamerging": "before", "surrogate": "distill", "diversity": 0.0, "anchor": 0.0},
-    "before_distill_anchor": {"adamerging": "before", "surrogate": "distill", "diversity": 0.0, "anchor": 1.0},
     "before_div_anchor_b64": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "batch_size": 64},
-    "before_distill_b64": {"adamerging": "before", "surrogate": "distill", "diversity": 0.0, "anchor": 0.0,
-                           "batch_size": 64},
-    "before_distill_b64_lr2e-2": {"adamerging": "before", "surrogate": "distill", "diversity": 0.0, "anchor": 0.0,
-                                  "batch_size": 64, "lr": 2e-2},
-    "before_distill_anchor_b64": {"adamerging": "before", "surrogate": "distill", "diversity": 0.0, "anchor": 1.0,
-                                  "batch_size": 64},
     "joint_plain": {"adamerging": "joint", "diversity": 0.0, "anchor": 0.0},
     "joint_div_anchor": {"adamerging": "joint", "diversity": 1.0, "anchor": 1.0},
 }
@@ -79,9 +71,9 @@ def run_variant(bench, name: str, options: dict, log=print) -> dict:
     base = merge("task_arithmetic", bench.pool, lam=s.ta_lam)
     opts = {"adamerging_steps": s.adamerging_steps, "adamerging_lr": s.adamerging_lr, "adamerging_init": s.ta_lam,
             "lr": s.pareto_lr_unlabeled, **options}
-    cfg = pm.TrainerConfig(mode="unlabeled", include=s.pareto_include, rank=s.pareto_rank,
-                           steps=s.pareto_steps_unlabeled, batch_size=s.pareto_batch, seed=s.seed, progress=False,
-                           **opts)
+    cfg = pm.TrainerConfig(**{"mode": "unlabeled", "include": s.pareto_include, "rank": s.pareto_rank,
+                              "steps": s.pareto_steps_unlabeled, "batch_size": s.pareto_batch, "seed": s.seed,
+                              "progress": False, **opts})
     t0 = time.perf_counter()
     trainer = ParetoMergingTrainer(base, bench.pool, cfg, logits_fn=bench.logits_fn,
                                    unlabeled=[bench.unlabeled[t] for t in bench.tasks], task_names=bench.tasks)
@@ -138,7 +130,8 @@ def summarize(done: dict) -> str:
         by.setdefault(v["variant"], []).append(v)
     tasks = list(next(iter(done.values()))["rows"]["equal"])
     lines = ["| variant | seeds | equal avg | " + " | ".join(f"{t} prio−eq [CI]" for t in tasks)
-             + " | top-class share eq → prio (mean) | s |", "|---|---:|---:|" + "---:|" * len(tasks) + "---:|---:|"]
+             + " | pooled prio−eq [CI] | top-class share eq → prio (mean) | s |",
+             "|---|---:|---:|" + "---:|" * len(tasks) + "---:|---:|---:|"]
     for name, runs in by.items():
         eq = sum(sum(r["rows"]["equal"][t]["acc"] for t in tasks) / len(tasks) for r in runs) / len(runs)
         cells = []
@@ -146,6 +139,9 @@ def summarize(done: dict) -> str:
             ci = paired_bootstrap([r["rows"][f"priority:{t}"][t]["correct"] for r in runs],
                                   [r["rows"]["equal"][t]["correct"] for r in runs])
             cells.append(f"{100 * ci['diff']:+.1f} [{100 * ci['low']:+.1f}, {100 * ci['high']:+.1f}]")
+        ci = paired_bootstrap([sum((r["rows"][f"priority:{t}"][t]["correct"] for t in tasks), []) for r in runs],
+                              [sum((r["rows"]["equal"][t]["correct"] for t in tasks), []) for r in runs])
+        cells.append(f"{100 * ci['diff']:+.1f} [{100 * ci['low']:+.1f}, {100 * ci['high']:+.1f}]")
         share_eq = sum(r["rows"]["equal"][t]["top_share"] for r in runs for t in tasks) / (len(runs) * len(tasks))
         share_pr = sum(r["rows"][f"priority:{t}"][t]["top_share"] for r in runs for t in tasks) / (len(runs) * len(tasks))
         sec = sum(r["seconds"] for r in runs) / len(runs)

@@ -220,3 +220,22 @@ def test_pool_is_read_only_for_converted_weights():
     full.model.load_state_dict(trainer.model.state_dict())
     pref = torch.tensor([0.2, 0.3, 0.5])
     assert torch.allclose(trainer.datafree(pref), full.datafree(pref))
+
+
+def test_unlabeled_normaliser_is_taken_at_the_training_batch_size():
+    """f̃_k = f_k / f_k(init) with f_k(init) the mean over batches of the training size (the first inputs, in
+    order): the diversity term log C − H(p̄) is a batch statistic that stays > 0 on a few samples, so a scale
+    taken on one large batch would start every task above 1, by how many classes it has."""
+    from paretomerge.methods.pareto_merging.objectives import entropy_objectives
+
+    t = _trainer("unlabeled", steps=1)
+    t.cfg.diversity = 1.0
+    t._fit_normalizer()
+    bs = t.cfg.batch_size
+    uniform = torch.full((K,), 1.0 / K)
+    with torch.no_grad():
+        chunks = [entropy_objectives(t.model, t.logits_fn, [x[j * bs:(j + 1) * bs] for x in t.unlabeled], uniform,
+                                     diversity=1.0) for j in range(40 // bs)]
+        whole = entropy_objectives(t.model, t.logits_fn, [x[:256] for x in t.unlabeled], uniform, diversity=1.0)
+    assert torch.allclose(t.normalizer.scale, torch.stack(chunks).mean(0), rtol=1e-6)
+    assert torch.all(t.normalizer.scale > whole)  # small batches' p̄ is lumpier: the floor the scale now includes

@@ -397,10 +397,15 @@ class ParetoMergingTrainer:
         if self.cfg.mode == "datafree":
             f0 = norms  # U M Vᵀ = 0 at init: f_k = Σ ‖D_k‖²
         else:
-            # The base merge's objectives on the first (up to) 256 inputs of each task: no RNG used.
+            # The base merge's objectives on the first (up to) 256 inputs of each task, in chunks of the training
+            # batch size, averaged: the diversity term is a batch statistic whose value grows as the batch shrinks
+            # (log C − H(p̄) of a few samples stays > 0), so it is normalised at the size it is trained at. No RNG.
             uniform = torch.full((self.K,), 1.0 / self.K, device=self.device)
-            f0 = entropy_objectives(self._forward_model(), self.logits_fn, [x[:256].to(self.device) for x in self.unlabeled],
-                                    uniform, diversity=self.cfg.diversity)
+            bs = self.cfg.batch_size
+            chunks = max(1, min(256, *(x.shape[0] for x in self.unlabeled)) // bs)
+            f0 = torch.stack([entropy_objectives(
+                self._forward_model(), self.logits_fn, [x[j * bs:(j + 1) * bs].to(self.device) for x in self.unlabeled],
+                uniform, diversity=self.cfg.diversity) for j in range(chunks)]).mean(0)
         self.normalizer.fit(f0)
 
     def loss(self) -> tuple[torch.Tensor, torch.Tensor]:
