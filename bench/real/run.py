@@ -93,22 +93,21 @@ FINETUNE_FIELDS = FEATURE_FIELDS + ("head_scale", "head_shots", "ft_steps", "ft_
 def settings_for(pool: str, quick: bool, seed: int = 0) -> Settings:
     """The full benchmark's settings, or ``quick`` ones (the CI test), for ``seed``.
 
-    text: all-MiniLM-L6-v2's last 2 BERT layers fine-tuned and merged (Pareto layers on attention + MLP; the
-    trunk's outputs cached, exact since no merge touches it), 72 test examples per class (402–576 per task);
-    quick: 24 test examples per class, fewer steps. ``tail_layers=6`` merges the whole encoder (the trunk is
-    then the embeddings; ~10× the CPU time, not run yet: bench/RESULTS.md). vision: EfficientNet blocks 12–15
+    text: all-MiniLM-L6-v2's whole encoder (6 BERT layers) fine-tuned and merged (Pareto layers on attention +
+    MLP; the trunk is the embeddings, its outputs cached, exact since no merge touches it), 72 test examples
+    per class (402–576 per task); quick: the last 2 layers only, fewer AdaMerging / unlabeled steps. vision: EfficientNet blocks 12–15
     + head at 32×32 px (not yet rescaled). γ set of every preference-aware method: equal and each task's
     priority (0.5), plus the simplex grid where ``grid_resolution`` > 0."""
     if pool == "text":
-        s = Settings("text", tuple(D.TEXT_TASKS), per_class=32, test_per_class=72, max_len=16, tail_layers=2,
-                     ft_steps=30, ft_lr=3e-4, adamerging_steps=30, adamerging_lr=1e-2, pareto_steps_datafree=200,
+        s = Settings("text", tuple(D.TEXT_TASKS), per_class=32, test_per_class=72, max_len=16, tail_layers=6,
+                     ft_steps=60, ft_lr=1e-4, adamerging_steps=30, adamerging_lr=1e-2, pareto_steps_datafree=200,
                      pareto_steps_unlabeled=60, grid_resolution=0, seed=seed)
         if quick:
-            # the full setting's data, fine-tunes and data-free run (cheap: ~10 s for 200 steps), so the CI test can
-            # assert Pareto Merging's priority control where a seed's CI tells; AdaMerging and the unlabeled
-            # mode shorter, TA with preference the only preference baseline
-            s = dataclasses.replace(s, adamerging_steps=20, pareto_steps_unlabeled=30,
-                                    preference_baselines=("ta_preference",))
+            # the top 2 layers only (the trunk's 4 cached: ~8× less CPU), the full setting's data and 200-step
+            # data-free run, so the CI test can assert Pareto Merging's priority control where a seed's CI tells;
+            # AdaMerging and the unlabeled mode shorter, TA with preference the only preference baseline
+            s = dataclasses.replace(s, tail_layers=2, ft_steps=30, ft_lr=3e-4, adamerging_steps=20,
+                                    pareto_steps_unlabeled=30, preference_baselines=("ta_preference",))
         return s
     if pool == "vision":
         s = Settings("vision", tuple(D.VISION_TASKS), per_class=32, test_per_class=16, start_block=12, ft_steps=20,
