@@ -1,4 +1,4 @@
-"""``python -m bench.real [--pool text|vision|llm|all] [--quick] [--seeds 0,1,2] [--cache DIR] [--out DIR]``."""
+"""``python -m bench.real [--pool text|vision|llm|all] [--quick | --top2] [--seeds 0,1,2] [--cache DIR] [--out DIR]``."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.real", description=__doc__)
     ap.add_argument("--pool", choices=("text", "vision", "llm", "all"), default="all")
     ap.add_argument("--quick", action="store_true", help="small subsets and few steps (the CI test)")
+    ap.add_argument("--top2", action="store_true", help="text: the full setting on the top 2 BERT layers only "
+                    "(~8x less CPU than the whole encoder)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "PMK_REALBENCH_CACHE", Path.home() / ".cache" / "pmkernels-realbench")),
         help="cache directory (default $PMK_REALBENCH_CACHE or ~/.cache/pmkernels-realbench)")
@@ -28,19 +30,20 @@ def main(argv=None) -> int:
     if not seeds:
         print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
         return 2
-    from .run import run_seeds
+    from .run import run_seeds, settings_for, top2
 
     t0 = time.perf_counter()
     pools = ("text", "vision") if args.pool == "all" else (args.pool,)
     try:
         for pool in pools:
-            dest = args.out / (pool + ("-quick" if args.quick else ""))
+            dest = args.out / (pool + ("-quick" if args.quick else "") + ("-top2" if args.top2 else ""))
             if pool == "llm":  # LoRA adapters on SmolLM2-135M (bench/real/llm.py); not part of "all"; one seed
                 from .llm import run_llm
 
                 run_llm(quick=args.quick, cache_root=args.cache, out=dest)
             else:
-                run_seeds(pool, quick=args.quick, seeds=seeds, cache_root=args.cache, out=dest)
+                run_seeds(pool, quick=args.quick, seeds=seeds, cache_root=args.cache, out=dest,
+                          settings=(lambda sd, p=pool: top2(settings_for(p, args.quick, sd))) if args.top2 else None)
     except MissingData as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from paretomerge.evaluation import paired_bootstrap, preference_set
 from paretomerge.methods import merge
 from paretomerge.methods.pareto_merging import ParetoMergingTrainer
 
-from .run import prepare, settings_for
+from .run import prepare, settings_for, top2
 
 # name → TrainerConfig fields over the benchmark's unlabeled settings
 VARIANTS: dict[str, dict] = {
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     for seed in [int(x) for x in args.seeds.split(",")]:
         s = settings_for(args.pool, args.quick, seed)
         if args.top2:
-            s = dataclasses.replace(s, tail_layers=2, ft_steps=30, ft_lr=3e-4)
+            s = top2(s)
         cache = args.cache / f"{args.pool}{'-quick' if args.quick else ''}-{s.key()}"
         cache.mkdir(parents=True, exist_ok=True)
         bench = prepare(s, cache)
