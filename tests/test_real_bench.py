@@ -75,9 +75,9 @@ def test_report_schema_is_complete(report):
     methods = {r["method"] for r in doc["results"]}
     expected = {f"finetuned:{t}" for t in doc["tasks"]} | {"pretrained", "task_arithmetic", "ties", "adamerging",
                                                           "pareto_merging_datafree", "pareto_merging_unlabeled",
-                                                          "ta_preference"}
+                                                          "ta_preference", "map"}
     assert expected <= methods and expected <= set(doc["hypervolume"]) and expected <= set(doc["seconds"])
-    for mode in ("pareto_merging_datafree", "pareto_merging_unlabeled", "ta_preference"):
+    for mode in ("pareto_merging_datafree", "pareto_merging_unlabeled", "ta_preference", "map"):
         scen = {r["scenario"] for r in doc["results"] if r["method"] == mode}
         assert scen == {"equal", *(f"priority:{t}" for t in doc["tasks"])}  # the same γ set for every method
     table = (out / "table.md").read_text()

@@ -111,9 +111,9 @@ def settings_for(pool: str, quick: bool, seed: int = 0) -> Settings:
         if quick:
             # the top 2 layers only (the trunk's 4 cached: ~8× less CPU), the full setting's data and 200-step
             # data-free run, so the CI test can assert Pareto Merging's priority control where a seed's CI tells;
-            # AdaMerging and the unlabeled mode shorter, TA with preference the only preference baseline
+            # AdaMerging and the unlabeled mode shorter; TA with preference and MAP as the preference baselines
             s = dataclasses.replace(top2(s), adamerging_steps=20, pareto_steps_unlabeled=30,
-                                    preference_baselines=("ta_preference",))
+                                    preference_baselines=("ta_preference", "map"))
         return s
     if pool == "vision":
         s = Settings("vision", tuple(D.VISION_TASKS), per_class=32, test_per_class=16, start_block=12, ft_steps=20,
