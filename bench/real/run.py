@@ -101,12 +101,12 @@ def settings_for(pool: str, quick: bool, seed: int = 0) -> Settings:
     the depthwise convs and BatchNorm affines merged as the base merge; the trunk is the stem, which no merge
     touches and whose BatchNorm is in eval mode, so caching its outputs is exact) at 32×32 px; 50 test examples
     per class (500 fashion and digits, 400 texture: texture's test patches from checkerboard cells disjoint from
-    the training patches'), 32 training examples per class; fine-tunes of 60 steps at lr 2e-4 (each beats the
+    the training patches'), 32 training examples per class; fine-tunes of 80 steps at lr 1e-4 (each beats the
     pretrained model with the frozen prototype head by ≥ 5 points on its task in each of seeds 0–2, the
-    smallest margin 15.8: bench/RESULTS.md); AdaMerging's and Pareto Merging's steps and lrs as text's. quick:
-    16 test examples per class, fewer steps, TA with preference as the only preference baseline. γ set of every
-    preference-aware method: equal and each task's priority (0.5), plus the simplex grid where
-    ``grid_resolution`` > 0."""
+    smallest margin 9.8: bench/RESULTS.md; lr 2e-4 sometimes collapsed digits' fine-tune); AdaMerging's and Pareto Merging's steps and lrs as text's. quick:
+    the same fine-tunes, 16 test examples per class, fewer merge steps, TA with preference as the only preference
+    baseline. γ set of every preference-aware method: equal and each task's priority (0.5), plus the simplex
+    grid where ``grid_resolution`` > 0."""
     if pool == "text":
         s = Settings("text", tuple(D.TEXT_TASKS), per_class=32, test_per_class=72, max_len=16, tail_layers=2,
                      ft_steps=30, ft_lr=3e-4, adamerging_steps=30, adamerging_lr=1e-2, pareto_steps_datafree=200,
@@ -117,12 +117,12 @@ def settings_for(pool: str, quick: bool, seed: int = 0) -> Settings:
         return s
     if pool == "vision":
         s = Settings("vision", tuple(D.VISION_TASKS), per_class=32, test_per_class=50, image_size=32, start_block=0,
-                     ft_steps=60, ft_lr=2e-4, adamerging_steps=30, adamerging_lr=1e-2, pareto_include=("*",),
+                     ft_steps=80, ft_lr=1e-4, adamerging_steps=30, adamerging_lr=1e-2, pareto_include=("*",),
                      pareto_steps_datafree=200, pareto_steps_unlabeled=60, grid_resolution=0, seed=seed)
         if quick:
-            s = dataclasses.replace(s, per_class=24, test_per_class=16, ft_steps=30, adamerging_steps=8,
-                                    pareto_steps_datafree=60, pareto_steps_unlabeled=20,
-                                    preference_baselines=("ta_preference",))
+            # the full setting's fine-tunes (fewer examples and steps are less reliable)
+            s = dataclasses.replace(s, test_per_class=16, adamerging_steps=8, pareto_steps_datafree=60,
+                                    pareto_steps_unlabeled=20, preference_baselines=("ta_preference",))
         return s
     raise ValueError(f"pool must be 'text' or 'vision', got {pool!r}")
 
