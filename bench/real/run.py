@@ -103,10 +103,10 @@ def settings_for(pool: str, quick: bool, seed: int = 0) -> Settings:
     per class (500 fashion and digits, 400 texture: texture's test patches from checkerboard cells disjoint from
     the training patches'), 32 training examples per class; fine-tunes of 80 steps at lr 1e-4 (each beats the
     pretrained model with the frozen prototype head by ≥ 5 points on its task in each of seeds 0–2, the
-    smallest margin 9.8: bench/RESULTS.md; lr 2e-4 sometimes collapsed digits' fine-tune); AdaMerging's and Pareto Merging's steps and lrs as text's. quick:
-    the same fine-tunes, 16 test examples per class, fewer merge steps, TA with preference as the only preference
-    baseline. γ set of every preference-aware method: equal and each task's priority (0.5), plus the simplex
-    grid where ``grid_resolution`` > 0."""
+    smallest margin 9.8: bench/RESULTS.md; lr 2e-4 sometimes collapsed digits' fine-tune); AdaMerging's and
+    Pareto Merging's steps and lrs as text's. quick: the same fine-tunes, 16 test examples per class, fewer
+    merge steps, TA with preference as the only preference baseline. γ set of every preference-aware method:
+    equal and each task's priority (0.5), plus the simplex grid where ``grid_resolution`` > 0."""
     if pool == "text":
         s = Settings("text", tuple(D.TEXT_TASKS), per_class=32, test_per_class=72, max_len=16, tail_layers=2,
                      ft_steps=30, ft_lr=3e-4, adamerging_steps=30, adamerging_lr=1e-2, pareto_steps_datafree=200,
