@@ -8,10 +8,12 @@ Text tasks (inputs: strings):
 Vision tasks (inputs: float images (N, 3, S, S) in [0, 1]):
   * ``fashion``    Fashion-MNIST (``dataset-fashion-mnist``), 10 classes.
   * ``digits``     scikit-learn's bundled 8×8 digits, 10 classes.
-  * ``texture``    patches of scikit-learn's two bundled photos, 8 classes (which region of which photo).
+  * ``texture``    patches of scikit-learn's two bundled photos, 8 classes (which region of which photo);
+                   training and test patches from disjoint cells (a checkerboard) of each region.
 
 Every loader returns ``Task(name, classes, train, test)`` with (inputs, labels) splits drawn by a seeded
-permutation, balanced per class (``per_class`` training and ``test_per_class`` test examples per class).
+permutation (texture: seeded patch positions), balanced per class (``per_class`` training and ``test_per_class``
+test examples per class).
 A missing package raises ``MissingData`` naming the package to install.
 """
 from __future__ import annotations
@@ -178,31 +180,52 @@ def digits(per_class: int, test_per_class: int, seed: int, size: int) -> Task:
                        per_class, test_per_class, seed, size)
 
 
+TEXTURE_PATCH = 48   # px, cut from the photo, then resized to ``size``
+TEXTURE_CELLS = (4, 5)  # each region cut in 4 × 5 cells (53 × 64 px in the 427 × 640 photos): a checkerboard of them
+
+
 def texture(per_class: int, test_per_class: int, seed: int, size: int) -> Task:
-    """Random 48×48 patches of the two photos scikit-learn bundles, each photo cut in 2×2 regions: 8 classes."""
+    """Random 48×48 patches of the two photos scikit-learn bundles, each photo cut in 2×2 regions: 8 classes.
+
+    Training and test patches never share a pixel: each region is cut in a 4 × 5 grid of cells, the cells
+    coloured like a checkerboard; training patches lie inside the "white" cells, test patches inside the
+    "black" ones (each patch wholly inside one cell), so both cover the whole region but no test patch overlaps
+    a training patch. Cell and position within it drawn uniformly (seeded)."""
     from sklearn.datasets import load_sample_images
 
     imgs = load_sample_images().images
     rng = np.random.default_rng(seed)
-    n = per_class + test_per_class
-    patches, groups = [], []
+    P, (R, C) = TEXTURE_PATCH, TEXTURE_CELLS
+    parts: dict[int, list] = {0: [], 1: []}
+    labels: dict[int, list[int]] = {0: [], 1: []}
+    c = 0
     for img in imgs:
         H, W, _ = img.shape
         for ry in range(2):
             for rx in range(2):
-                ys = rng.integers(ry * H // 2, (ry + 1) * H // 2 - 48, n)
-                xs = rng.integers(rx * W // 2, (rx + 1) * W // 2 - 48, n)
-                groups.append(np.arange(len(patches), len(patches) + n))
-                patches += [img[a:a + 48, b:b + 48] for a, b in zip(ys, xs)]
-    x = torch.as_tensor(np.stack(patches), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+                y0, x0, h, w = ry * H // 2, rx * W // 2, H // 2, W // 2
+                cells = [[(i, j) for i in range(R) for j in range(C) if (i + j) % 2 == split] for split in (0, 1)]
+                for split, n in ((0, per_class), (1, test_per_class)):
+                    for k in rng.integers(0, len(cells[split]), n):
+                        i, j = cells[split][k]
+                        cy0, cy1 = y0 + i * h // R, y0 + (i + 1) * h // R
+                        cx0, cx1 = x0 + j * w // C, x0 + (j + 1) * w // C
+                        a, b = rng.integers(cy0, cy1 - P + 1), rng.integers(cx0, cx1 - P + 1)
+                        parts[split].append(img[a:a + P, b:b + P])
+                        labels[split].append(c)
+                c += 1
+
+    def conv(patches) -> torch.Tensor:
+        x = torch.as_tensor(np.stack(patches), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
+        return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
     classes = [f"{p}-{r}" for p in ("china", "flower") for r in ("tl", "tr", "bl", "br")]
-    return _image_task("texture", classes, groups, x, per_class, test_per_class, seed, size, rgb=True)
+    return Task("texture", classes, (conv(parts[0]), labels[0]), (conv(parts[1]), labels[1]))
 
 
-def _image_task(name, classes, groups, x, per_class, test_per_class, seed, size, rgb=False) -> Task:
+def _image_task(name, classes, groups, x, per_class, test_per_class, seed, size) -> Task:
     task = _split(name, classes, [g.tolist() for g in groups], per_class, test_per_class, seed)
-    conv = (lambda idx: x[idx]) if rgb else (lambda idx: _to_rgb(x[idx], size))
+    conv = lambda idx: _to_rgb(x[idx], size)  # noqa: E731
     (tr_i, tr_y), (te_i, te_y) = task.train, task.test
     task.train, task.test = (conv(np.asarray(tr_i)), tr_y), (conv(np.asarray(te_i)), te_y)
     return task
