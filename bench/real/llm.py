@@ -23,7 +23,8 @@ adapters' LoRA init and data order, and the merges' and Pareto trainers' seeds; 
 report per seed (out/seed<N>/) and summary.md with mean ± std over seeds (``run.summarize_seeds``, shared with
 the text and vision pools) plus the adapters' gains and the perplexities.
 
-Every stage is cached under ``<cache>/llm[-quick]-<settings hash>/``; a second run reads it back.
+Every stage is cached under ``<cache>/llm[-quick]-<hash of the pool's settings>/`` (windows, trunk, adapters),
+each method's result there keyed by the settings it reads (``METHOD_FIELDS``); a second run reads it back.
 """
 from __future__ import annotations
 
@@ -85,14 +86,23 @@ class LLMSettings:
     ties_lam: float = 1.0
     pareto_rank: int = 8
     pareto_steps_datafree: int = 100
-    pareto_steps_unlabeled: int = 20
+    # Unlabeled mode: next-token entropy minimisation collapses a causal LM (20 steps at 5e-3, anchor 1: every
+    # domain's accuracy < 6 %, perplexity > 1e10; on seed 0's unlabeled windows the collapse starts between
+    # steps 8 and 12). 8 steps at 5e-3 with the anchor (distance to the adapters) at 10 move it measurably.
+    pareto_steps_unlabeled: int = 8
     pareto_lr_datafree: float = 1e-2
     pareto_lr_unlabeled: float = 5e-3
+    pareto_anchor_unlabeled: float = 10.0
     pareto_batch: int = 4
     priority: float = 0.5
     grid_resolution: int = 1        # the simplex's vertices (one-hot γ), beside equal and priority
     gen_tokens: int = 24
     seed: int = 0
+
+    def method_key(self, name: str) -> str:
+        """The key of a method's cached result: the pool's settings and the ones that method reads (changing
+        the unlabeled mode's steps reruns that mode only, not the adapters nor the other methods)."""
+        return self.key(POOL_FIELDS + METHOD_FIELDS[name.split(":", 1)[0]])
 
     def key(self, fields: Optional[Sequence[str]] = None) -> str:
         d = dataclasses.asdict(self)
@@ -102,6 +112,21 @@ class LLMSettings:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+# What the cached pool (windows, trunk hidden states, adapters) depends on; the cache directory is keyed by these.
+POOL_FIELDS = ("domains", "seq_len", "lora_layers", "lora_r", "lora_alpha", "ft_steps", "ft_batch", "ft_lr",
+               "test_windows", "unlabeled_windows", "seed")
+_PREFS = ("priority", "grid_resolution")
+METHOD_FIELDS = {
+    "pretrained": (), "finetuned": (), "task_arithmetic": ("ta_lam",), "ties": ("ties_k", "ties_lam"),
+    "ta_preference": ("ta_lam",) + _PREFS,
+    "pareto_merging_datafree": ("ta_lam", "pareto_rank", "pareto_steps_datafree", "pareto_lr_datafree",
+                                "pareto_batch") + _PREFS,
+    "pareto_merging_unlabeled": ("ta_lam", "pareto_rank", "pareto_steps_unlabeled", "pareto_lr_unlabeled",
+                                 "pareto_anchor_unlabeled", "pareto_batch") + _PREFS}
+METHOD_FIELDS["generate"] = METHOD_FIELDS["pareto_merging_datafree"] + ("gen_tokens",)
+METHOD_FIELDS["export"] = METHOD_FIELDS["pareto_merging_datafree"]
+
+
 def llm_settings(quick: bool, seed: int = 0) -> LLMSettings:
     """The full run's settings, or ``quick`` ones (the CI test: a few steps, a small evaluation), for ``seed``
     (the data split, the adapters' init and data order, the merges)."""
@@ -109,6 +134,7 @@ def llm_settings(quick: bool, seed: int = 0) -> LLMSettings:
     if quick:
         s = dataclasses.replace(s, ft_steps=12, ft_batch=4, ft_lr=3e-3, test_windows=4, unlabeled_windows=4,
                                 pareto_steps_datafree=40, pareto_steps_unlabeled=6, pareto_lr_unlabeled=1e-2,
+                                pareto_anchor_unlabeled=1.0,
                                 pareto_batch=2, grid_resolution=1, gen_tokens=8)
     return s
 
@@ -425,10 +451,11 @@ class LLMBench:
             torch.manual_seed(s.seed)  # convert exactly the layers the adapters changed (all factored in the pool)
             pm.convert(model, K, s.pareto_rank, include=[n.removesuffix(".weight") for n in self.pool.factored_keys()])
         steps = s.pareto_steps_datafree if mode == "datafree" else s.pareto_steps_unlabeled
-        ckdir = self.cache / "checkpoints" / f"pareto_merging_{mode}"
+        ckdir = self.cache / "checkpoints" / f"pareto_merging_{mode}-{s.method_key(f'pareto_merging_{mode}')}"
         cfg = pm.TrainerConfig(mode=mode, include="attention", rank=s.pareto_rank, steps=steps,
                                lr=s.pareto_lr_datafree if mode == "datafree" else s.pareto_lr_unlabeled,
                                batch_size=s.pareto_batch, seed=s.seed, diversity=0.0,
+                               anchor=s.pareto_anchor_unlabeled if mode == "unlabeled" else 1.0,
                                # logits_fn runs the top layers itself on cached hidden states, which
                                # AdaMerging's λ-merged forward (adamerging "before"/"joint") would not reach
                                adamerging="off",
@@ -516,7 +543,7 @@ def run_method(b: LLMBench, name: str) -> dict:
     from paretomerge.methods.preference_baselines import preference_coefficients
     from paretomerge.methods.ties import ties_deltas
 
-    path = b.cache / "results" / f"{name}.json"
+    path = b.cache / "results" / f"{name}-{b.s.method_key(name)}.json"
     if path.exists():
         return json.loads(path.read_text())
     s = b.s
@@ -577,7 +604,7 @@ def generations(b: LLMBench) -> dict:
     then the equal γ), greedy, on the data-free Pareto model."""
     from paretomerge import llm
 
-    path = b.cache / "generate.json"
+    path = b.cache / f"generate-{b.s.method_key('generate')}.json"
     if path.exists():
         return json.loads(path.read_text())
     t0 = time.perf_counter()
@@ -604,13 +631,14 @@ def export_check(b: LLMBench) -> dict:
     from paretomerge import llm
     from peft import PeftModel
 
-    path = b.cache / "export.json"
+    path = b.cache / f"export-{b.s.method_key('export')}.json"
     if path.exists():
         return json.loads(path.read_text())
     t0 = time.perf_counter()
     model = b.pareto_model("datafree")
     prefs = {sc.replace(":", "_"): p for sc, p in scenarios(b) if sc.startswith("priority:")}
-    tree = llm.export_peft(model, prefs, b.cache / "export_peft", overwrite=True, task_names=b.tasks)
+    tree = llm.export_peft(model, prefs, b.cache / f"export_peft-{b.s.method_key('export')}", overwrite=True,
+                           task_names=b.tasks)
     ids = torch.stack([b.windows[d]["test"][0] for d in b.tasks])
     base = transformers.AutoModelForCausalLM.from_pretrained(tree / "base", local_files_only=True,
                                                              dtype=torch.float32).eval()
@@ -641,9 +669,9 @@ def run_llm(*, quick: bool, cache_root: Path, out: Path, log: Callable = print, 
     from .run import table
 
     s = llm_settings(quick, seed)
-    cache = cache_root / f"llm{'-quick' if quick else ''}-{s.key()}"
+    cache = cache_root / f"llm{'-quick' if quick else ''}-{s.key(POOL_FIELDS)}"  # the pool; methods keyed inside
     cache.mkdir(parents=True, exist_ok=True)
-    _save_json(cache / "settings.json", dataclasses.asdict(s))
+    _save_json(cache / f"settings-{s.key()}.json", dataclasses.asdict(s))
     t0 = time.perf_counter()
     torch.use_deterministic_algorithms(True, warn_only=True)
     b = LLMBench(s, cache_root, cache, log)
