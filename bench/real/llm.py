@@ -711,7 +711,8 @@ def run_llm(*, quick: bool, cache_root: Path, out: Path, log: Callable = print, 
     doc = report.to_dict()
     check = b.hidden["_check"]
     doc.update({
-        "pool": "llm", "quick": quick, "seed": s.seed, "model": MODEL_NAME, "settings": dataclasses.asdict(s), "cache_key": s.key(),
+        "pool": "llm", "quick": quick, "seed": s.seed, "model": MODEL_NAME, "settings": dataclasses.asdict(s),
+        "cache_key": s.key(), "pool_cache_key": s.key(POOL_FIELDS),
         "metric": "next-token accuracy on held-out windows (higher is better); perplexity in 'perplexity'",
         "seconds": {n: results[n]["seconds"] for n in names},
         "seconds_with_evaluation": {n: results[n]["seconds_with_evaluation"] for n in names},
@@ -774,7 +775,9 @@ def llm_summary(docs: Sequence[dict]) -> dict:
         g = [d["adapter_gain"][t] for d in docs]
         out["adapter_gain"][t] = {k: _ms([x[k] for x in g]) for k in ("pretrained", "adapter", "gain",
                                                                         "pretrained_ppl", "adapter_ppl")}
-    ppl = lambda d, m, sc: next(r["perplexity"] for r in d["perplexity"] if r["method"] == m and r["scenario"] == sc)  # noqa: E731
+    def ppl(d, m, sc):
+        return next(r["perplexity"] for r in d["perplexity"] if r["method"] == m and r["scenario"] == sc)
+
     pref_aware = list(docs[0]["preference_control_perplexity"])
     for m in dict.fromkeys(r["method"] for r in docs[0]["perplexity"]):
         sc = "equal" if m in pref_aware else None
@@ -813,7 +816,8 @@ def _llm_summary_markdown(x: dict) -> str:
                                                           for m, v in x["perplexity_control"].items()), "",
               "Pareto models vs their base (TA, the model before training), max over γ rows and domains: "
               + "; ".join(f"{mode}: perplexity {f(v['max_rel_perplexity_change'], 100, 2)} %, accuracy "
-                          f"{f(v['max_abs_accuracy_change'], 100, 2)} points" for mode, v in x["pareto_vs_base"].items()),
+                          f"{f(v['max_abs_accuracy_change'], 100, 2)} points"
+                          for mode, v in x["pareto_vs_base"].items()),
               ""]
     return "\n".join(lines) + "\n"
 
