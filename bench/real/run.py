@@ -438,7 +438,8 @@ PRETTY = {"pretrained": "Pretrained", "task_arithmetic": "Task Arithmetic", "tie
           "map": "MAP (labelled val.)"}
 
 
-def table(report: Report, seconds: dict[str, float], ref: Optional[dict[str, float]] = None) -> str:
+def table(report: Report, seconds: dict[str, float], ref: Optional[dict[str, float]] = None,
+          pretty: Optional[dict[str, str]] = None) -> str:
     """The paper's layout: rows = methods, columns = tasks + average + HV (+ wall time). Preference-aware methods
     appear twice: at the equal preference, and with each task's column taken under that task's priority preference."""
     tasks = report.tasks
@@ -461,7 +462,7 @@ def table(report: Report, seconds: dict[str, float], ref: Optional[dict[str, flo
     for m in report.methods():
         if m.startswith("finetuned:"):
             continue
-        label = PRETTY.get(m, m)
+        label = (pretty or PRETTY).get(m, m)
         sec = f"{seconds.get(m, 0):.0f}"
         if None in by[m]:
             row(label, [by[m][None][t] for t in tasks], f"{100 * hv[m]:.2f}", sec)
@@ -545,11 +546,19 @@ def run_seeds(pool: str, *, quick: bool, seeds: Iterable[int], cache_root: Path,
     seeds of every method's accuracies (preference-aware: at equal, and each task under its own priority), HV
     (ref 0 and ref = the pretrained model's accuracies), and priority − equal per (method, task) with a paired
     bootstrap CI over test examples and seeds."""
-    import numpy as np
-
     seeds = list(seeds)
     docs = [run_pool(pool, quick=quick, cache_root=cache_root, out=out / f"seed{sd}", log=log, seed=sd,
                      settings=None if settings is None else settings(sd)) for sd in seeds]
+    return summarize_seeds(pool, quick, seeds, docs, out, log)
+
+
+def summarize_seeds(pool: str, quick: bool, seeds: list[int], docs: list[dict], out: Path, log: Callable = print,
+                    extra_md: str = "", pretty: Optional[dict[str, str]] = None) -> dict:
+    """summary.json and summary.md under ``out`` from one report.json dict per seed (``run_pool``'s, or any with
+    its keys: results, tasks, hypervolume, hypervolume_ref_pretrained, seconds, preference_control, correct,
+    wall_seconds). ``extra_md`` is appended to summary.md."""
+    import numpy as np
+
     tasks = docs[0]["tasks"]
     methods = list(dict.fromkeys(r["method"] for r in docs[0]["results"]))
     pref_aware = list(docs[0]["preference_control"])
@@ -590,7 +599,7 @@ def run_seeds(pool: str, *, quick: bool, seeds: Iterable[int], cache_root: Path,
     summary["wall_seconds"] = [d["wall_seconds"] for d in docs]
     out.mkdir(parents=True, exist_ok=True)
     _save_json(out / "summary.json", summary)
-    md = summary_table(summary)
+    md = summary_table(summary, pretty) + extra_md
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(md))
     log(md)
     return summary
@@ -601,9 +610,10 @@ def _row_correct(doc: dict, method: str, scenario) -> dict[str, list[int]]:
     return doc["correct"][method][next(i for i, r in enumerate(rows) if r["scenario"] == scenario)]
 
 
-def summary_table(summary: dict) -> str:
+def summary_table(summary: dict, pretty: Optional[dict[str, str]] = None) -> str:
     """Mean ± std over seeds (accuracy %, HV ×100) and the priority-control differences with their CIs."""
     tasks = summary["tasks"]
+    PRETTY_ = pretty or PRETTY
     f = lambda e: f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}"  # noqa: E731
     lines = [f"Seeds {summary['seeds']}; accuracy % (mean ± std over seeds); HV over each method's points: with ref = "
              f"the pretrained model's accuracies as HV^(1/K) ×100 (the side of the cube of equal volume: a gain over "
@@ -611,18 +621,18 @@ def summary_table(summary: dict) -> str:
              "| method | " + " | ".join(tasks) + " | avg | HV^(1/K) (ref pretrained) | HV (ref 0) |",
              "|---|" + "---:|" * (len(tasks) + 3)]
     for m, e in summary["methods"].items():
-        label = PRETTY.get(m, m) + (" [equal]" if "priority" in e else "")
+        label = PRETTY_.get(m, m) + (" [equal]" if "priority" in e else "")
         lines.append(f"| {label} | " + " | ".join(f(e[t]) for t in tasks) + f" | {f(e['avg'])} | "
                      f"{100 * e['hv_ref_pretrained']['mean']:.2f} ± {100 * e['hv_ref_pretrained']['std']:.2f} | "
                      f"{100 * e['hv_ref0']['mean']:.2f} ± {100 * e['hv_ref0']['std']:.2f} |")
         if "priority" in e:
-            lines.append(f"| {PRETTY.get(m, m)} [priority on the column's task] | "
+            lines.append(f"| {PRETTY_.get(m, m)} [priority on the column's task] | "
                          + " | ".join(f(e["priority"][t]) for t in tasks) + " | | | |")
     lines += ["", "Priority control: accuracy under priority:<task> − under equal, points, [95 % paired bootstrap "
               "CI over test examples and seeds]; * = CI excludes 0.", "",
               "| method | " + " | ".join(tasks) + " | pooled over tasks |", "|---|" + "---:|" * (len(tasks) + 1)]
     for m, c in summary["control"].items():
-        lines.append(f"| {PRETTY.get(m, m)} | " + " | ".join(
+        lines.append(f"| {PRETTY_.get(m, m)} | " + " | ".join(
             f"{100 * c[t]['diff']:+.1f} [{100 * c[t]['low']:+.1f}, {100 * c[t]['high']:+.1f}]"
             + ("*" if c[t]["significant"] else "") for t in [*tasks, "pooled"]) + " |")
     return "\n".join(lines) + "\n"
