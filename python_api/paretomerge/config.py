@@ -152,7 +152,8 @@ class TrainerConfig(_Strict):
         (Σ_k γ_k U_k G_kk V_kᵀ: block-diagonal G_k, rank divisible by K) or "diag" (Panacea-style
         U diag(σ + γ-part) Vᵀ, rank ≥ K).
     ideal: ideal point z (K floats) in the (normalised) objective space; None = 0.
-    normalize: "init" divides f_k by its value at the base merge (default) or "none".
+    normalize: "init" divides f_k by its value at the base merge (default; unlabeled mode: the mean over the
+        first inputs cut into batches of ``batch_size``, the size f_k is trained at) or "none".
     reg_frobenius / reg_orthogonal: weights of the factor regulariser (see objectives.factor_regularizer).
     diversity: unlabeled mode: weight of the anti-collapse term log C − H(mean prediction) added to each
         task's entropy (see objectives.entropy_objectives; 0 = AdaMerging's plain entropy, which a free
