@@ -758,22 +758,17 @@ def run_llm_seeds(*, quick: bool, seeds: Sequence[int], cache_root: Path, out: P
     return summary
 
 
-def _ms(vals: Sequence[float]) -> dict:
-    import numpy as np
-
-    a = np.asarray(vals, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
-
-
 def llm_summary(docs: Sequence[dict]) -> dict:
     """Over seeds (mean ± std): each adapter's gain on its own domain (accuracy, perplexity), every method's
     perplexities (preference-aware: at equal and under each domain's priority), perplexity control (how many
     domains move the right way per seed), and how far each Pareto mode moved from its base."""
+    from .run import mean_std
+
     tasks = docs[0]["tasks"]
     out = {"adapter_gain": {}, "perplexity": {}, "perplexity_control": {}, "pareto_vs_base": {}}
     for t in tasks:
         g = [d["adapter_gain"][t] for d in docs]
-        out["adapter_gain"][t] = {k: _ms([x[k] for x in g]) for k in ("pretrained", "adapter", "gain",
+        out["adapter_gain"][t] = {k: mean_std([x[k] for x in g]) for k in ("pretrained", "adapter", "gain",
                                                                         "pretrained_ppl", "adapter_ppl")}
     def ppl(d, m, sc):
         return next(r["perplexity"] for r in d["perplexity"] if r["method"] == m and r["scenario"] == sc)
@@ -781,14 +776,14 @@ def llm_summary(docs: Sequence[dict]) -> dict:
     pref_aware = list(docs[0]["preference_control_perplexity"])
     for m in dict.fromkeys(r["method"] for r in docs[0]["perplexity"]):
         sc = "equal" if m in pref_aware else None
-        e = {t: _ms([ppl(d, m, sc)[t] for d in docs]) for t in tasks}
+        e = {t: mean_std([ppl(d, m, sc)[t] for d in docs]) for t in tasks}
         if m in pref_aware:
-            e["priority"] = {t: _ms([ppl(d, m, f"priority:{t}")[t] for d in docs]) for t in tasks}
+            e["priority"] = {t: mean_std([ppl(d, m, f"priority:{t}")[t] for d in docs]) for t in tasks}
             out["perplexity_control"][m] = [sum(v["ok"] for v in d["preference_control_perplexity"][m].values())
                                             for d in docs]
         out["perplexity"][m] = e
     for mode in docs[0]["pareto_vs_base"]:
-        out["pareto_vs_base"][mode] = {k: _ms([d["pareto_vs_base"][mode][k] for d in docs])
+        out["pareto_vs_base"][mode] = {k: mean_std([d["pareto_vs_base"][mode][k] for d in docs])
                                        for k in docs[0]["pareto_vs_base"][mode]}
     return out
 

@@ -552,6 +552,14 @@ def run_seeds(pool: str, *, quick: bool, seeds: Iterable[int], cache_root: Path,
     return summarize_seeds(pool, quick, seeds, docs, out, log)
 
 
+def mean_std(vals) -> dict[str, float]:
+    """{"mean", "std"} of a list of per-seed values (std with ddof 1; 0 for one seed)."""
+    import numpy as np
+
+    a = np.asarray(vals, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+
 def summarize_seeds(pool: str, quick: bool, seeds: list[int], docs: list[dict], out: Path, log: Callable = print,
                     extra_md: str = "", pretty: Optional[dict[str, str]] = None) -> dict:
     """summary.json and summary.md under ``out`` from one report.json dict per seed (``run_pool``'s, or any with
@@ -566,20 +574,16 @@ def summarize_seeds(pool: str, quick: bool, seeds: list[int], docs: list[dict], 
     def metric(doc, m, sc, t):
         return next(r["metrics"][t] for r in doc["results"] if r["method"] == m and r["scenario"] == sc)
 
-    def ms(vals):
-        a = np.asarray(vals, dtype=np.float64)
-        return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
-
     summary = {"pool": pool, "quick": quick, "seeds": seeds, "tasks": tasks, "methods": {}, "control": {}}
     for m in methods:
         sc = "equal" if m in pref_aware else None
-        entry = {t: ms([metric(d, m, sc, t) for d in docs]) for t in tasks}
-        entry["avg"] = ms([np.mean([metric(d, m, sc, t) for t in tasks]) for d in docs])
-        entry["hv_ref0"] = ms([d["hypervolume"][m] for d in docs])
-        entry["hv_ref_pretrained"] = ms([d["hypervolume_ref_pretrained"][m] ** (1.0 / len(tasks)) for d in docs])
-        entry["seconds"] = ms([d["seconds"][m] for d in docs])
+        entry = {t: mean_std([metric(d, m, sc, t) for d in docs]) for t in tasks}
+        entry["avg"] = mean_std([np.mean([metric(d, m, sc, t) for t in tasks]) for d in docs])
+        entry["hv_ref0"] = mean_std([d["hypervolume"][m] for d in docs])
+        entry["hv_ref_pretrained"] = mean_std([d["hypervolume_ref_pretrained"][m] ** (1.0 / len(tasks)) for d in docs])
+        entry["seconds"] = mean_std([d["seconds"][m] for d in docs])
         if m in pref_aware:
-            entry["priority"] = {t: ms([metric(d, m, f"priority:{t}", t) for d in docs]) for t in tasks}
+            entry["priority"] = {t: mean_std([metric(d, m, f"priority:{t}", t) for d in docs]) for t in tasks}
         summary["methods"][m] = entry
     for m in pref_aware:
         summary["control"][m] = {}
