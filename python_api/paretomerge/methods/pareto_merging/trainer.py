@@ -403,8 +403,9 @@ class ParetoMergingTrainer:
             uniform = torch.full((self.K,), 1.0 / self.K, device=self.device)
             bs = self.cfg.batch_size
             chunks = max(1, min(256, *(x.shape[0] for x in self.unlabeled)) // bs)
+            model = self._forward_model()  # the joint variant merges its λ base here: once, not per chunk
             f0 = torch.stack([entropy_objectives(
-                self._forward_model(), self.logits_fn, [x[j * bs:(j + 1) * bs].to(self.device) for x in self.unlabeled],
+                model, self.logits_fn, [x[j * bs:(j + 1) * bs].to(self.device) for x in self.unlabeled],
                 uniform, diversity=self.cfg.diversity) for j in range(chunks)]).mean(0)
         self.normalizer.fit(f0)
 
