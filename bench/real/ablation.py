@@ -46,6 +46,7 @@ VARIANTS: dict[str, dict] = {
     "before_div_anchor_mu0.5": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "mu": 0.5},
     "before_div_anchor_alpha0.3": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "alpha": 0.3},
     "before_div_anchor3_linear": {"adamerging": "before", "diversity": 1.0, "anchor": 3.0, "scalarization": "linear"},
+    "before_div_anchor_lr1e-3": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "lr": 1e-3},
     "before_div_anchor_b64": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "batch_size": 64},
     "joint_plain": {"adamerging": "joint", "diversity": 0.0, "anchor": 0.0},
     "joint_div_anchor": {"adamerging": "joint", "diversity": 1.0, "anchor": 1.0},
