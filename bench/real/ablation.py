@@ -21,10 +21,9 @@ import torch
 
 import paretomerge as pm
 from paretomerge.evaluation import paired_bootstrap, preference_set
-from paretomerge.methods import merge
 from paretomerge.methods.pareto_merging import ParetoMergingTrainer
 
-from .run import prepare, settings_for, top2
+from .run import pareto_base, prepare, settings_for, top2
 
 # name → TrainerConfig fields over the benchmark's unlabeled settings
 VARIANTS: dict[str, dict] = {
@@ -47,6 +46,15 @@ VARIANTS: dict[str, dict] = {
     "before_div_anchor_alpha0.3": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "alpha": 0.3},
     "before_div_anchor3_linear": {"adamerging": "before", "diversity": 1.0, "anchor": 3.0, "scalarization": "linear"},
     "before_div_anchor_lr1e-3": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "lr": 1e-3},
+    "before_div_anchor10": {"adamerging": "before", "diversity": 1.0, "anchor": 10.0},
+    "before_div_anchor_diag": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "structure": "diag"},
+    "before_div_anchor_lora_sum": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "structure": "lora_sum"},
+    "before_div_anchor_sf": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "scale_free": True},
+    "before_plain_sf": {"adamerging": "before", "diversity": 0.0, "anchor": 0.0, "scale_free": True},
+    "before_div_sf": {"adamerging": "before", "diversity": 1.0, "anchor": 0.0, "scale_free": True},
+    "before_anchor1000": {"adamerging": "before", "diversity": 0.0, "anchor": 1000.0},  # ≈ data-free on the λ base
+    "before_anchor1000_df": {"adamerging": "before", "diversity": 0.0, "anchor": 1000.0, "steps": 200, "lr": 1e-2},
+    "before_only": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "lr": 1e-12},  # the λ phase alone
     "before_div_anchor_b64": {"adamerging": "before", "diversity": 1.0, "anchor": 1.0, "batch_size": 64},
     "joint_plain": {"adamerging": "joint", "diversity": 0.0, "anchor": 0.0},
     "joint_div_anchor": {"adamerging": "joint", "diversity": 1.0, "anchor": 1.0},
@@ -63,20 +71,32 @@ def _diagnose(bench, model, pref) -> dict:
             counts = torch.bincount(pred, minlength=logits.shape[-1]).float()
             out[t] = {"acc": float((pred == y).float().mean()), "correct": (pred == y).int().tolist(),
                       "top_share": float(counts.max() / counts.sum()),
-                      "entropy": float(pm.entropy(logits))}
+                      "entropy": float(pm.entropy(logits)), "logit_norm": float(logits.norm(dim=-1).mean())}
     return out
 
 
 def run_variant(bench, name: str, options: dict, log=print) -> dict:
     s = bench.settings
-    base = merge("task_arithmetic", bench.pool, lam=s.ta_lam)
+    base, include = pareto_base(bench)
+    options = dict(options)
+    scale_free = options.pop("scale_free", False)
     opts = {"adamerging_steps": s.adamerging_steps, "adamerging_lr": s.adamerging_lr, "adamerging_init": s.ta_lam,
             "lr": s.pareto_lr_unlabeled, **options}
-    cfg = pm.TrainerConfig(**{"mode": "unlabeled", "include": s.pareto_include, "rank": s.pareto_rank,
+    cfg = pm.TrainerConfig(**{"mode": "unlabeled", "include": include, "rank": s.pareto_rank,
                               "steps": s.pareto_steps_unlabeled, "batch_size": s.pareto_batch, "seed": s.seed,
                               "progress": False, **opts})
+    logits_fn = bench.logits_fn
+    if scale_free:  # probe: entropy of centred logits rescaled per row to the base's mean norm
+        with torch.no_grad(), pm.use_preference(torch.full((len(bench.tasks),), 1 / len(bench.tasks))):
+            c = [float((lambda l: (l - l.mean(-1, keepdim=True)).norm(dim=-1).mean())(
+                bench.logits_fn(base, k, bench.unlabeled[t][:256]))) for k, t in enumerate(bench.tasks)]
+
+        def logits_fn(model, k, x):
+            lg = bench.logits_fn(model, k, x)
+            lg = lg - lg.mean(-1, keepdim=True)
+            return c[k] * lg / lg.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     t0 = time.perf_counter()
-    trainer = ParetoMergingTrainer(base, bench.pool, cfg, logits_fn=bench.logits_fn,
+    trainer = ParetoMergingTrainer(base, bench.pool, cfg, logits_fn=logits_fn,
                                    unlabeled=[bench.unlabeled[t] for t in bench.tasks], task_names=bench.tasks)
     trainer.train()
     seconds = time.perf_counter() - t0

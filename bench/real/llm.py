@@ -454,10 +454,11 @@ class LLMBench:
         ckdir = self.cache / "checkpoints" / f"pareto_merging_{mode}-{s.method_key(f'pareto_merging_{mode}')}"
         cfg = pm.TrainerConfig(mode=mode, include="attention", rank=s.pareto_rank, steps=steps,
                                lr=s.pareto_lr_datafree if mode == "datafree" else s.pareto_lr_unlabeled,
-                               batch_size=s.pareto_batch, seed=s.seed, diversity=0.0,
+                               batch_size=s.pareto_batch, seed=s.seed, diversity=0.0, entropy=1.0,
                                anchor=s.pareto_anchor_unlabeled if mode == "unlabeled" else 1.0,
                                # logits_fn runs the top layers itself on cached hidden states, which
-                               # AdaMerging's λ-merged forward (adamerging "before"/"joint") would not reach
+                               # AdaMerging's λ-merged forward (adamerging "before"/"joint") would not reach;
+                               # without λ, entropy is what the unlabeled mode adds here (entropy=1)
                                adamerging="off",
                                checkpoint_dir=str(ckdir), checkpoint_every=0)  # the last step only: 650 MB each
         start = self.start

@@ -358,14 +358,7 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
     elif name.startswith("pareto_merging_"):
         mode = name.removeprefix("pareto_merging_")
         base = "task_arithmetic"
-        model = merge(base, bench.pool, lam=s.ta_lam)
-        K = len(bench.tasks)
-        include = s.pareto_include
-        if not isinstance(include, str):  # fnmatch patterns (e.g. pointwise convs): convert here, seeded as the trainer
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s.seed)
-                pm.convert(model, K, s.pareto_rank, include=list(include))
-            include = "attention"  # unused: the trainer keeps an already-converted model's layers
+        model, include = pareto_base(bench)
         steps = s.pareto_steps_datafree if mode == "datafree" else s.pareto_steps_unlabeled
         ckdir = cache / "checkpoints" / _cache_name(name, s)
         cfg = pm.TrainerConfig(mode=mode, include=include, rank=s.pareto_rank, steps=steps,
@@ -394,6 +387,21 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
     _save_json(path, out)
     log(f"{name}: {out['seconds']:.1f}s (with evaluation {total:.1f}s)")
     return out
+
+
+def pareto_base(bench: Bench) -> tuple[torch.nn.Module, str]:
+    """Pareto Merging's starting model (task arithmetic at ``ta_lam``) and the TrainerConfig ``include`` for it.
+    fnmatch patterns (the vision pool's pointwise convs) are converted here, seeded as the trainer would; the
+    trainer then keeps the already-converted layers (the returned include is unused)."""
+    s = bench.settings
+    model = merge("task_arithmetic", bench.pool, lam=s.ta_lam)
+    include = s.pareto_include
+    if not isinstance(include, str):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s.seed)
+            pm.convert(model, len(bench.tasks), s.pareto_rank, include=list(include))
+        include = "attention"
+    return model, include
 
 
 def _cache_name(name: str, s: Settings) -> str:

@@ -155,6 +155,11 @@ class TrainerConfig(_Strict):
     normalize: "init" divides f_k by its value at the base merge (default; unlabeled mode: the mean over the
         first inputs cut into batches of ``batch_size``, the size f_k is trained at) or "none".
     reg_frobenius / reg_orthogonal: weights of the factor regulariser (see objectives.factor_regularizer).
+    entropy: unlabeled mode: weight of the (normalised) entropy objective that trains the tensor (AdaMerging's λ
+        phase always uses AdaMerging's plain entropy). 0: the tensor is trained by the anchor alone, so the
+        unlabeled inputs choose λ and the tensor is the data-free objective around that base (no forward pass
+        per step; needs ``anchor`` > 0 and ``adamerging`` "before", "auto" or "off"). docs/design.md §6 has
+        what each measured on the real-weights pools.
     diversity: unlabeled mode: weight of the anti-collapse term log C − H(mean prediction) added to each
         task's entropy (see objectives.entropy_objectives; 0 = AdaMerging's plain entropy, which a free
         low-rank update minimises by predicting one class for everything).
@@ -203,6 +208,7 @@ class TrainerConfig(_Strict):
     normalize: Literal["init", "none"] = "init"
     reg_frobenius: NonNegativeFloat = 0.0
     reg_orthogonal: NonNegativeFloat = 0.0
+    entropy: NonNegativeFloat = 1.0
     diversity: NonNegativeFloat = 1.0
     anchor: NonNegativeFloat = 1.0
     adamerging: Literal["auto", "off", "before", "joint"] = "auto"
@@ -254,6 +260,13 @@ class TrainerConfig(_Strict):
         if self.adamerging in ("before", "joint") and self.mode != "unlabeled":
             raise ConfigError("adamerging", "joint AdaMerging coefficients need mode 'unlabeled' "
                                             "(they are fit by entropy)")
+        if self.mode == "unlabeled" and self.entropy == 0:
+            if self.anchor == 0:
+                raise ConfigError("entropy", "entropy 0 and anchor 0: nothing would train the tensor (set "
+                                             "entropy > 0, or anchor > 0 to train it data-free around the base)")
+            if self.adamerging == "joint":
+                raise ConfigError("entropy", "entropy 0 leaves the joint AdaMerging λ without a gradient: use "
+                                             "adamerging 'before' (λ first, by AdaMerging's entropy) or 'off'")
         return self
 
     def validate(self) -> "TrainerConfig":  # type: ignore[override]

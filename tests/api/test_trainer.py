@@ -239,3 +239,42 @@ def test_unlabeled_normaliser_is_taken_at_the_training_batch_size():
         whole = entropy_objectives(t.model, t.logits_fn, [x[:256] for x in t.unlabeled], uniform, diversity=1.0)
     assert torch.allclose(t.normalizer.scale, torch.stack(chunks).mean(0), rtol=1e-6)
     assert torch.all(t.normalizer.scale > whole)  # small batches' p̄ is lumpier: the floor the scale now includes
+
+
+def test_entropy_zero_trains_the_tensor_on_the_anchor_alone():
+    """``entropy=0``: the unlabeled inputs only choose AdaMerging's λ; the tensor then trains on the anchor alone
+    (no forward pass after the λ phase). Around the model's own base (adamerging "off") with anchor 1 that is the
+    data-free mode's objective, so the two train bit for bit alike."""
+    base, fts, heads, data = _setup()
+    calls = []
+
+    def logits_fn(m, k, x):
+        calls.append(k)
+        return heads[k](m(x).mean(1))
+
+    def run(mode, **kw):
+        cfg = TrainerConfig(mode=mode, steps=6, lr=0.05, batch_size=4, rank=2, include="attention", progress=False,
+                            **kw)
+        t = ParetoMergingTrainer(copy.deepcopy(base), None, cfg, finetuned=fts, logits_fn=logits_fn,
+                                 unlabeled=data)
+        t.train()
+        return t
+
+    calls.clear()
+    anchored = run("unlabeled", entropy=0.0, anchor=1.0)
+    assert anchored.adamerging == "off" and calls == []  # no forward pass at all
+    datafree = run("datafree")
+    a, b = _params(anchored.model), _params(datafree.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # on an AdaMerging base: λ by entropy (adamerging_steps × K forward passes), then the anchor alone
+    t = _joint_trainer(6, adamerging="before", adamerging_steps=2, entropy=0.0)
+    counted = []
+    inner = t.logits_fn
+    t.logits_fn = lambda m, k, x: counted.append(k) or inner(m, k, x)
+    t.train()
+    assert len(counted) == 2 * K
+    assert t.history[-1]["loss"] < t.history[0]["loss"]  # the anchor's scalarised objective went down
+    with pytest.raises(ValueError, match="trainer.entropy.*nothing would train"):
+        TrainerConfig(mode="unlabeled", entropy=0.0, anchor=0.0)
+    with pytest.raises(ValueError, match="trainer.entropy.*joint"):
+        TrainerConfig(mode="unlabeled", entropy=0.0, adamerging="joint")

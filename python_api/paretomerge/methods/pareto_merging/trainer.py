@@ -396,6 +396,8 @@ class ParetoMergingTrainer:
             self.anchor_normalizer.fit(norms)
         if self.cfg.mode == "datafree":
             f0 = norms  # U M Vᵀ = 0 at init: f_k = Σ ‖D_k‖²
+        elif not self.cfg.entropy:
+            f0 = torch.ones(self.K, device=self.device)  # no entropy term: nothing to normalise
         else:
             # The base merge's objectives on the first (up to) 256 inputs of each task, in chunks of the training
             # batch size, averaged: the diversity term is a batch statistic whose value grows as the batch shrinks
@@ -416,13 +418,15 @@ class ParetoMergingTrainer:
             pref = self._sample_pref(cfg.batch_size)
         else:
             pref = self._sample_pref(None)
-        batches = None if cfg.mode == "datafree" else self._batches()
+        entropy = cfg.mode == "unlabeled" and cfg.entropy > 0
+        batches = self._batches() if entropy else None
         # Distributed unlabeled, per sample: this rank's samples are the rows idx[rank::world_size] of the
         # global batch (``_batches``), so it takes those rows of γ.
         split_rows = cfg.per_sample and self.dist is not None and batches is not None
         if split_rows:
             pref = pref[self.dist.rank::self.dist.world_size]
-        raw = self.objectives(pref, batches)
+        # entropy 0 (unlabeled mode): the tensor trains on the anchor alone, no forward pass
+        raw = self.objectives(pref, batches) if cfg.mode == "datafree" or entropy else None
         reg = None
         if cfg.reg_frobenius or cfg.reg_orthogonal:
             reg = factor_regularizer(self.model, cfg.reg_frobenius, cfg.reg_orthogonal, keys=self.shard_keys)
@@ -431,7 +435,9 @@ class ParetoMergingTrainer:
             parts = torch.cat([raw.reshape(-1)] + ([reg.reshape(1)] if reg is not None else []))
             total = sum_across_ranks(parts)
             raw, reg = total[:raw.numel()].view_as(raw), (total[-1] if reg is not None else None)
-        f = self.normalizer(raw)
+        f = self.normalizer(raw) if raw is not None else 0.0
+        if entropy and cfg.entropy != 1:
+            f = cfg.entropy * f
         if cfg.mode == "unlabeled" and cfg.anchor:
             f = f + cfg.anchor * self.anchor_normalizer(self._datafree(pref))
         scal = scalarize(f, pref, cfg.scalarization, mu=cfg.mu, ideal=self.ideal)
