@@ -20,9 +20,9 @@ try:
 except Exception as e:  # pragma: no cover - depends on the install
     raise ImportError(f"pmkernels.triton_configs needs triton: {e}") from e
 
-__all__ = ["GEMM_BUCKET_CONFIGS", "GEMM_CONFIGS", "GEMM_UNALIGNED_CONFIGS", "SHRINK_CONFIGS", "WD_TILES",
-           "core_grad_launch", "dtype_name", "gemm_bucket", "gemm_configs", "loads_aligned", "shrink_block_c",
-           "shrink_configs", "smem_limit", "wd_configs"]
+__all__ = ["FUSED_FWD_MAX_BLOCK_R", "GEMM_BUCKET_CONFIGS", "GEMM_CONFIGS", "GEMM_UNALIGNED_CONFIGS",
+           "SHRINK_CONFIGS", "WD_TILES", "core_grad_launch", "dtype_name", "gemm_bucket", "gemm_configs",
+           "loads_aligned", "one_launch_forward", "shrink_block_c", "shrink_configs", "smem_limit", "wd_configs"]
 
 _INTERPRET = interpreting()  # fixed at import, as in the kernel modules
 
@@ -85,6 +85,20 @@ GEMM_UNALIGNED_CONFIGS = {
 GEMM_CONFIGS = [c for cs in list(GEMM_BUCKET_CONFIGS.values()) + list(GEMM_UNALIGNED_CONFIGS.values()) for c in cs]
 
 
+# The forward's launch plan, decided here only. One launch (_gemm_kernel with FUSE_SHRINK: z = x V in its
+# K loop, t = z M_bᵀ and t Uᵀ in its epilogue) when no gradient is needed (inference, decode: autograd's
+# backward needs z and t, which the fused kernel keeps in registers), the base GEMM is the Triton one
+# (the cuBLAS hybrid has no K loop to fold x V into) and the padded rank is small: z is a BLOCK_M × BLOCK_R
+# fp32 accumulator beside the output tile, and every column tile recomputes it (BLOCK_R / BLOCK_N extra
+# MMA work). Otherwise two launches: _shrink_kernel (z, t to HBM), then the GEMM reading t.
+FUSED_FWD_MAX_BLOCK_R = 32
+
+
+def one_launch_forward(block_r: int, need_grad: bool, base: str = "triton") -> bool:
+    """True when the forward runs as one fused launch (see FUSED_FWD_MAX_BLOCK_R); block_r = pad_rank(r)."""
+    return base == "triton" and not need_grad and block_r <= FUSED_FWD_MAX_BLOCK_R
+
+
 def loads_aligned(K: int, *strides: int) -> bool:
     """True when the reduction length and every non-unit stride of A and B are multiples of 16 elements,
     i.e. Triton specialises them as divisible and vectorises (and pipelines) the tile loads."""
@@ -98,10 +112,11 @@ def gemm_bucket(M: int, N: int) -> str:
     return "thin_n" if N <= 32 else "large_m"
 
 
-def _gemm_smem(c: triton.Config, a_bytes: int, b_bytes: int, lora: bool, block_r: int) -> int:
-    """Shared memory estimate: num_stages buffers of the A and B tiles (+ the expand's t and U tiles)."""
+def _gemm_smem(c: triton.Config, a_bytes: int, b_bytes: int, lora: bool, block_r: int, fuse: bool = False) -> int:
+    """Shared memory estimate: num_stages buffers of the A and B tiles (+ the fused shrink's V tile; + the
+    expand's t and U tiles)."""
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-    smem = c.num_stages * (bm * a_bytes + bn * b_bytes) * bk
+    smem = c.num_stages * (bm * a_bytes + bn * b_bytes + (block_r * a_bytes if fuse else 0)) * bk
     if lora:
         smem = max(smem, (bm + bn) * block_r * a_bytes)
     return smem
@@ -112,7 +127,7 @@ _TRITON_BEFORE_3_8 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < 
 
 
 def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: int, capability: int,
-                 b_dtype=None, aligned: bool = True) -> list:
+                 b_dtype=None, aligned: bool = True, fuse_shrink: bool = False) -> list:
     """The _gemm_kernel configs the autotuner may try for this launch, in order; never empty.
 
     dtype: A's dtype (B is cast to it; b_dtype: B's own dtype when it differs, fp32 for dU/dV).
@@ -131,7 +146,7 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
         else GEMM_UNALIGNED_CONFIGS[bucket]
     for c in cands:
         acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
-        if _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r) > limit:
+        if _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r, fuse_shrink) > limit:
             continue
         if acc_per_thread > 128 or ((add_c or (has_lora and block_r >= 64)) and acc_per_thread > 64):
             continue
@@ -147,7 +162,7 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
             if acc_per_thread > 64 or (b_bytes == 4 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] >= 128 * 128):
                 continue
         keep.append(c)
-    return keep or [min(cands, key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r))]
+    return keep or [min(cands, key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r, fuse_shrink))]
 
 
 SHRINK_CONFIGS = {  # (BLOCK_N, BLOCK_D, num_stages, num_warps)
