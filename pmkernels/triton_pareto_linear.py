@@ -549,10 +549,15 @@ def _(x, weight, bias, U, G, V, pref):
 @torch.library.custom_op("pmkernels::pareto_linear_infer", mutates_args=())
 def _infer_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], U: torch.Tensor,
               G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
-    """The forward when no gradient is needed (``one_launch_forward``): y (N, out) only, one launch. No
-    autograd rule: ``triton_pareto_linear`` calls it only when nothing needs a gradient."""
+    """The forward when no gradient is needed: y (N, out) only, in one launch where ``one_launch_forward``
+    says so (small r; decode, or out small enough for the GPU), else the two-launch forward's y. No autograd
+    rule: ``triton_pareto_linear`` calls it only when nothing needs a gradient."""
     with torch.autocast(x.device.type, enabled=False):
-        return _forward_one_launch(x, weight, bias, U, G, V, pref)
+        cap = cuda_capability(x.device) if x.device.type == "cuda" else 0
+        if one_launch_forward(pad_rank(U.shape[1]), False, x.shape[0], weight.shape[0], pref.shape[0] > 1, cap,
+                              _BASE_GEMM):
+            return _forward_one_launch(x, weight, bias, U, G, V, pref)
+        return _forward(x, weight, bias, U, G, V, pref)[0]
 
 
 @_infer_op.register_fake
@@ -634,8 +639,8 @@ def triton_pareto_linear(
     p2 = p2.reshape(-1, pref.shape[-1])
     need_grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad
                                                 for a in (x2, weight, bias, U, G, V, p2))
-    if one_launch_forward(pad_rank(U.shape[1]), need_grad, _BASE_GEMM):
-        y = _infer_op(x2, weight, bias, U, G, V, p2)
-    else:
+    if need_grad:  # two launches, z and t kept for the backward
         y, _, _ = _fwd_op(x2, weight, bias, U, G, V, p2)
+    else:  # one launch where one_launch_forward says so
+        y = _infer_op(x2, weight, bias, U, G, V, p2)
     return y.reshape(*lead, weight.shape[0])

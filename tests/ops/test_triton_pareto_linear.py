@@ -440,16 +440,16 @@ class _ShrinkSpy:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
-@pytest.mark.parametrize("r", [3, 20, 40])
+@pytest.mark.parametrize("r", [3, 16, 20])
 def test_forward_launch_plan(monkeypatch, dtype, per_sample, r):
     # No gradient needed and pad_rank(r) <= FUSED_FWD_MAX_BLOCK_R: the forward is the fused GEMM alone (the
-    # shrink launcher is never called); r = 40 (BLOCK_R 64) keeps the two launches. With gradients enabled
+    # shrink launcher is never called); r = 20 (BLOCK_R 32) keeps the two launches. With gradients enabled
     # the forward keeps both launches (the backward needs z and t) and every gradient still matches.
     spy = _ShrinkSpy()
     monkeypatch.setattr(tpl, "_shrink", spy)
     args = make_problem(N=(5, 3), d_in=29, d_out=43, r=r, K=5, per_sample=per_sample)
-    one = tcfg.one_launch_forward(pad_rank(r), need_grad=False)
-    assert one == (r <= 32)
+    one = tcfg.one_launch_forward(pad_rank(r), False, 15, 43, per_sample, capability=0)
+    assert one == (r <= 16)
     with torch.no_grad():
         y = triton_pareto_linear(*(None if a is None else a.to(DEV, torch.float32 if n == "pref" else dtype)
                                    for n, a in zip(NAMES, args)))
@@ -478,9 +478,16 @@ def test_fused_gemm_configs():
                             kw = c.kwargs
                             assert c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"] + block_r) * kw["BLOCK_K"] * es \
                                 <= tcfg.smem_limit(cap)
-    assert tcfg.one_launch_forward(32, need_grad=False) and not tcfg.one_launch_forward(64, need_grad=False)
-    assert not tcfg.one_launch_forward(16, need_grad=True)
-    assert not tcfg.one_launch_forward(16, need_grad=False, base="cublas")
+    # the launch plan: no gradient, the Triton base, r <= 16, and decode-sized or out within the GPU's limit
+    # (before sm_90: shared γ only)
+    plan = tcfg.one_launch_forward
+    for ps in (False, True):
+        assert plan(16, False, 6400, 768, ps, 90) and not plan(32, False, 6400, 768, ps, 90)
+        assert not plan(16, True, 16, 768, ps, 90) and not plan(16, False, 16, 768, ps, 90, base="cublas")
+        assert plan(16, False, 8192, 4096, ps, 90) and not plan(16, False, 8192, 14336, ps, 90)
+        assert plan(16, False, 64, 14336, ps, 80) and not plan(16, False, 65, 14336, ps, 80)
+    assert plan(16, False, 6400, 768, False, 80) and not plan(16, False, 6400, 3072, False, 80)
+    assert not plan(16, False, 6400, 768, True, 80)
 
 
 # ----------------------------------------------------------------------------- torch.library integration
