@@ -175,16 +175,16 @@ def _gemm_kernel(
     FUSE_SHRINK (the one-launch forward, with HAS_LORA): T is not read but computed here, as the
     shrink kernel would: the K loop also accumulates z = A P (P (K, R), A's tiles are loaded anyway),
     and the epilogue forms T = Σ_k g[row // L, k] z H_k with ``_core_block`` (SHARED_PREF: g has one
-    row and M = Σ_k g_k H_k is folded in registers). Every column tile recomputes z for its rows:
-    R / BLOCK_N extra MMA work over the main loop (BLOCK_R padded), plus the core contraction once per
-    column tile instead of once per row; in exchange no second launch and no (M, R) round-trip.
+    row and M = Σ_k g_k H_k is folded in registers). Every column tile recomputes z and T for its rows:
+    BLOCK_R / BLOCK_N extra MMA work over the main loop, and the core contraction repeated per column
+    tile; in exchange no shrink launch, no second read of A and no (M, R) round-trip of T.
 
     Split-K (grid axis 1): program k reduces K range [k K_PER_SPLIT, (k+1) K_PER_SPLIT)
     into its own fp32 slice C + k stride_cs (K_PER_SPLIT is a multiple of every
     BLOCK_K, so tiles never straddle splits); the host sums the slices (deterministic).
     Only slice 0 adds the seed, the bias and a read T Uᵀ (masked, branch-free). A fused T is linear in
-    z, so every slice adds its own partial expand z_k Hᵀ Uᵀ (z_k over its K range) and the slices sum to
-    the whole (up to the rounding of each partial T to A's dtype before the expand dot).
+    z, so every slice adds the expand of its own partial z (over its K range) and the slices sum to the
+    whole (up to the rounding of each partial T to A's dtype before the expand dot).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)

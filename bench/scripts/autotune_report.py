@@ -3,8 +3,9 @@
     python bench/scripts/autotune_report.py [--md OUT.md]
 
 Runs forward + backward and a no-grad forward once per (shape, dtype, γ mode) so every autotuned launch
-(shrink, fused GEMM, the one-launch forward's GEMM, dx, dW/dU/dV) tunes over the configs its pruner keeps for this GPU's capability, then prints one line per
-tuned key with the config it picked. Exits 2 with a message (no traceback) when there is no CUDA device.
+(shrink, fused GEMM, the one-launch forward's GEMM, dx, dW/dU/dV) tunes over the configs its pruner keeps
+for this GPU's capability, then prints one line per tuned key with the config it picked. Exits 2 with a
+message (no traceback) when there is no CUDA device.
 """
 from __future__ import annotations
 

@@ -121,8 +121,8 @@ def fused(N, I, O, B, per_sample, bwd, g=H100, two_launch=False):
     x Wᵀ in its main loop and adds t Uᵀ, t = z M_bᵀ, in its epilogue; every column tile recomputes z and the
     core contraction for its rows (R / BLOCK_N extra MMA work; V, G read from L2 after the first tile).
     Otherwise (``bwd``: autograd needs z, t) two launches: the shrink (x read once; z, t to HBM), then the GEMM
-    reading t (``two_launch`` forces this plan on a forward). A shared γ is folded into M per CTA (K r×r loads and FMAs per CTA, then one r×r dot per row);
-    per-sample γ runs K r×r dots per row."""
+    reading t (``two_launch`` forces this plan on a forward). A shared γ is folded into M per CTA (K r×r loads
+    and FMAs per CTA, then one r×r dot per row); per-sample γ runs K r×r dots per row."""
     def core_fma(rows_per_cta):
         if per_sample:
             return 2 * N * R * R * K
@@ -224,10 +224,10 @@ def tables() -> str:
     out.append(hdr + "\n")
     out.append("### Predicted time as a multiple of F.linear (fused Triton kernels)\n")
     out.append("Forward (no gradient): 1 launch where `one_launch_forward` says so (r ≤ 16, and decode-sized "
-               "or out ≤ 4096 on H100 / out ≤ 1024 and a shared γ on A100; marked ¹): the GEMM with z = x V in its main loop "
-               "(R / BLOCK_N extra MMA work: BLOCK_N 256 on H100, 128 on A100, 64 at decode) and t = z M_bᵀ, "
-               "t Uᵀ in its epilogue, for shared and per-sample γ; elsewhere 2 launches. The 2-launch column is "
-               "the forward as it runs when gradients are needed (shrink, then GEMM; z and t kept for the "
+               "or out ≤ 4096 on H100 / out ≤ 1024 and a shared γ on A100; marked ¹): the GEMM with z = x V in "
+               "its main loop (R / BLOCK_N extra MMA work: BLOCK_N 256 on H100, 128 on A100, 64 at decode) and "
+               "t = z M_bᵀ, t Uᵀ in its epilogue, for shared and per-sample γ; elsewhere 2 launches. "
+               "The 2-launch column is the forward as it runs when gradients are needed (shrink, then GEMM; z and t kept for the "
                "backward). Backward (W frozen): shrink, dx, dU, dV GEMMs, core gradient + 5 small torch ops. "
                "Graph column: fused and F.linear both replayed from a CUDA graph (a decode step).\n")
     out.append("| shape | GPU | F.linear fwd (µs) | fused fwd, shared γ | fused fwd, per-sample γ | "
@@ -244,7 +244,8 @@ def tables() -> str:
             cells.append(t(fused(N, I, O, B, False, False, g), g, LAUNCH_GRAPH) / t(f_linear(N, I, O, False), g,
                                                                                   LAUNCH_GRAPH))
             marks = one + ["", "", "", one[0]]  # ¹: the one-launch forward
-            out.append(f"| {name} | {g.name} | {lin * 1e6:.0f} | " + " | ".join(f"{c:.2f}×{m}" for c, m in zip(cells, marks))
+            out.append(f"| {name} | {g.name} | {lin * 1e6:.0f} | "
+                       + " | ".join(f"{c:.2f}×{m}" for c, m in zip(cells, marks))
                        + f" | {t(factored_torch(N, I, O, B, False, False), g) / lin:.2f}× | "
                        f"{t(naive(N, I, O, B, False), g) / lin:.2f}× |")
     out.append("\n### Model vs docs/design.md §5 measured H100 ratios (forward, multiple of F.linear)\n")
