@@ -523,6 +523,24 @@ def test_torch_compile_fullgraph(per_sample):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_torch_compile_no_grad_one_launch(monkeypatch, per_sample):
+    # the no-grad forward's op (pareto_linear_infer) traces with no graph break and still runs one launch
+    spy = _ShrinkSpy()
+    monkeypatch.setattr(tpl, "_shrink", spy)
+    args = [None if a is None else a.to(DEV, torch.float32) for a in make_problem(per_sample=per_sample)]
+
+    def f(*a):
+        return pmkernels.pareto_linear(*a, impl="triton", check_values=False)
+
+    with torch.no_grad():
+        y = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    assert spy.calls == 0
+    args64 = [None if a is None else a.double() for a in args]
+    assert_close_terms(y, reference_pareto_linear(*args64), term_scales(reference_pareto_linear, args64)[0],
+                       _tol(torch.float32), "compiled no-grad output")
+
+
 def test_torch_compile_inductor_public_api():
     # The public dispatcher under the default (inductor) backend: with check_values=False there is no
     # host sync, so the whole call (validation, dispatch, custom op, its backward) is one graph.
