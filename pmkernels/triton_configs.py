@@ -20,9 +20,9 @@ try:
 except Exception as e:  # pragma: no cover - depends on the install
     raise ImportError(f"pmkernels.triton_configs needs triton: {e}") from e
 
-__all__ = ["GEMM_BUCKET_CONFIGS", "GEMM_CONFIGS", "GEMM_UNALIGNED_CONFIGS", "SHRINK_CONFIGS", "WD_TILES",
-           "core_grad_launch", "dtype_name", "gemm_bucket", "gemm_configs", "loads_aligned", "shrink_block_c",
-           "shrink_configs", "smem_limit", "wd_configs"]
+__all__ = ["FUSED_FWD_MAX_BLOCK_R", "FUSED_FWD_MAX_OUT_SM80", "FUSED_FWD_MAX_OUT_SM90", "GEMM_BUCKET_CONFIGS",
+           "GEMM_CONFIGS", "GEMM_UNALIGNED_CONFIGS", "SHRINK_CONFIGS", "WD_TILES", "core_grad_launch", "dtype_name", "gemm_bucket", "gemm_configs",
+           "loads_aligned", "one_launch_forward", "shrink_block_c", "shrink_configs", "smem_limit", "wd_configs"]
 
 _INTERPRET = interpreting()  # fixed at import, as in the kernel modules
 
@@ -85,6 +85,46 @@ GEMM_UNALIGNED_CONFIGS = {
 GEMM_CONFIGS = [c for cs in list(GEMM_BUCKET_CONFIGS.values()) + list(GEMM_UNALIGNED_CONFIGS.values()) for c in cs]
 
 
+# The forward's launch plan, decided here only (``one_launch_forward``). One launch (_gemm_kernel with
+# FUSE_SHRINK: z = x V in its K loop, t = z M_bᵀ and t Uᵀ in its epilogue) when
+#  * no gradient is needed (inference, decode): autograd's backward needs z and t, which the fused kernel
+#    keeps in registers (storing them from one column tile would make it exact but couple the GEMM to
+#    autograd and split-K; the training forward keeps the two launches);
+#  * the base GEMM is the Triton one (the cuBLAS hybrid has no K loop to fold x V into);
+#  * the padded rank is at most FUSED_FWD_MAX_BLOCK_R: z is a BLOCK_M × BLOCK_R fp32 accumulator beside the
+#    output tile. From the AOT sweep (bench/scripts/aot_sweep.py, Triton 3.8, sm_80/sm_90): at BLOCK_R = 16
+#    the fused GEMM has spill-free tiles of every size the unfused one uses (rules in gemm_configs); at
+#    BLOCK_R = 32 the epilogue's core contraction (an IEEE-fp32 dot on z, plus the folded M for a shared γ)
+#    spilled 4-832 B in every prefill tile with BLOCK_M >= 128 and in 32-row decode tiles;
+#  * and it pays: every column tile recomputes z for its rows, BLOCK_R / BLOCK_N more MMA work, to save
+#    the shrink's second read of x (2 in bytes per token in half precision) and a launch. Per token that is
+#    2 in·out·BLOCK_R / BLOCK_N FLOPs against 2 in bytes: a win while out·BLOCK_R / BLOCK_N stays under the
+#    GPU's FLOP:byte balance (bf16: H100 ≈ 260 with the fused tiles' BLOCK_N = 256 -> out ≲ 4100; A100 ≈ 135
+#    with BLOCK_N = 128, its spill-free fused tiles -> out ≲ 1100): FUSED_FWD_MAX_OUT_*. A per-sample γ also
+#    recomputes its K IEEE-fp32 core dots (CUDA cores) per column tile: before sm_90 (A100: fp32 at 1/16
+#    of the tensor rate) that alone costs more than the read of x it saves, so per-sample prefill keeps two
+#    launches there. Decode-sized token counts (<= 64 rows, memory- and launch-bound) always fuse. These
+#    limits are roofline predictions (bench/scripts/perf_model.py), not measurements.
+# Otherwise two launches: _shrink_kernel (z, t to HBM), then the GEMM reading t.
+FUSED_FWD_MAX_BLOCK_R = 16
+FUSED_FWD_MAX_OUT_SM90 = 4096  # sm_90 and later
+FUSED_FWD_MAX_OUT_SM80 = 1024  # earlier GPUs (and no GPU), shared γ only
+
+
+def one_launch_forward(block_r: int, need_grad: bool, n_tokens: int, n_out: int, per_sample: bool,
+                       capability: int, base: str = "triton") -> bool:
+    """True when the forward runs as one fused launch (the rules above); block_r = pad_rank(r), n_tokens the
+    rows of x, n_out the output features, per_sample: one γ row per sample (else one shared row),
+    capability major * 10 + minor (0 when not on CUDA)."""
+    if base != "triton" or need_grad or block_r > FUSED_FWD_MAX_BLOCK_R:
+        return False
+    if n_tokens <= 64:
+        return True
+    if capability >= 90:
+        return n_out <= FUSED_FWD_MAX_OUT_SM90
+    return not per_sample and n_out <= FUSED_FWD_MAX_OUT_SM80
+
+
 def loads_aligned(K: int, *strides: int) -> bool:
     """True when the reduction length and every non-unit stride of A and B are multiples of 16 elements,
     i.e. Triton specialises them as divisible and vectorises (and pipelines) the tile loads."""
@@ -98,10 +138,11 @@ def gemm_bucket(M: int, N: int) -> str:
     return "thin_n" if N <= 32 else "large_m"
 
 
-def _gemm_smem(c: triton.Config, a_bytes: int, b_bytes: int, lora: bool, block_r: int) -> int:
-    """Shared memory estimate: num_stages buffers of the A and B tiles (+ the expand's t and U tiles)."""
+def _gemm_smem(c: triton.Config, a_bytes: int, b_bytes: int, lora: bool, block_r: int, fuse: bool = False) -> int:
+    """Shared memory estimate: num_stages buffers of the A and B tiles (+ the fused shrink's V tile; + the
+    expand's t and U tiles)."""
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-    smem = c.num_stages * (bm * a_bytes + bn * b_bytes) * bk
+    smem = c.num_stages * (bm * a_bytes + bn * b_bytes + (block_r * a_bytes if fuse else 0)) * bk
     if lora:
         smem = max(smem, (bm + bn) * block_r * a_bytes)
     return smem
@@ -112,7 +153,7 @@ _TRITON_BEFORE_3_8 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < 
 
 
 def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: int, capability: int,
-                 b_dtype=None, aligned: bool = True) -> list:
+                 b_dtype=None, aligned: bool = True, fuse_shrink: bool = False) -> list:
     """The _gemm_kernel configs the autotuner may try for this launch, in order; never empty.
 
     dtype: A's dtype (B is cast to it; b_dtype: B's own dtype when it differs, fp32 for dU/dV).
@@ -122,6 +163,8 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
     (bench/scripts/aot_sweep.py) found spill-free on sm_80/sm_90: at most 128 fp32 accumulators per
     thread, at most 64 with the expand epilogue at block_r >= 64 or in the accumulate-into-C pass
     (``add_c``, the cuBLAS hybrid: it has no main loop, so big tiles buy nothing there).
+    fuse_shrink: the one-launch forward's GEMM (FUSE_SHRINK; V's tile is a third stream in shared memory,
+    z = x V a second accumulator), at block_r <= FUSED_FWD_MAX_BLOCK_R.
     """
     a_bytes = _ELEM_BYTES[dtype_name(dtype)]
     b_bytes = _ELEM_BYTES[dtype_name(b_dtype)] if b_dtype is not None else a_bytes
@@ -131,12 +174,16 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
         else GEMM_UNALIGNED_CONFIGS[bucket]
     for c in cands:
         acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
-        if _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r) > limit:
+        if _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r, fuse_shrink) > limit:
             continue
         if acc_per_thread > 128 or ((add_c or (has_lora and block_r >= 64)) and acc_per_thread > 64):
             continue
         if a_bytes == 4 and capability < 90 and acc_per_thread > 64:  # fp32 on sm_80: 128×128/4 warps spilled
             continue
+        if fuse_shrink and capability < 90 and acc_per_thread > 64:
+            continue  # the fused forward, sm_80, r = 16: every 128-accumulator tile spilled 36-364 B (bf16 and fp32)
+        if fuse_shrink and bucket == "small_m" and c.kwargs["BLOCK_N"] >= 256:
+            continue  # the fused decode tile 16×256 spilled 72-312 B (sm_80 and sm_90, shared and per-sample γ)
         if a_bytes == 2 and capability < 90 and c.num_stages >= 5:  # Triton 3.9, sm_80: 64×64×64 at 5 stages spilled 4 B
             continue
         if add_c and not aligned and a_bytes == 2 and capability < 90 and c.num_warps < 8:
@@ -147,7 +194,12 @@ def gemm_configs(dtype, bucket: str, *, has_lora: bool, add_c: bool, block_r: in
             if acc_per_thread > 64 or (b_bytes == 4 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] >= 128 * 128):
                 continue
         keep.append(c)
-    return keep or [min(cands, key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r))]
+    if not keep and fuse_shrink and aligned and bucket in GEMM_UNALIGNED_CONFIGS:
+        # fp32 on sm_80: the V tile puts every aligned-list tile over shared memory or the register rules
+        # (the smallest, 128×128×32 on 4 warps, spilled 144 B); the BLOCK_K = 32 tiles fit and do not spill
+        return gemm_configs(dtype, bucket, has_lora=has_lora, add_c=add_c, block_r=block_r, capability=capability,
+                            b_dtype=b_dtype, aligned=False, fuse_shrink=True)
+    return keep or [min(cands, key=lambda c: _gemm_smem(c, a_bytes, b_bytes, has_lora, block_r, fuse_shrink))]
 
 
 SHRINK_CONFIGS = {  # (BLOCK_N, BLOCK_D, num_stages, num_warps)

@@ -17,7 +17,7 @@ import torch
 from ._dispatch import cuda_capability, interpreting, pad_rank
 from ._validation import check_triton_dtype
 from .triton_configs import (GEMM_CONFIGS, SHRINK_CONFIGS, core_grad_launch, gemm_bucket, gemm_configs,
-                             loads_aligned, shrink_block_c, shrink_configs)
+                             loads_aligned, one_launch_forward, shrink_block_c, shrink_configs)
 
 try:
     import triton
@@ -148,12 +148,20 @@ def _shrink_kernel(
 
 @triton.jit
 def _gemm_kernel(
+    # operands: C = A Bᵀ [+ C] [+ T Uᵀ] [+ bias]
     a_ptr, b_ptr, c_ptr, t_ptr, u_ptr, bias_ptr,
-    M, N, K, R, K_PER_SPLIT,
+    # FUSE_SHRINK only: T computed in-kernel from P (A's columns -> rank), H (r, r, NUM_OBJ) and g (B, NUM_OBJ)
+    p_ptr, h_ptr, g_ptr,
+    # sizes
+    M, N, K, R, K_PER_SPLIT, NUM_OBJ, L,
+    # strides
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
     stride_tm, stride_tr, stride_un, stride_ur,
+    stride_pk, stride_pr, stride_ha, stride_hc, stride_hk, stride_gb, stride_gk,
     M_BUCKET,  # autotune key only: bit 0 small (decode) vs large token counts, bit 1 unaligned loads
+    # variant flags and tiles
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_C: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr, SHARED_PREF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -164,10 +172,19 @@ def _gemm_kernel(
     and dV = xᵀ s, whose fp32 t/s meet a bf16/fp16 A). ADD_C seeds the
     accumulator with C (the cuBLAS-hybrid variant launches with K = 0).
 
+    FUSE_SHRINK (the one-launch forward, with HAS_LORA): T is not read but computed here, as the
+    shrink kernel would: the K loop also accumulates z = A P (P (K, R), A's tiles are loaded anyway),
+    and the epilogue forms T = Σ_k g[row // L, k] z H_k with ``_core_block`` (SHARED_PREF: g has one
+    row and M = Σ_k g_k H_k is folded in registers). Every column tile recomputes z and T for its rows:
+    BLOCK_R / BLOCK_N extra MMA work over the main loop, and the core contraction repeated per column
+    tile; in exchange no shrink launch, no second read of A and no (M, R) round-trip of T.
+
     Split-K (grid axis 1): program k reduces K range [k K_PER_SPLIT, (k+1) K_PER_SPLIT)
     into its own fp32 slice C + k stride_cs (K_PER_SPLIT is a multiple of every
     BLOCK_K, so tiles never straddle splits); the host sums the slices (deterministic).
-    Only slice 0 adds the seed, the expand and the bias (masked, branch-free).
+    Only slice 0 adds the seed, the bias and a read T Uᵀ (masked, branch-free). A fused T is linear in
+    z, so every slice adds the expand of its own partial z (over its K range) and the slices sum to the
+    whole (up to the rounding of each partial T to A's dtype before the expand dot).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -189,6 +206,8 @@ def _gemm_kernel(
     # scalar bool combined with a tensor mask turns into.
     m_first = rm < tl.where(pid_k == 0, M, 0)
     rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
     c_ptrs = c_ptr + pid_k * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     c_mask = m_ok[:, None] & n_ok[None, :]
 
@@ -196,6 +215,7 @@ def _gemm_kernel(
         acc = tl.load(c_ptrs, mask=m_first[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # FUSE_SHRINK's z = A P (unused, and dropped, otherwise)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -206,14 +226,22 @@ def _gemm_kernel(
         b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+        if FUSE_SHRINK:  # the shrink's z = x V on the x tile just loaded
+            p = tl.load(p_ptr + kk[:, None] * stride_pk + rr[None, :] * stride_pr,
+                        mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            z = tl.dot(a, p.to(a.dtype), z, input_precision=PRECISION)
 
     if HAS_LORA:
-        rr = tl.arange(0, BLOCK_R)
-        r_ok = rr < R
         u = tl.load(u_ptr + rr[:, None] * stride_ur + rn[None, :] * stride_un,
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
-                    mask=m_first[:, None] & r_ok[None, :], other=0.0)
+        if FUSE_SHRINK:  # T = z M_bᵀ for this program's rows (and K range), as _shrink_kernel's BLOCK_C == BLOCK_R
+            h_off = rr[:, None] * stride_ha + rr[None, :] * stride_hc
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            t = _core_block(z, t, h_ptr + h_off, r_ok[:, None] & r_ok[None, :], g_ptr, rm // L, m_ok, NUM_OBJ,
+                            stride_hk, stride_gb, stride_gk, SHARED_PREF, BLOCK_R, BLOCK_R)
+        else:
+            t = tl.load(t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr,
+                        mask=m_first[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(t.to(u.dtype), u, acc, input_precision=PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -260,7 +288,8 @@ def _prune_gemm(configs, named_args, **kwargs):
     a, b = named_args["a_ptr"], named_args["b_ptr"]
     return gemm_configs(a.dtype, gemm_bucket(named_args["M"], named_args["N"]), has_lora=kwargs["HAS_LORA"],
                         add_c=kwargs["ADD_C"], block_r=kwargs["BLOCK_R"], capability=cuda_capability(a.device),
-                        b_dtype=b.dtype, aligned=named_args["M_BUCKET"] < 2)[:_AUTOTUNE_MAX]
+                        b_dtype=b.dtype, aligned=named_args["M_BUCKET"] < 2,
+                        fuse_shrink=kwargs["FUSE_SHRINK"])[:_AUTOTUNE_MAX]
 
 
 def _prune_shrink(configs, named_args, **kwargs):
@@ -279,7 +308,8 @@ else:
     _GEMM_FIXED = {}
     _gemm_launch = triton.autotune(
         configs=GEMM_CONFIGS,
-        key=["M_BUCKET", "N", "K", "R", "K_PER_SPLIT", "HAS_LORA", "HAS_BIAS", "ADD_C"],
+        key=["M_BUCKET", "N", "K", "R", "K_PER_SPLIT", "NUM_OBJ", "HAS_LORA", "HAS_BIAS", "ADD_C", "FUSE_SHRINK",
+             "SHARED_PREF"],
         prune_configs_by={"early_config_prune": _prune_gemm},
         restore_value=["c_ptr"],  # ADD_C accumulates into C; tuning must not compound it
     )(_gemm_kernel)
@@ -353,17 +383,25 @@ def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[torch.Tensor] = None,
           u: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-          base: str = "triton", out: Optional[torch.Tensor] = None, split_k: int = 1) -> torch.Tensor:
+          base: str = "triton", out: Optional[torch.Tensor] = None, split_k: int = 1,
+          shrink: Optional[tuple] = None) -> torch.Tensor:
     """a (M, K) @ b (N, K)ᵀ [+ t (M, R) @ u (N, R)ᵀ] [+ bias (N,)] -> (M, N) in out_dtype.
 
     ``base="cublas"`` computes a bᵀ with torch.mm and runs the kernel with an
     empty reduction as a fused epilogue (the hybrid of docs/design.md §5). ``out``: an optional
     preallocated (M, N) result (any strides) for the Triton path (tests poison it). ``split_k``
     > 1 reduces K in that many fp32 slices summed on the host (Triton path only).
+
+    ``shrink = (p, h, g, L)`` (Triton base, t None): t = Σ_k g[n // L, k] (a p)[n] h[:, :, k] is computed
+    inside the kernel (FUSE_SHRINK), p (K, R), h (R, R, NUM_OBJ) view, g (B, NUM_OBJ) fp32/fp64, as
+    ``_shrink`` would compute it; one launch in all.
     """
     M, K = a.shape
     N = b.shape[0]
-    lora = t is not None
+    fuse = shrink is not None
+    if fuse and (t is not None or base != "triton"):
+        raise ValueError("_gemm: shrink= computes t in the Triton main loop (no t, no cuBLAS base)")
+    lora = t is not None or fuse
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias with unit stride; (N,) so the copy is cheap
     if M == 0 or N == 0:
@@ -386,16 +424,21 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, t: Optional[
     c2 = c[0] if splits > 1 else c
     R = u.shape[1] if lora else 1
     dummy = c
+    p, h, g, L = shrink if fuse else (dummy, dummy, dummy, 1)
+    t_strides = (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+    shrink_strides = (p.stride(0), p.stride(1), h.stride(0), h.stride(1), h.stride(2), g.stride(0), g.stride(1)) \
+        if fuse else (0,) * 7
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
     _gemm_launch[grid](
-        a, b, c, t if lora else dummy, u if lora else dummy, bias if bias is not None else dummy,
-        M, N, k_run, R, k_per_split,
+        a, b, c, t if t is not None else dummy, u if lora else dummy, bias if bias is not None else dummy,
+        p, h, g,
+        M, N, k_run, R, k_per_split, h.shape[2] if fuse else 1, L,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c2.stride(0), c2.stride(1),
         c.stride(0) if splits > 1 else 0,
-        t.stride(0) if lora else 0, t.stride(1) if lora else 0,
-        u.stride(0) if lora else 0, u.stride(1) if lora else 0,
+        *t_strides, u.stride(0) if lora else 0, u.stride(1) if lora else 0,
+        *shrink_strides,
         (0 if M <= 64 else 1) + (0 if loads_aligned(k_run, a.stride(0), a.stride(1), b.stride(0), b.stride(1)) else 2),
-        HAS_LORA=lora, HAS_BIAS=bias is not None, ADD_C=add_c,
+        HAS_LORA=lora, HAS_BIAS=bias is not None, ADD_C=add_c, FUSE_SHRINK=fuse, SHARED_PREF=fuse and g.shape[0] == 1,
         BLOCK_R=pad_rank(R), PRECISION=_DOT_PRECISION, **_GEMM_FIXED,
     )
     if splits > 1:
@@ -434,11 +477,19 @@ def _core_splits(P: int, L: int) -> tuple[int, int]:
 
 
 def _forward(x, weight, bias, U, G, V, pref):
+    """Two launches, keeping z and t for the backward: the shrink, then the GEMM reading t."""
     N = x.shape[0]
     L = N // pref.shape[0] if pref.shape[0] else 1
     z, t = _shrink(x, V, G.transpose(0, 1), pref, max(L, 1))  # t = z M_bᵀ, γ contracted in-kernel (_shrink_kernel)
     y = _gemm(x, weight, x.dtype, t=t, u=U, bias=bias, base=_BASE_GEMM)
     return y, z, t
+
+
+def _forward_one_launch(x, weight, bias, U, G, V, pref):
+    """y only, in one launch: the GEMM computes z = x V in its K loop and t = z M_bᵀ in its epilogue."""
+    N = x.shape[0]
+    L = N // pref.shape[0] if pref.shape[0] else 1
+    return _gemm(x, weight, x.dtype, u=U, bias=bias, shrink=(V, G.transpose(0, 1), pref, max(L, 1)))
 
 
 def _backward(dy, x, weight, U, G, V, pref, z, t, need):
@@ -481,7 +532,8 @@ def _backward(dy, x, weight, U, G, V, pref, z, t, need):
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], U: torch.Tensor,
             G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (N, in), pref (P, K) fp32 or fp64 with N % P == 0 -> (y (N, out), z = xV (N, r) fp32, t = z M_bᵀ (N, r)
-    fp32). Two launches: the shrink (γ contracted in-kernel, shared or per sample) and the GEMM."""
+    fp32). Two launches: the shrink (γ contracted in-kernel, shared or per sample) and the GEMM. The forward
+    autograd uses (z and t are saved for the backward)."""
     # Autocast off: the launchers' host-side torch pieces (the hybrid's torch.mm) keep the inputs' dtypes.
     with torch.autocast(x.device.type, enabled=False):
         return _forward(x, weight, bias, U, G, V, pref)
@@ -492,6 +544,25 @@ def _(x, weight, bias, U, G, V, pref):
     N, r = x.shape[0], U.shape[1]
     return (x.new_empty((N, weight.shape[0])), x.new_empty((N, r), dtype=torch.float32),
             x.new_empty((N, r), dtype=torch.float32))
+
+
+@torch.library.custom_op("pmkernels::pareto_linear_infer", mutates_args=())
+def _infer_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], U: torch.Tensor,
+              G: torch.Tensor, V: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
+    """The forward when no gradient is needed: y (N, out) only, in one launch where ``one_launch_forward``
+    says so (small r; decode, or out small enough for the GPU), else the two-launch forward's y. No autograd
+    rule: ``triton_pareto_linear`` calls it only when nothing needs a gradient."""
+    with torch.autocast(x.device.type, enabled=False):
+        cap = cuda_capability(x.device) if x.device.type == "cuda" else 0
+        if one_launch_forward(pad_rank(U.shape[1]), False, x.shape[0], weight.shape[0], pref.shape[0] > 1, cap,
+                              _BASE_GEMM):
+            return _forward_one_launch(x, weight, bias, U, G, V, pref)
+        return _forward(x, weight, bias, U, G, V, pref)[0]
+
+
+@_infer_op.register_fake
+def _(x, weight, bias, U, G, V, pref):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.library.custom_op("pmkernels::pareto_linear_bwd", mutates_args=())
@@ -566,5 +637,10 @@ def triton_pareto_linear(
     # half-precision γ is widened (the interpreter cannot read bf16).
     p2 = pref if pref.dtype in (torch.float32, torch.float64) else pref.float()
     p2 = p2.reshape(-1, pref.shape[-1])
-    y, _, _ = _fwd_op(x2, weight, bias, U, G, V, p2)
+    need_grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad
+                                                for a in (x2, weight, bias, U, G, V, p2))
+    if need_grad:  # two launches, z and t kept for the backward
+        y, _, _ = _fwd_op(x2, weight, bias, U, G, V, p2)
+    else:  # one launch where one_launch_forward says so
+        y = _infer_op(x2, weight, bias, U, G, V, p2)
     return y.reshape(*lead, weight.shape[0])

@@ -55,16 +55,23 @@ class Spec:
     aligned: bool = True  # sizes multiples of 16 (else odd sizes: no divisibility specialisation)
 
 
-def _gemm_args(dt, M, N, K, R, a_strides, b_strides, c_dt, t_dt, u_dt, lora, split=1, tr=True):
-    """Pointer types and int values of one _gemm_kernel launch (as pmkernels' _gemm passes them)."""
+def _gemm_args(dt, M, N, K, R, a_strides, b_strides, c_dt, t_dt, u_dt, lora, split=1, fused=None):
+    """Pointer types and int values of one _gemm_kernel launch (as pmkernels' _gemm passes them).
+    fused: (B, NUM_OBJ) for the one-launch forward (FUSE_SHRINK: V (K, R), G (R, R, NUM_OBJ) contiguous in
+    A's dtype, read as H = Gᵀ; γ (B, NUM_OBJ) fp32; no t), else None (t read when lora)."""
     k_per_split = -(-max(K, 1) // (256 * split)) * 256
+    B, n_obj = fused if fused else (1, 1)
     return dict(a_ptr="*" + dt, b_ptr="*" + b_strides[2], c_ptr="*" + c_dt, t_ptr="*" + t_dt,
                 u_ptr="*" + u_dt, bias_ptr="*" + dt,
-                M=M, N=N, K=K, R=R if lora else 1, K_PER_SPLIT=k_per_split,
+                p_ptr="*" + dt, h_ptr="*" + dt, g_ptr="*fp32",
+                M=M, N=N, K=K, R=R if lora else 1, K_PER_SPLIT=k_per_split, NUM_OBJ=n_obj, L=max(M // B, 1),
                 stride_am=a_strides[0], stride_ak=a_strides[1], stride_bn=b_strides[0], stride_bk=b_strides[1],
                 stride_cm=N, stride_cn=1, stride_cs=M * N if split > 1 else 0,
-                stride_tm=R if lora else 0, stride_tr=1 if lora else 0,
+                stride_tm=R if lora and not fused else 0, stride_tr=1 if lora and not fused else 0,
                 stride_un=R if lora else 0, stride_ur=1 if lora else 0,
+                stride_pk=R if fused else 0, stride_pr=1 if fused else 0,
+                stride_ha=n_obj if fused else 0, stride_hc=R * n_obj if fused else 0, stride_hk=1 if fused else 0,
+                stride_gb=n_obj if fused else 0, stride_gk=1 if fused else 0,
                 M_BUCKET=(0 if M <= 64 else 1) + (0 if _aligned(K, a_strides[:2], b_strides[:2]) else 2))
 
 
@@ -74,11 +81,14 @@ def _aligned(K, a_strides, b_strides) -> bool:
 
 
 # The test suite's slice: per arch, the big forward GEMM in bf16 and fp32 at r = 64 (aligned and odd sizes),
-# the hybrid pass, the per-sample shrink at r = 64 and at r = 128, K = 64 in fp32 (the case that had no
+# the hybrid pass, the one-launch forward (per-sample prefill in bf16, shared decode in fp32 at odd sizes),
+# the per-sample shrink at r = 64 and at r = 128, K = 64 in fp32 (the case that had no
 # fitting config on sm_80), the shared-γ shrink (in-kernel fold) at r = 128 in fp32 and at odd sizes, and
 # the weight-distances pass at r = 128 in fp32. (kernel, variant, dtype, aligned)
 SUBSET = {("gemm", "fwd+bias r=64", "bf16", True), ("gemm", "fwd+bias r=64", "fp32", True),
           ("gemm", "fwd+bias r=64", "bf16", False), ("gemm", "hybrid ADD_C r=16", "bf16", True),
+          ("gemm", "one-launch fwd per-sample+bias r=16 K=8", "bf16", True),
+          ("gemm", "one-launch decode shared+bias r=16 K=8", "fp32", False),
           ("shrink", "prefill per-sample r=64 K=8", "fp16", True),
           ("shrink", "prefill per-sample r=128 K=64", "fp32", True),
           ("shrink", "prefill shared r=128 K=8", "fp32", True), ("shrink", "decode shared r=16 K=8", "bf16", False),
@@ -109,7 +119,9 @@ def _specs_at(aligned: bool) -> list[Spec]:
     for arch in ARCHS:
         for dt in DTYPES:
             prec = "tf32" if dt == "fp32" else "ieee"
-            fwd = dict(HAS_LORA=True, HAS_BIAS=True, ADD_C=False)
+            fwd = dict(HAS_LORA=True, HAS_BIAS=True, ADD_C=False, FUSE_SHRINK=False, SHARED_PREF=False)
+            plain = dict(fwd, HAS_LORA=False, HAS_BIAS=False)
+            one = dict(fwd, FUSE_SHRINK=True)  # the one-launch forward (no t input)
             gemm = [  # (variant, bucket, r, flags, args)
                 # forward GEMM with the expand t Uᵀ (+ bias) in its epilogue, prefill and decode
                 ("fwd+bias r=16", "large_m", 16, fwd, _gemm_args(dt, n_tok, n_out, n_in, 16, (n_in, 1), (n_in, 1, dt),
@@ -130,16 +142,28 @@ def _specs_at(aligned: bool) -> list[Spec]:
                 # backward: dx = dy W + s Vᵀ (B = Wᵀ: unit stride along N), dW = dyᵀ x, dU = dyᵀ t (split-K)
                 ("dx r=16", "large_m", 16, dict(fwd, HAS_BIAS=False),
                  _gemm_args(dt, n_tok, n_in, n_out, 16, (n_out, 1), (1, n_in, dt), dt, "fp32", dt, True)),
-                ("dW", "large_m", 16, dict(HAS_LORA=False, HAS_BIAS=False, ADD_C=False),
+                ("dW", "large_m", 16, plain,
                  _gemm_args(dt, n_out, n_in, n_tok, 16, (1, n_out), (1, n_in, dt), dt, "fp32", dt, False)),
-                ("dU split-K r=16", "thin_n", 16, dict(HAS_LORA=False, HAS_BIAS=False, ADD_C=False),
+                ("dU split-K r=16", "thin_n", 16, plain,
                  _gemm_args(dt, n_out, 16, n_tok, 16, (1, n_out), (1, 16, "fp32"), "fp32", "fp32", dt, False, split=3)),
             ]
+            # the one-launch forward (FUSE_SHRINK: z = x V in the K loop, t = z M_bᵀ in the epilogue), at the
+            # ranks one_launch_forward enables it for (pad_rank(r) <= FUSED_FWD_MAX_BLOCK_R), prefill and decode,
+            # shared γ (SHARED_PREF) and per-sample γ (64 samples at prefill, one per token at decode)
+            for r in sorted({16, tcfg.FUSED_FWD_MAX_BLOCK_R}):
+                for ps in (False, True):
+                    fl, mode = dict(one, SHARED_PREF=not ps), "per-sample" if ps else "shared"
+                    gemm += [(f"one-launch fwd {mode}+bias r={r} K=8", "large_m", r, fl,
+                              _gemm_args(dt, n_tok, n_out, n_in, r, (n_in, 1), (n_in, 1, dt), dt, "fp32", dt, True,
+                                         fused=(64 if ps else 1, 8))),
+                             (f"one-launch decode {mode}+bias r={r} K=8", "small_m", r, fl,
+                              _gemm_args(dt, n_dec, n_out, n_in, r, (n_in, 1), (n_in, 1, dt), dt, "fp32", dt, True,
+                                         fused=(n_dec if ps else 1, 8)))]
             for variant, bucket, r, flags, args in gemm:
                 R = pad_rank(r)
                 kept = tcfg.gemm_configs(dt, bucket, has_lora=flags["HAS_LORA"], add_c=flags["ADD_C"], block_r=R,
                                         capability=arch, b_dtype="fp32" if bucket == "thin_n" else None,
-                                        aligned=args["M_BUCKET"] < 2)
+                                        aligned=args["M_BUCKET"] < 2, fuse_shrink=flags["FUSE_SHRINK"])
                 out.append(Spec("gemm", variant, dt, arch, r, args, dict(flags, BLOCK_R=R, PRECISION=prec),
                                 [_cfg(c) for c in kept], aligned))
             # shrink: z = x V, t = z M_bᵀ; shared γ (SHARED_PREF: M = Σ_k γ_k G_k folded per CTA in registers)

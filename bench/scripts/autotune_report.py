@@ -2,9 +2,10 @@
 
     python bench/scripts/autotune_report.py [--md OUT.md]
 
-Runs forward + backward once per (shape, dtype, γ mode) so every autotuned launch (shrink, fused GEMM,
-dx, dW/dU/dV) tunes over the configs its pruner keeps for this GPU's capability, then prints one line per
-tuned key with the config it picked. Exits 2 with a message (no traceback) when there is no CUDA device.
+Runs forward + backward and a no-grad forward once per (shape, dtype, γ mode) so every autotuned launch
+(shrink, fused GEMM, the one-launch forward's GEMM, dx, dW/dU/dV) tunes over the configs its pruner keeps
+for this GPU's capability, then prints one line per tuned key with the config it picked. Exits 2 with a
+message (no traceback) when there is no CUDA device.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
                 pref = pref if per_sample else pref[0]
                 y = pmkernels.pareto_linear(x.reshape(B, N // B, I) if per_sample else x, W, None, U, G, V, pref, impl="triton")
                 y.backward(torch.randn_like(y))
+                with torch.no_grad():  # the one-launch forward (FUSE_SHRINK) tunes its own keys
+                    pmkernels.pareto_linear(x.reshape(B, N // B, I) if per_sample else x, W, None, U, G, V, pref,
+                                            impl="triton")
                 torch.cuda.synchronize()
                 del x, W, U, V, G, y
                 torch.cuda.empty_cache()

@@ -8,6 +8,12 @@ predicts a time
     t_compute = waves · tile_flops (K rounded up to 64) / (peak / SMs · eff_gemm)   for a GEMM (wave quantisation, 128×256 tiles)
               = flops / (peak · eff_gemm)                       otherwise (+ CUDA-core flops at the fp32 rate)
 
+The forward follows ``pmkernels.triton_configs.one_launch_forward`` (no gradient, r ≤ 16; decode-sized, or
+out within the GPU's limit): one GEMM that also accumulates z = x V in its main loop (R / BLOCK_N more MMA
+work per tile, BLOCK_N the widest tile that fused GEMM keeps on that GPU) and recomputes the core contraction
+per column tile, with no shrink launch and no (N, r) round-trip. Elsewhere, and in the forward+backward
+columns (autograd needs z and t), the two-launch forward.
+
 on an H100 SXM (989 TFLOP/s dense bf16, 3.35 TB/s, 132 SMs) and an A100 SXM 80 GB (312 TFLOP/s,
 2.04 TB/s, 108 SMs). eff_gemm, eff_bw and the per-launch cost are assumptions (printed with the table).
 It assumes the Triton GEMM reaches cuBLAS's per-tile efficiency and that operands are read once
@@ -27,7 +33,10 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aot_sweep import write_results  # noqa: E402  (one writer for the marked RESULTS.md sections)
+from aot_sweep import ROOT, write_results  # noqa: E402  (one writer for the marked RESULTS.md sections)
+
+sys.path.insert(0, ROOT)
+from pmkernels.triton_configs import one_launch_forward  # noqa: E402  (the launch plan the kernels follow)
 
 BF16, FP32 = 2, 4
 
@@ -39,10 +48,12 @@ class Gpu:
     fma_flops: float  # fp32 CUDA-core FLOP/s (the IEEE core contraction of the per-sample shrink)
     bw: float         # HBM bytes/s
     sms: int
+    capability: int    # compute capability, major * 10 + minor (the launch plan depends on it)
+    fused_tile_n: int  # widest BLOCK_N of the one-launch GEMM's prefill tiles (gemm_configs, fuse_shrink, r = 16)
 
 
-H100 = Gpu("H100 SXM", 989e12, 67e12, 3.35e12, 132)
-A100 = Gpu("A100 SXM 80GB", 312e12, 19.5e12, 2.039e12, 108)
+H100 = Gpu("H100 SXM", 989e12, 67e12, 3.35e12, 132, 90, 256)  # sm_90 keeps 128×256 (8 warps) spill-free
+A100 = Gpu("A100 SXM 80GB", 312e12, 19.5e12, 2.039e12, 108, 80, 128)  # sm_80: ≤ 64 accumulators/thread
 EFF_GEMM = 0.75   # fraction of peak a well-tuned GEMM tile loop sustains (assumption)
 EFF_BW = 0.85     # fraction of HBM bandwidth a streaming kernel sustains (assumption)
 LAUNCH = 5e-6     # per kernel launch, host + gap, eager mode (assumption, calibrated on §5's decode ratios)
@@ -65,6 +76,7 @@ class Launch:
     tc_flops: float = 0.0
     fma_flops: float = 0.0
     gemm: tuple | None = None  # (M, N, Kdim) for wave quantisation
+    mma_extra: float = 0.0     # extra MMA work of each main-loop step, as a fraction of the tile's (fused z = x V)
 
     def time(self, g: Gpu, launch: float = LAUNCH) -> float:
         if self.gemm is not None and self.gemm[0] > 64 and self.gemm[1] > 64:
@@ -72,7 +84,7 @@ class Launch:
             tiles = math.ceil(M / 128) * math.ceil(N / 256)
             waves = math.ceil(tiles / g.sms)
             k_steps = math.ceil(Kd / 64) * 64  # the main loop runs whole 64-deep K tiles
-            t_c = waves * 2 * 128 * 256 * k_steps / (g.tc_flops / g.sms * EFF_GEMM)
+            t_c = waves * 2 * 128 * 256 * k_steps * (1 + self.mma_extra) / (g.tc_flops / g.sms * EFF_GEMM)
         else:
             t_c = self.tc_flops / (g.tc_flops * EFF_GEMM)
         t_c += self.fma_flops / g.fma_flops
@@ -102,24 +114,37 @@ def f_linear(N, I, O, bwd):
     return ls
 
 
-def fused(N, I, O, B, per_sample, bwd):
-    """pmkernels.triton_pareto_linear: shrink (x read once) + GEMM with the expand in its epilogue.
+def fused(N, I, O, B, per_sample, bwd, g=H100, two_launch=False):
+    """pmkernels.triton_pareto_linear's launches (no host-side op on γ in the forward).
 
-    Forward: exactly these two launches for a shared or a per-sample γ (no host-side op on γ). A shared γ
-    is folded into M inside the shrink, per CTA (K r×r loads and FMAs per CTA, then one r×r dot per row);
-    per-sample γ runs K r×r dots per row."""
+    Forward without gradients where ``one_launch_forward`` says so: one GEMM that accumulates z = x V beside
+    x Wᵀ in its main loop and adds t Uᵀ, t = z M_bᵀ, in its epilogue; every column tile recomputes z and the
+    core contraction for its rows (R / BLOCK_N extra MMA work; V, G read from L2 after the first tile).
+    Otherwise (``bwd``: autograd needs z, t) two launches: the shrink (x read once; z, t to HBM), then the GEMM
+    reading t (``two_launch`` forces this plan on a forward). A shared γ is folded into M per CTA (K r×r loads
+    and FMAs per CTA, then one r×r dot per row); per-sample γ runs K r×r dots per row."""
+    def core_fma(rows_per_cta):
+        if per_sample:
+            return 2 * N * R * R * K
+        return 2 * N * R * R + math.ceil(N / rows_per_cta) * 2 * R * R * K  # the per-CTA fold
+
+    if not bwd and not two_launch and one_launch_forward(R, False, N, O, per_sample, g.capability):
+        bn = g.fused_tile_n if N > 64 else 64  # decode: the small_m tiles (BLOCK_N <= 128)
+        cols = math.ceil(O / bn)
+        ln = gemm("GEMM + z = xV in the main loop, t = zMᵀ, t Uᵀ epilogue", N, O, I,
+                  extra_bytes=I * R * BF16 + R * R * K * BF16 + O * R * BF16 + O * BF16,
+                  extra_flops=2 * N * R * O + cols * 2 * N * I * R)
+        ln.mma_extra = R / bn
+        ln.fma_flops = cols * core_fma(128 if N > 64 else 16)
+        return [ln]
     ls = []
-    if per_sample:
-        core_fma = 2 * N * R * R * K
-    else:  # one r×r dot per row + the per-CTA fold (BLOCK_N = 64 rows per CTA at prefill, 16 at decode)
-        core_fma = 2 * N * R * R + math.ceil(N / (64 if N > 64 else 16)) * 2 * R * R * K
     ls.append(Launch("shrink z=xV, t=zMᵀ", N * I * BF16 + I * R * BF16 + R * R * K * BF16 + 2 * N * R * FP32,
-                     tc_flops=2 * N * I * R, fma_flops=core_fma))
+                     tc_flops=2 * N * I * R, fma_flops=core_fma(64 if N > 64 else 16)))
     ls.append(gemm("GEMM + expand epilogue", N, O, I, extra_bytes=N * R * FP32 + O * R * BF16 + O * BF16,
                    extra_flops=2 * N * R * O))
     if bwd:
         ls.append(Launch("shrink w=dyU, s=wM", N * O * BF16 + O * R * BF16 + 2 * N * R * FP32,
-                         tc_flops=2 * N * O * R, fma_flops=core_fma))
+                         tc_flops=2 * N * O * R, fma_flops=core_fma(64 if N > 64 else 16)))
         ls.append(gemm("dx GEMM + s Vᵀ epilogue", N, I, O, extra_bytes=N * R * FP32 + I * R * BF16,
                        extra_flops=2 * N * R * I))
         ls.append(Launch("dU = dyᵀ t", N * O * BF16 + N * R * FP32 + O * R * FP32, tc_flops=2 * N * O * R))
@@ -198,21 +223,29 @@ def tables() -> str:
            f"**Predictions, not measurements**: no GPU has run these kernels.")
     out.append(hdr + "\n")
     out.append("### Predicted time as a multiple of F.linear (fused Triton kernels)\n")
-    out.append("Forward: 2 launches (shrink, GEMM) for shared and per-sample γ; backward (W frozen): shrink, dx, dU, "
-               "dV GEMMs, core gradient + 5 small torch ops. Graph column: fused and F.linear both replayed from "
-               "a CUDA graph (a decode step).\n")
+    out.append("Forward (no gradient): 1 launch where `one_launch_forward` says so (r ≤ 16, and decode-sized "
+               "or out ≤ 4096 on H100 / out ≤ 1024 and a shared γ on A100; marked ¹): the GEMM with z = x V in "
+               "its main loop (R / BLOCK_N extra MMA work: BLOCK_N 256 on H100, 128 on A100, 64 at decode) and "
+               "t = z M_bᵀ, t Uᵀ in its epilogue, for shared and per-sample γ; elsewhere 2 launches. "
+               "The 2-launch column is the forward as it runs when gradients are needed (shrink, then GEMM; z and t kept for the "
+               "backward). Backward (W frozen): shrink, dx, dU, dV GEMMs, core gradient + 5 small torch ops. "
+               "Graph column: fused and F.linear both replayed from a CUDA graph (a decode step).\n")
     out.append("| shape | GPU | F.linear fwd (µs) | fused fwd, shared γ | fused fwd, per-sample γ | "
-               "fused fwd+bwd, shared γ | fused fwd+bwd, per-sample γ | fused fwd, shared γ, CUDA graph | "
-               "factored torch fwd | naive fwd |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+               "fused fwd, shared γ, 2 launches | fused fwd+bwd, shared γ | fused fwd+bwd, per-sample γ | "
+               "fused fwd, shared γ, CUDA graph | factored torch fwd | naive fwd |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (N, I, O, B) in SHAPES.items():
         for g in (H100, A100):
             lin, lin2 = t(f_linear(N, I, O, False), g), t(f_linear(N, I, O, True), g)
-            cells = [t(fused(N, I, O, B, ps, bwd), g) / (lin2 if bwd else lin)
-                     for bwd in (False, True) for ps in (False, True)]
-            cells.append(t(fused(N, I, O, B, False, False), g, LAUNCH_GRAPH) / t(f_linear(N, I, O, False), g,
-                                                                               LAUNCH_GRAPH))
-            out.append(f"| {name} | {g.name} | {lin * 1e6:.0f} | " + " | ".join(f"{c:.2f}×" for c in cells)
+            one = ["¹" if one_launch_forward(R, False, N, O, ps, g.capability) else "" for ps in (False, True)]
+            cells = [t(fused(N, I, O, B, ps, False, g), g) / lin for ps in (False, True)]
+            cells.append(t(fused(N, I, O, B, False, False, g, two_launch=True), g) / lin)
+            cells += [t(fused(N, I, O, B, ps, True, g), g) / lin2 for ps in (False, True)]
+            cells.append(t(fused(N, I, O, B, False, False, g), g, LAUNCH_GRAPH) / t(f_linear(N, I, O, False), g,
+                                                                                  LAUNCH_GRAPH))
+            marks = one + ["", "", "", one[0]]  # ¹: the one-launch forward
+            out.append(f"| {name} | {g.name} | {lin * 1e6:.0f} | "
+                       + " | ".join(f"{c:.2f}×{m}" for c, m in zip(cells, marks))
                        + f" | {t(factored_torch(N, I, O, B, False, False), g) / lin:.2f}× | "
                        f"{t(naive(N, I, O, B, False), g) / lin:.2f}× |")
     out.append("\n### Model vs docs/design.md §5 measured H100 ratios (forward, multiple of F.linear)\n")
@@ -235,7 +268,7 @@ def tables() -> str:
     out.append("| launch | HBM bytes (MB) | tensor-core GFLOP | CUDA-core GFLOP | predicted µs |")
     out.append("|---|---|---|---|---|")
     N, I, O, B = SHAPES["LLM 4096→4096"]
-    for ln in fused(N, I, O, B, True, True):
+    for ln in fused(N, I, O, B, True, True, H100):
         out.append(f"| {ln.name} | {ln.bytes / 1e6:.1f} | {ln.tc_flops / 1e9:.2f} | {ln.fma_flops / 1e9:.3f} | "
                    f"{ln.time(H100) * 1e6:.1f} |")
     out.append("\n### A decode step (16 tokens, 4096→4096, shared γ, forward), H100: every launch\n")
@@ -243,7 +276,7 @@ def tables() -> str:
                "predicted µs (CUDA graph) |")
     out.append("|---|---|---|---|---|---|")
     N, I, O, B = SHAPES["decode 16 tokens"]
-    for ln in fused(N, I, O, B, False, False) + f_linear(N, I, O, False):
+    for ln in fused(N, I, O, B, False, False, H100) + f_linear(N, I, O, False):
         out.append(f"| {ln.name} | {ln.bytes / 1e6:.2f} | {ln.tc_flops / 1e9:.3f} | {ln.fma_flops / 1e9:.5f} | "
                    f"{ln.time(H100) * 1e6:.1f} | {ln.time(H100, LAUNCH_GRAPH) * 1e6:.1f} |")
     return "\n".join(out)

@@ -1,8 +1,9 @@
 """The Triton path does no host work per call: no device->host sync, no value-dependent allocation,
 no host-side torch op on γ, so a decode step can be captured in a CUDA graph (docs/design.md §5).
 
-On CPU (Triton interpreter) the host code around the kernels is checked: every torch call and aten op
-it makes outside the two kernel launches is recorded, and none may read a tensor's values on the host.
+On CPU (Triton interpreter) the host code around the kernels is checked: every torch call and aten op it
+makes outside the kernel launches (one without gradients, two with) is recorded, and none may read a
+tensor's values on the host.
 The ``cuda`` tests (skipped without a GPU) check the same on the device with
 ``torch.cuda.set_sync_debug_mode("error")`` and capture one decode forward in a CUDA graph.
 """
@@ -60,16 +61,20 @@ class _AtenRecorder(TorchDispatchMode):
 
 
 class _Launches:
-    """Wraps a kernel launcher (``kernel[grid](...)``): counts launches and pauses the recorder inside."""
+    """Wraps a kernel launcher (``kernel[grid](...)``): counts launches and pauses the recorder inside.
+    Logs a shrink launch as its SHARED_PREF flag, a GEMM launch as "gemm" ("gemm+shrink" when fused)."""
 
-    def __init__(self, launcher, rec: _Recorder, log: list):
-        self.launcher, self.rec, self.log = launcher, rec, log
+    def __init__(self, launcher, rec: _Recorder, log: list, name: str):
+        self.launcher, self.rec, self.log, self.name = launcher, rec, log, name
 
     def __getitem__(self, grid):
         run = self.launcher[grid]
 
         def launch(*args, **kwargs):
-            self.log.append(kwargs["SHARED_PREF"] if "SHARED_PREF" in kwargs else "gemm")
+            if self.name == "shrink":
+                self.log.append(kwargs["SHARED_PREF"])
+            else:
+                self.log.append("gemm+shrink" if kwargs["FUSE_SHRINK"] else "gemm")
             self.rec.paused = True
             try:
                 return run(*args, **kwargs)
@@ -85,8 +90,8 @@ def _watch(monkeypatch):
     rec = _Recorder()
     aten = _AtenRecorder(rec)
     log: list = []
-    monkeypatch.setattr(tpl, "_shrink_launch", _Launches(tpl._shrink_launch, rec, log))
-    monkeypatch.setattr(tpl, "_gemm_launch", _Launches(tpl._gemm_launch, rec, log))
+    monkeypatch.setattr(tpl, "_shrink_launch", _Launches(tpl._shrink_launch, rec, log, "shrink"))
+    monkeypatch.setattr(tpl, "_gemm_launch", _Launches(tpl._gemm_launch, rec, log, "gemm"))
     with rec, aten:
         yield rec, aten, log
 
@@ -113,6 +118,28 @@ def test_forward_is_two_launches_and_no_host_work(monkeypatch, per_sample, pref_
     # (no fold, no cast), none reads values
     assert {op.split(".")[0] for op in aten.ops} <= {"empty", "view", "transpose", "t"}, aten.ops
     assert [op for op in aten.ops if op.startswith("empty")] == ["empty.memory_format"] * 3  # z, t, y
+    assert rel_err(y.reshape(expected.shape), expected) < 1e-5
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter-only: checks the host code around the interpreted kernels")
+@pytest.mark.parametrize("pref_dtype", [torch.float32, torch.float64], ids=["fp32_pref", "fp64_pref"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_no_grad_forward_is_one_launch_and_no_host_work(monkeypatch, per_sample, pref_dtype):
+    # what a decode step runs (no gradient, small r): the GEMM alone, shrink fused in, y its only allocation
+    args = _decode_problem(per_sample, pref_dtype)
+    x, weight, bias, U, G, V, pref = args
+    with torch.no_grad():
+        expected = pmkernels.pareto_linear(*args, impl="torch")
+        with _watch(monkeypatch) as (_, _, log):  # the public path picks it (the op is one aten call here)
+            pmkernels.pareto_linear(*args, impl="triton", check_values=False)
+        assert log == ["gemm+shrink"]
+        with _watch(monkeypatch) as (rec, aten, log):  # the op's host code
+            y = tpl._forward_one_launch(x.reshape(-1, x.shape[-1]), weight, bias, U, G, V,
+                                        pref.reshape(-1, pref.shape[-1]))
+    assert log == ["gemm+shrink"]
+    assert rec.host_reads == []
+    assert {op.split(".")[0] for op in aten.ops} <= {"empty", "view", "transpose", "t"}, aten.ops
+    assert [op for op in aten.ops if op.startswith("empty")] == ["empty.memory_format"]  # y only
     assert rel_err(y.reshape(expected.shape), expected) < 1e-5
 
 
@@ -145,7 +172,7 @@ def test_layer_decode_step_reads_no_values(monkeypatch, per_sample):
             y = layer(x)
         ref = pmkernels.pareto_linear(x, layer.weight, layer.bias, layer.U, layer.G, layer.V, pref.to(DEV),
                                       impl="torch")
-    assert len(log) == 2
+    assert log == ["gemm+shrink"]  # no gradient: the one-launch forward
     assert rec.host_reads == [] and not [op for op in aten.ops if op.startswith(_HOST_ATEN)], aten.ops
     assert rel_err(y, ref) < 1e-5
 

@@ -13,6 +13,7 @@ import torch
 
 import pmkernels
 from pmkernels import reference_pareto_linear
+from pmkernels._dispatch import pad_rank
 from pmkernels.testing import assert_close_terms, term_scales
 from helpers import HAS_CUDA, make_problem, poisoned, random_pref, rel_err
 
@@ -273,7 +274,6 @@ def test_autotune_config_buckets():
     # the hybrid pass (no main loop) keeps only tiles with <= 64 accumulators per thread
     assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps
                for c in tcfg.gemm_configs("bf16", "large_m", has_lora=True, add_c=True, block_r=16, capability=90))
-    from pmkernels._dispatch import pad_rank
     assert [pad_rank(r) for r in (1, 3, 16, 17, 128)] == [16, 16, 16, 32, 128]
 
 
@@ -389,6 +389,107 @@ def test_backward_with_split_k(monkeypatch):
     _check(args, torch.float32)
 
 
+# ----------------------------------------------------------------------------- the one-launch forward
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("r,K", [(3, 2), (16, 5), (20, 5), (20, 2)])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("bias,split", [(True, 1), (False, 1), (True, 3)], ids=["bias", "nobias", "bias_splitK"])
+def test_one_launch_gemm_poisoned(monkeypatch, dtype, r, K, per_sample, bias, split):
+    # _gemm_kernel with FUSE_SHRINK: z = x V in the K loop, t = z M_bᵀ and + t Uᵀ in the epilogue, no t input.
+    # Per-sample: 7 samples of L = 5 rows, so a 16-row interpreter tile holds rows of 4 samples (L does not
+    # divide BLOCK_M). Split-K: every slice adds the expand of its own partial z (t is linear in z), the
+    # host sums the slices; under the interpreter BLOCK_K is 32, so 32-input slices are aligned (75 inputs:
+    # 3 slices, the last ragged); on CUDA the autotuned BLOCK_K goes up to 256, so the real alignment.
+    if split > 1 and not HAS_CUDA:
+        monkeypatch.setattr(tpl, "_SPLIT_ALIGN", 32)
+    B, L = (7, 5) if per_sample else (1, 37)
+    N, D, O = B * L, 29 if split == 1 else (75 if not HAS_CUDA else 600), 43
+    x = torch.randn(N, D, dtype=torch.float64, device=DEV)
+    W = torch.randn(O, D, dtype=torch.float64, device=DEV) / D**0.5
+    b = torch.randn(O, dtype=torch.float64, device=DEV)
+    U = torch.randn(O, r, dtype=torch.float64, device=DEV) / r**0.5
+    G = torch.randn(r, r, K, dtype=torch.float64, device=DEV)
+    V = torch.randn(D, r, dtype=torch.float64, device=DEV) / D**0.5
+    g = random_pref(K, B).to(DEV)
+
+    def ref_of(x, W, b, U, G, V, g):  # x Wᵀ + (x V) M_bᵀ Uᵀ [+ b], M_b = Σ_k g_bk G_k
+        M = torch.einsum("bk,ijk->bij", g, G)
+        t = torch.einsum("bla,bca->blc", (x @ V).view(B, L, r), M).reshape(N, r)
+        return x @ W.t() + t @ U.t() + (b if bias else 0)
+
+    out = poisoned((N, O), dtype=dtype, device=DEV)
+    res = tpl._gemm(x.to(dtype), W.to(dtype), dtype, u=U.to(dtype), bias=b.to(dtype) if bias else None, out=out,
+                    split_k=split, shrink=(V.to(dtype), G.to(dtype).transpose(0, 1), g.float(), L))
+    assert res.data_ptr() == out.data_ptr()
+    ins = [x, W, b, U, G, V, g]
+    assert_close_terms(out, ref_of(*ins), term_scales(ref_of, ins)[0], _tol(dtype), "one-launch forward")
+
+
+class _ShrinkSpy:
+    """Stands in for tpl._shrink and counts its calls (the two-launch forward's first launch)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.real = tpl._shrink
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        return self.real(*a, **k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("r", [3, 16, 20])
+def test_forward_launch_plan(monkeypatch, dtype, per_sample, r):
+    # No gradient needed and pad_rank(r) <= FUSED_FWD_MAX_BLOCK_R: the forward is the fused GEMM alone (the
+    # shrink launcher is never called); r = 20 (BLOCK_R 32) keeps the two launches. With gradients enabled
+    # the forward keeps both launches (the backward needs z and t) and every gradient still matches.
+    spy = _ShrinkSpy()
+    monkeypatch.setattr(tpl, "_shrink", spy)
+    args = make_problem(N=(5, 3), d_in=29, d_out=43, r=r, K=5, per_sample=per_sample)
+    one = tcfg.one_launch_forward(pad_rank(r), False, 15, 43, per_sample, capability=0)
+    assert one == (r <= 16)
+    with torch.no_grad():
+        y = triton_pareto_linear(*(None if a is None else a.to(DEV, torch.float32 if n == "pref" else dtype)
+                                   for n, a in zip(NAMES, args)))
+    assert spy.calls == (0 if one else 1)
+    ref64 = [None if a is None else a.to(DEV, torch.float32 if n == "pref" else dtype).double()
+             for n, a in zip(NAMES, args)]
+    assert_close_terms(y, reference_pareto_linear(*ref64), term_scales(reference_pareto_linear, ref64)[0],
+                       _tol(dtype), "no-grad output")
+    spy.calls = 0
+    _check(args, dtype)  # with grad: output and every gradient against float64
+    assert spy.calls == 2  # the forward's shrink and the backward's
+
+
+def test_fused_gemm_configs():
+    # the fused GEMM's pruner counts the V tile it streams beside A and B (num_stages buffers) in the shared
+    # memory estimate, and keeps a config for every bucket, dtype, capability and rank it is enabled for
+    for cap in (80, 90):
+        for dt, es in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+            for bucket in ("small_m", "large_m"):
+                for aligned in (True, False):
+                    for block_r in (16, tcfg.FUSED_FWD_MAX_BLOCK_R):
+                        cfgs = tcfg.gemm_configs(dt, bucket, has_lora=True, add_c=False, block_r=block_r,
+                                                 capability=cap, aligned=aligned, fuse_shrink=True)
+                        assert cfgs
+                        for c in cfgs:
+                            kw = c.kwargs
+                            assert c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"] + block_r) * kw["BLOCK_K"] * es \
+                                <= tcfg.smem_limit(cap)
+    # the launch plan: no gradient, the Triton base, r <= 16, and decode-sized or out within the GPU's limit
+    # (before sm_90: shared γ only)
+    plan = tcfg.one_launch_forward
+    for ps in (False, True):
+        assert plan(16, False, 6400, 768, ps, 90) and not plan(32, False, 6400, 768, ps, 90)
+        assert not plan(16, True, 16, 768, ps, 90) and not plan(16, False, 16, 768, ps, 90, base="cublas")
+        assert plan(16, False, 8192, 4096, ps, 90) and not plan(16, False, 8192, 14336, ps, 90)
+        assert plan(16, False, 64, 14336, ps, 80) and not plan(16, False, 65, 14336, ps, 80)
+    assert plan(16, False, 6400, 768, False, 80) and not plan(16, False, 6400, 3072, False, 80)
+    assert not plan(16, False, 6400, 768, True, 80)
+
+
 # ----------------------------------------------------------------------------- torch.library integration
 
 def test_opcheck():
@@ -396,6 +497,7 @@ def test_opcheck():
     x2 = x.reshape(-1, x.shape[-1]).to(DEV).requires_grad_()
     args = [x2] + [t.to(DEV).requires_grad_() for t in (weight, bias, U, G, V)] + [pref.float().to(DEV).requires_grad_()]
     torch.library.opcheck(torch.ops.pmkernels.pareto_linear_fwd.default, tuple(args))
+    torch.library.opcheck(torch.ops.pmkernels.pareto_linear_infer.default, tuple(a.detach() for a in args))
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
@@ -419,6 +521,24 @@ def test_torch_compile_fullgraph(per_sample):
     for n, a, b in zip(NAMES, leaves, eager_leaves):
         if a is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_torch_compile_no_grad_one_launch(monkeypatch, per_sample):
+    # the no-grad forward's op (pareto_linear_infer) traces with no graph break and still runs one launch
+    spy = _ShrinkSpy()
+    monkeypatch.setattr(tpl, "_shrink", spy)
+    args = [None if a is None else a.to(DEV, torch.float32) for a in make_problem(per_sample=per_sample)]
+
+    def f(*a):
+        return pmkernels.pareto_linear(*a, impl="triton", check_values=False)
+
+    with torch.no_grad():
+        y = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    assert spy.calls == 0
+    args64 = [None if a is None else a.double() for a in args]
+    assert_close_terms(y, reference_pareto_linear(*args64), term_scales(reference_pareto_linear, args64)[0],
+                       _tol(torch.float32), "compiled no-grad output")
 
 
 def test_torch_compile_inductor_public_api():
@@ -510,7 +630,7 @@ def test_autotune_config_cap(monkeypatch):
     # the first N configs of what gemm_configs / shrink_configs keep; unset: all of them; bad values fail.
     monkeypatch.setattr(tpl, "cuda_capability", lambda dev: 90)
     a = torch.empty(100, 64, dtype=torch.bfloat16)
-    gemm_kw = dict(HAS_LORA=True, ADD_C=False, BLOCK_R=16)
+    gemm_kw = dict(HAS_LORA=True, ADD_C=False, BLOCK_R=16, FUSE_SHRINK=False)
     gemm_args = dict(a_ptr=a, b_ptr=a, M=8192, N=4096, M_BUCKET=1)
     shrink_kw = dict(BLOCK_R=16, SHARED_PREF=True)
     shrink_args = dict(a_ptr=a, K=8, N=8192, N_BUCKET=1)
@@ -521,6 +641,10 @@ def test_autotune_config_cap(monkeypatch):
     assert len(tpl._prune_gemm([], gemm_args, **gemm_kw)) == len(every_gemm)
     monkeypatch.setattr(tpl, "_AUTOTUNE_MAX", 2)
     assert tpl._prune_gemm([], gemm_args, **gemm_kw) == every_gemm[:2]
+    # the one-launch forward's GEMM (FUSE_SHRINK) is capped the same way, from its own kept list
+    every_fused = tcfg.gemm_configs(torch.bfloat16, "large_m", has_lora=True, add_c=False, block_r=16, capability=90,
+                                   b_dtype=torch.bfloat16, fuse_shrink=True)
+    assert tpl._prune_gemm([], gemm_args, **dict(gemm_kw, FUSE_SHRINK=True)) == every_fused[:2]
     assert len(tpl._prune_shrink([], shrink_args, **shrink_kw)) == 2
     for raw, want in (("", None), ("0", None), ("3", 3)):
         monkeypatch.setenv("PMKERNELS_AUTOTUNE_CONFIGS", raw)
@@ -547,7 +671,7 @@ def test_unaligned_gemm_configs(monkeypatch):
     assert tcfg.gemm_configs("bf16", "thin_n", aligned=False, **thin) == tcfg.gemm_configs("bf16", "thin_n", **thin)
     monkeypatch.setattr(tpl, "cuda_capability", lambda dev: 90)
     a = torch.empty(8, 8, dtype=torch.bfloat16)
-    kw = dict(HAS_LORA=True, ADD_C=False, BLOCK_R=16)
+    kw = dict(HAS_LORA=True, ADD_C=False, BLOCK_R=16, FUSE_SHRINK=False)
     for m_bucket, odd in ((1, False), (3, True)):
         got = tpl._prune_gemm([], dict(a_ptr=a, b_ptr=a, M=8185, N=4091, M_BUCKET=m_bucket), **kw)
         assert all((c in tcfg.GEMM_UNALIGNED_CONFIGS["large_m"]) == odd for c in got)
