@@ -52,7 +52,8 @@ def test_priority_control_with_bootstrap_cis(report):
     pooled = doc["preference_control_pooled"]
     for mode in ("pareto_merging_datafree", "ta_preference"):
         assert pooled[mode]["significant"] and pooled[mode]["ci_low"] > 0, (mode, pooled[mode])
-    for mode in ("pareto_merging_datafree", "pareto_merging_unlabeled", "ta_preference"):
+    for mode in ("pareto_merging_datafree", "pareto_merging_unlabeled", "pareto_merging_adamerging_datafree",
+                 "ta_preference"):
         p = pooled[mode]
         assert p["ci_low"] <= p["diff"] <= p["ci_high"] and p["significant"] == (p["ci_low"] > 0)
         for t in doc["tasks"]:
@@ -71,9 +72,10 @@ def test_report_schema_is_complete(report):
     methods = {r["method"] for r in doc["results"]}
     expected = {f"finetuned:{t}" for t in doc["tasks"]} | {"pretrained", "task_arithmetic", "ties", "adamerging",
                                                           "pareto_merging_datafree", "pareto_merging_unlabeled",
-                                                          "ta_preference", "map"}
+                                                          "pareto_merging_adamerging_datafree", "ta_preference", "map"}
     assert expected <= methods and expected <= set(doc["hypervolume"]) and expected <= set(doc["seconds"])
-    for mode in ("pareto_merging_datafree", "pareto_merging_unlabeled", "ta_preference", "map"):
+    for mode in ("pareto_merging_datafree", "pareto_merging_unlabeled", "pareto_merging_adamerging_datafree",
+                 "ta_preference", "map"):
         scen = {r["scenario"] for r in doc["results"] if r["method"] == mode}
         assert scen == {"equal", *(f"priority:{t}" for t in doc["tasks"])}  # the same γ set for every method
     table = (out / "table.md").read_text()

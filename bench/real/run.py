@@ -33,7 +33,12 @@ from . import data as D
 from .models import text_backbone, vision_backbone
 
 CACHE_VERSION = "realbench-v2"
-PARETO_MODES = ("datafree", "unlabeled")
+# Pareto Merging's rows: method name -> (TrainerConfig mode, fields over the settings'). "unlabeled" is the paper's
+# AdaMerging + PM (entropy trains the tensor); "adamerging_datafree" takes λ from the unlabeled inputs the same way
+# and trains the tensor on the anchor alone (TrainerConfig.entropy = 0; docs/design.md §6).
+PARETO_METHODS = {"pareto_merging_datafree": ("datafree", {}),
+                  "pareto_merging_unlabeled": ("unlabeled", {"entropy": 1.0}),
+                  "pareto_merging_adamerging_datafree": ("unlabeled", {"entropy": 0.0})}
 # Bumped when the trainer computes differently under the same TrainerConfig (its cached rows are then stale):
 # 2 = the unlabeled normaliser taken at the training batch size.
 PARETO_CODE_VERSION = 2
@@ -355,8 +360,8 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
         model = merge(name, bench.pool, **_single_options(bench)[name])
         seconds = time.perf_counter() - t0
         rows = [bench.row(None, None, model)]
-    elif name.startswith("pareto_merging_"):
-        mode = name.removeprefix("pareto_merging_")
+    elif name in PARETO_METHODS:
+        mode = PARETO_METHODS[name][0]
         base = "task_arithmetic"
         model, include = pareto_base(bench)
         steps = s.pareto_steps_datafree if mode == "datafree" else s.pareto_steps_unlabeled
@@ -364,7 +369,7 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
         cfg = pm.TrainerConfig(mode=mode, include=include, rank=s.pareto_rank, steps=steps,
                                lr=s.pareto_lr_datafree if mode == "datafree" else s.pareto_lr_unlabeled,
                                batch_size=s.pareto_batch, seed=s.seed, checkpoint_dir=str(ckdir),
-                               checkpoint_every=max(1, steps // 4), **_unlabeled_options(s, mode))
+                               checkpoint_every=max(1, steps // 4), **_pareto_options(s, name))
         trainer = ParetoMergingTrainer(model, bench.pool, cfg, logits_fn=bench.logits_fn,
                                        unlabeled=[bench.unlabeled[t] for t in bench.tasks], task_names=bench.tasks)
         last = ckdir / "last.pt"
@@ -407,21 +412,22 @@ def pareto_base(bench: Bench) -> tuple[torch.nn.Module, str]:
 def _cache_name(name: str, s: Settings) -> str:
     """A method's cache file name: Pareto Merging's also hashes the trainer's defaults (``TrainerConfig()``)
     and its options, so a change of the library's defaults is a new run, not a stale cached one."""
-    if not name.startswith("pareto_merging_"):
+    if name not in PARETO_METHODS:
         return name
-    mode = name.removeprefix("pareto_merging_")
-    blob = json.dumps([pm.TrainerConfig().model_dump(), _unlabeled_options(s, mode), PARETO_CODE_VERSION],
+    blob = json.dumps([pm.TrainerConfig().model_dump(), _pareto_options(s, name), PARETO_CODE_VERSION],
                       sort_keys=True, default=str)
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
-def _unlabeled_options(s: Settings, mode: str) -> dict:
-    """The unlabeled mode's TrainerConfig fields the settings choose (AdaMerging + PM's λ phase gets the
-    AdaMerging baseline's own steps and lr)."""
+def _pareto_options(s: Settings, name: str) -> dict:
+    """A Pareto Merging row's TrainerConfig fields beyond mode, steps and lr: the unlabeled mode's from the settings
+    (AdaMerging + PM's λ phase gets the AdaMerging baseline's own steps and lr) and the row's own
+    (``PARETO_METHODS``)."""
+    mode, extra = PARETO_METHODS[name]
     if mode != "unlabeled":
-        return {}
+        return dict(extra)
     out = {"adamerging": s.pareto_adamerging, "adamerging_steps": s.adamerging_steps,
-           "adamerging_lr": s.adamerging_lr, "adamerging_init": s.ta_lam}
+           "adamerging_lr": s.adamerging_lr, "adamerging_init": s.ta_lam, **extra}
     if s.pareto_diversity is not None:
         out["diversity"] = s.pareto_diversity
     if s.pareto_anchor is not None:
@@ -434,7 +440,7 @@ def method_names(bench: Bench) -> tuple[list[str], list[str]]:
     known = _single_options(bench)
     singles = [m for m in MERGE_METHODS if m in known]
     skipped = [m for m in MERGE_METHODS if m not in known and m not in PREFERENCE_BASELINES]
-    return ([f"finetuned:{t}" for t in bench.tasks] + singles + [f"pareto_merging_{m}" for m in PARETO_MODES]
+    return ([f"finetuned:{t}" for t in bench.tasks] + singles + list(PARETO_METHODS)
             + [m for m in PREFERENCE_BASELINES if m in bench.settings.preference_baselines]), skipped
 
 
@@ -442,6 +448,7 @@ def method_names(bench: Bench) -> tuple[list[str], list[str]]:
 PRETTY = {"pretrained": "Pretrained", "task_arithmetic": "Task Arithmetic", "ties": "TIES-Merging",
           "adamerging": "AdaMerging", "pareto_merging_datafree": "Pareto Merging (data-free)",
           "pareto_merging_unlabeled": "Pareto Merging (unlabeled: AdaMerging + PM)",
+          "pareto_merging_adamerging_datafree": "Pareto Merging (AdaMerging λ + data-free tensor)",
           "ta_preference": "Task Arithmetic + preference", "adamerging_preference": "AdaMerging + preference",
           "map": "MAP (labelled val.)"}
 
@@ -500,7 +507,7 @@ def run_pool(pool: str, *, quick: bool, cache_root: Path, out: Path, log: Callab
     for name in names:
         for r in results[name]["rows"]:
             report.add(name, r["scenario"], r["pref"], r["metrics"], base=results[name]["base"])
-    preference_aware = [m for m in names if m.startswith("pareto_merging_") or m in PREFERENCE_BASELINES]
+    preference_aware = [m for m in names if m in PARETO_METHODS or m in PREFERENCE_BASELINES]
     pretrained = results["pretrained"]["rows"][0]["metrics"]
     doc = report.to_dict()
     doc.update({

@@ -122,7 +122,8 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 # Named recipes: TrainerConfig fields a recipe fills in when the caller does not set them ("all" modes, then
-# the mode's own). "paper" is the defaults (the paper's settings, sized for a GPU); "cpu" is what bench/real and
+# the mode's own). "paper" is the defaults (the paper's sizes, for a GPU, with the measured deviations of
+# docs/design.md §6, e.g. ``entropy`` auto); "cpu" is what bench/real and
 # the demo run on a 2-core CPU in minutes (docs/design.md §6).
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
@@ -158,8 +159,12 @@ class TrainerConfig(_Strict):
     entropy: unlabeled mode: weight of the (normalised) entropy objective that trains the tensor (AdaMerging's λ
         phase always uses AdaMerging's plain entropy). 0: the tensor is trained by the anchor alone, so the
         unlabeled inputs choose λ and the tensor is the data-free objective around that base (no forward pass
-        per step; needs ``anchor`` > 0 and ``adamerging`` "before", "auto" or "off"). docs/design.md §6 has
-        what each measured on the real-weights pools.
+        per step; needs ``anchor`` > 0 and ``adamerging`` "before", "auto" or "off"). 1 with ``adamerging``
+        "before" is the paper's AdaMerging + PM. None (default, "auto"): 0 when AdaMerging's λ is fit first
+        ("before", which "auto" is with a pool), else 1: on the real-weights pools (text: whole MiniLM encoder
+        and its top 2 layers; vision: whole EfficientNet-Lite0; 3 seeds each) entropy on the tensor lowered
+        accuracy at the equal preference by up to 5 points and lost priority control on a task of each pool,
+        while the anchor alone on AdaMerging's λ held control on every task (docs/design.md §6).
     diversity: unlabeled mode: weight of the anti-collapse term log C − H(mean prediction) added to each
         task's entropy (see objectives.entropy_objectives; 0 = AdaMerging's plain entropy, which a free
         low-rank update minimises by predicting one class for everything).
@@ -208,7 +213,7 @@ class TrainerConfig(_Strict):
     normalize: Literal["init", "none"] = "init"
     reg_frobenius: NonNegativeFloat = 0.0
     reg_orthogonal: NonNegativeFloat = 0.0
-    entropy: NonNegativeFloat = 1.0
+    entropy: Optional[NonNegativeFloat] = None
     diversity: NonNegativeFloat = 1.0
     anchor: NonNegativeFloat = 1.0
     adamerging: Literal["auto", "off", "before", "joint"] = "auto"
@@ -260,7 +265,7 @@ class TrainerConfig(_Strict):
         if self.adamerging in ("before", "joint") and self.mode != "unlabeled":
             raise ConfigError("adamerging", "joint AdaMerging coefficients need mode 'unlabeled' "
                                             "(they are fit by entropy)")
-        if self.mode == "unlabeled" and self.entropy == 0:
+        if self.mode == "unlabeled" and self.entropy == 0:  # explicit 0 (None = auto: resolved by the trainer)
             if self.anchor == 0:
                 raise ConfigError("entropy", "entropy 0 and anchor 0: nothing would train the tensor (set "
                                              "entropy > 0, or anchor > 0 to train it data-free around the base)")

@@ -235,6 +235,13 @@ class ParetoMergingTrainer:
             "before" if cfg.mode == "unlabeled" and pool is not None else "off")
         if self.adamerging != "off" and pool is None:
             raise ValueError("trainer.adamerging needs pool= (pretrained weights and task vectors)")
+        # the entropy term's weight (None = auto: 0 on AdaMerging's λ fit first, where entropy on the tensor
+        # measured worse than the anchor alone, docs/design.md §6; else 1)
+        self.entropy = 0.0 if cfg.mode != "unlabeled" else (
+            cfg.entropy if cfg.entropy is not None else (0.0 if self.adamerging == "before" else 1.0))
+        if cfg.mode == "unlabeled" and self.entropy == 0 and not cfg.anchor:
+            raise ValueError("trainer.entropy: 0 (auto, on AdaMerging's λ) and trainer.anchor 0: nothing would "
+                             "train the tensor; set trainer.anchor > 0 or trainer.entropy > 0")
         self._pool = pool
         self.adamerging_fitted = self.adamerging != "before"  # "before": λ is fit once, at the start of train()
         if cfg.mode == "datafree" or cfg.anchor:
@@ -396,7 +403,7 @@ class ParetoMergingTrainer:
             self.anchor_normalizer.fit(norms)
         if self.cfg.mode == "datafree":
             f0 = norms  # U M Vᵀ = 0 at init: f_k = Σ ‖D_k‖²
-        elif not self.cfg.entropy:
+        elif not self.entropy:
             f0 = torch.ones(self.K, device=self.device)  # no entropy term: nothing to normalise
         else:
             # The base merge's objectives on the first (up to) 256 inputs of each task, in chunks of the training
@@ -418,7 +425,7 @@ class ParetoMergingTrainer:
             pref = self._sample_pref(cfg.batch_size)
         else:
             pref = self._sample_pref(None)
-        entropy = cfg.mode == "unlabeled" and cfg.entropy > 0
+        entropy = self.entropy > 0  # 0 in the data-free mode
         batches = self._batches() if entropy else None
         # Distributed unlabeled, per sample: this rank's samples are the rows idx[rank::world_size] of the
         # global batch (``_batches``), so it takes those rows of γ.
@@ -436,8 +443,8 @@ class ParetoMergingTrainer:
             total = sum_across_ranks(parts)
             raw, reg = total[:raw.numel()].view_as(raw), (total[-1] if reg is not None else None)
         f = self.normalizer(raw) if raw is not None else 0.0
-        if entropy and cfg.entropy != 1:
-            f = cfg.entropy * f
+        if entropy and self.entropy != 1:
+            f = self.entropy * f
         if cfg.mode == "unlabeled" and cfg.anchor:
             f = f + cfg.anchor * self.anchor_normalizer(self._datafree(pref))
         scal = scalarize(f, pref, cfg.scalarization, mu=cfg.mu, ideal=self.ideal)
