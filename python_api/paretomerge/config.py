@@ -165,7 +165,7 @@ class TrainerConfig(_Strict):
         and its top 2 layers; vision: whole EfficientNet-Lite0; 3 seeds each) entropy on the tensor lowered
         accuracy at the equal preference by up to 5 points and lost priority control on a task of each pool,
         while the anchor alone on AdaMerging's λ held control on every task (docs/design.md §6).
-    diversity: unlabeled mode: weight of the anti-collapse term log C − H(mean prediction) added to each
+    diversity: unlabeled mode, entropy > 0: weight of the anti-collapse term log C − H(mean prediction) added to each
         task's entropy (see objectives.entropy_objectives; 0 = AdaMerging's plain entropy, which a free
         low-rank update minimises by predicting one class for everything).
     anchor: unlabeled mode: weight of the (normalised) data-free distance to model k added to f_k
