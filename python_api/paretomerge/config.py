@@ -161,7 +161,7 @@ class TrainerConfig(_Strict):
         unlabeled inputs choose λ and the tensor is the data-free objective around that base (no forward pass
         per step; needs ``anchor`` > 0 and ``adamerging`` "before", "auto" or "off"). 1 with ``adamerging``
         "before" is the paper's AdaMerging + PM. None (default, "auto"): 0 when AdaMerging's λ is fit first
-        ("before", which "auto" is with a pool), else 1: on the real-weights pools (text: whole MiniLM encoder
+        ("before", which "auto" is with a pool) and ``anchor`` > 0, else 1: on the real-weights pools (text: whole MiniLM encoder
         and its top 2 layers; vision: whole EfficientNet-Lite0; 3 seeds each) entropy on the tensor lowered
         accuracy at the equal preference by up to 5 points and lost priority control on a task of each pool,
         while the anchor alone on AdaMerging's λ held control on every task (docs/design.md §6).

@@ -274,6 +274,9 @@ def test_entropy_zero_trains_the_tensor_on_the_anchor_alone():
     t.train()
     assert len(counted) == 2 * K
     assert t.history[-1]["loss"] < t.history[0]["loss"]  # the anchor's scalarised objective went down
+    # auto (None) is 0 only with an anchor to train the tensor; with anchor 0 it keeps entropy
+    assert _joint_trainer(1, adamerging="before", anchor=0.0, diversity=1.0).entropy == 1.0
+    assert _joint_trainer(1, adamerging="before").entropy == 0.0
     with pytest.raises(ValueError, match="trainer.entropy.*nothing would train"):
         TrainerConfig(mode="unlabeled", entropy=0.0, anchor=0.0)
     with pytest.raises(ValueError, match="trainer.entropy.*joint"):

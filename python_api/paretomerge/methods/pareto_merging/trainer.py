@@ -235,13 +235,10 @@ class ParetoMergingTrainer:
             "before" if cfg.mode == "unlabeled" and pool is not None else "off")
         if self.adamerging != "off" and pool is None:
             raise ValueError("trainer.adamerging needs pool= (pretrained weights and task vectors)")
-        # the entropy term's weight (None = auto: 0 on AdaMerging's λ fit first, where entropy on the tensor
-        # measured worse than the anchor alone, docs/design.md §6; else 1)
+        # the entropy term's weight (None = auto: 0 on AdaMerging's λ fit first with an anchor to train the tensor,
+        # where entropy on the tensor measured worse than the anchor alone, docs/design.md §6; else 1)
         self.entropy = 0.0 if cfg.mode != "unlabeled" else (
-            cfg.entropy if cfg.entropy is not None else (0.0 if self.adamerging == "before" else 1.0))
-        if cfg.mode == "unlabeled" and self.entropy == 0 and not cfg.anchor:
-            raise ValueError("trainer.entropy: 0 (auto, on AdaMerging's λ) and trainer.anchor 0: nothing would "
-                             "train the tensor; set trainer.anchor > 0 or trainer.entropy > 0")
+            cfg.entropy if cfg.entropy is not None else (0.0 if self.adamerging == "before" and cfg.anchor else 1.0))
         self._pool = pool
         self.adamerging_fitted = self.adamerging != "before"  # "before": λ is fit once, at the start of train()
         if cfg.mode == "datafree" or cfg.anchor:
@@ -443,7 +440,7 @@ class ParetoMergingTrainer:
             total = sum_across_ranks(parts)
             raw, reg = total[:raw.numel()].view_as(raw), (total[-1] if reg is not None else None)
         f = self.normalizer(raw) if raw is not None else 0.0
-        if entropy and self.entropy != 1:
+        if entropy:
             f = self.entropy * f
         if cfg.mode == "unlabeled" and cfg.anchor:
             f = f + cfg.anchor * self.anchor_normalizer(self._datafree(pref))
