@@ -9,7 +9,8 @@ frozen (grads of x, U, G, V; for ``linear`` of x only), shared and per-sample γ
 ``crossover``: forward of a shared γ, ``torch`` (factored) against ``naive`` (merge W(γ), then F.linear)
 for square layers over N: where merging first wins (the rule ``auto`` uses on CPU, pmkernels/_dispatch.py).
 
-Round-robin: every round times each impl once, so load from other processes hits all alike; the clock is
+Round-robin: every round times each impl once, in a seeded shuffled order (whatever runs right after
+naive's B per-sample weights pays for their memory), so load from other processes hits all alike; the clock is
 the process's CPU time (``time.process_time``; meaningful with one thread, which the script sets), and the
 figure is the median over rounds divided by ``linear``'s median of the same run. Run it on an idle machine
 (``uptime``) and state the load with the numbers.
@@ -17,6 +18,7 @@ figure is the median over rounds divided by ``linear``'s median of the same run.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -66,8 +68,9 @@ def ratios(impls: list[str], t: dict, grad: bool, rounds: int) -> tuple[dict, fl
     times: dict[str, list[float]] = {i: [] for i in impls}
     for i in impls:  # warm-up
         call(i, t, grad)
+    order = random.Random(0)
     for _ in range(rounds):
-        for i in impls:
+        for i in order.sample(impls, len(impls)):  # shuffled: naive's B per-sample weights slow what follows
             t0 = time.process_time()
             call(i, t, grad)
             times[i].append(time.process_time() - t0)

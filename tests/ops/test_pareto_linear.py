@@ -89,6 +89,22 @@ def test_fp32_gradients_match_reference(impl, per_sample):
         assert_close_terms(a32.grad, a64.grad, scale, 1e-5, f"grad of {name}")
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients_match_reference(dtype, per_sample):
+    # the torch path's own backward in bf16/fp16: each gradient in its input's dtype, within the dtype's
+    # tolerance of float64 relative to the size of its terms
+    args64 = [t.requires_grad_(True) for t in make_problem(per_sample=per_sample)]
+    args_lp = [t.detach().to(dtype if i < 6 else torch.float32).requires_grad_(True) for i, t in enumerate(args64)]
+    dy = torch.randn(3, 5, 23, dtype=torch.float64)
+    reference_pareto_linear(*args64).backward(dy)
+    pareto_linear(*args_lp, impl="torch").backward(dy.to(dtype))
+    _, scales = term_scales(reference_pareto_linear, args64, dy)
+    for name, a64, a_lp, scale in zip(NAMES, args64, args_lp, scales):
+        assert a_lp.grad.dtype == a_lp.dtype, name
+        assert_close_terms(a_lp.grad.double(), a64.grad, scale, TOL[dtype], f"grad of {name}")
+
+
 def test_gradients_only_where_required():
     x, w, b, U, G, V, pref = make_problem()
     U.requires_grad_(True)
@@ -267,17 +283,18 @@ def test_auto_merges_first_for_a_shared_pref_over_many_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
-@pytest.mark.parametrize("which", NAMES)
+@pytest.mark.parametrize("which", NAMES + ["all"])
 def test_gradient_of_each_input_alone(which, per_sample):
-    # the shared-γ torch path has its own backward: every subset of needs_input_grad must be right
+    # the torch path has its own backward for both γ modes: each input alone (every branch of
+    # needs_input_grad) and all at once must be right
     args64 = list(make_problem(per_sample=per_sample))
-    i = NAMES.index(which)
-    args64[i] = args64[i].clone().requires_grad_(True)
-    args32 = [t.detach().float() for t in args64]
-    args32[i].requires_grad_(True)
+    train = range(len(NAMES)) if which == "all" else [NAMES.index(which)]
+    args64 = [t.clone().requires_grad_(True) if i in train else t for i, t in enumerate(args64)]
+    args32 = [t.detach().float().requires_grad_(i in train) for i, t in enumerate(args64)]
     dy = torch.randn(3, 5, 23, dtype=torch.float64)
     reference_pareto_linear(*args64).backward(dy)
     pareto_linear(*args32, impl="torch").backward(dy.float())
     _, scales = term_scales(reference_pareto_linear, args64, dy)
-    assert_close_terms(args32[i].grad, args64[i].grad, scales[i], 1e-5, f"grad of {which}")
-    assert all(t.grad is None for j, t in enumerate(args32) if j != i and t is not None)
+    for i in train:
+        assert_close_terms(args32[i].grad, args64[i].grad, scales[i], 1e-5, f"grad of {NAMES[i]}")
+    assert all(t.grad is None for j, t in enumerate(args32) if j not in train)
