@@ -140,7 +140,7 @@ class _SharedPrefLinear(torch.autograd.Function):
         if need_b and ctx.has_bias:
             db = dy.sum(0)
         if need_u:
-            dU = (t.t() @ dy).t()  # (rᵀ·big)ᵀ: the layout MKL runs 1.4–1.8× faster at rank 16 (bench/RESULTS.md)
+            dU = (t.t() @ dy).t()  # (rᵀ·big)ᵀ: the layout MKL runs 1.4–1.8× faster at rank 16
         if need_a:
             dA = (dt.t() @ x2).t()
         return dx, dw, db, dU, dA
