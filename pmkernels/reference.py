@@ -176,11 +176,12 @@ class _PerSamplePrefLinear(torch.autograd.Function):
             dt = (dy @ U).to(M.dtype).reshape(ctx.blocks)
             if need_m:
                 dM = torch.bmm(dt.transpose(1, 2), xv.to(M.dtype).reshape(ctx.blocks))
-            dxv = torch.bmm(dt, M).to(x2.dtype).reshape(xv.shape)  # (N, r)
-            if need_x:
-                dx = (dy @ weight).addmm_(dxv, V.t())
-            if need_v:
-                dV = (dxv.t() @ x2).t()
+            if need_x or need_v:
+                dxv = torch.bmm(dt, M).to(x2.dtype).reshape(xv.shape)  # (N, r)
+                if need_x:
+                    dx = (dy @ weight).addmm_(dxv, V.t())
+                if need_v:
+                    dV = (dxv.t() @ x2).t()
         if need_w:
             dw = dy.t() @ x2
         if need_b and ctx.has_bias:
