@@ -42,6 +42,8 @@ PARETO_METHODS = {"pareto_merging_datafree": ("datafree", {}),
 # Bumped when the trainer computes differently under the same TrainerConfig (its cached rows are then stale):
 # 2 = the unlabeled normaliser taken at the training batch size.
 PARETO_CODE_VERSION = 2
+# The merge every Pareto row starts from (``pareto_base``), named as the rows' base in the report.
+PARETO_BASE = "task_arithmetic"
 
 
 @dataclass(frozen=True)
@@ -362,7 +364,7 @@ def run_method(bench: Bench, name: str, cache: Path, log: Callable = print) -> d
         rows = [bench.row(None, None, model)]
     elif name in PARETO_METHODS:
         mode = PARETO_METHODS[name][0]
-        base = "task_arithmetic"
+        base = PARETO_BASE
         model, include = pareto_base(bench)
         steps = s.pareto_steps_datafree if mode == "datafree" else s.pareto_steps_unlabeled
         ckdir = cache / "checkpoints" / _cache_name(name, s)
@@ -399,7 +401,7 @@ def pareto_base(bench: Bench) -> tuple[torch.nn.Module, str]:
     fnmatch patterns (the vision pool's pointwise convs) are converted here, seeded as the trainer would; the
     trainer then keeps the already-converted layers (the returned include is unused)."""
     s = bench.settings
-    model = merge("task_arithmetic", bench.pool, lam=s.ta_lam)
+    model = merge(PARETO_BASE, bench.pool, lam=s.ta_lam)
     include = s.pareto_include
     if not isinstance(include, str):
         with torch.random.fork_rng(devices=[]):
